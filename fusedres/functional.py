@@ -1,0 +1,247 @@
+"""Functional fused ops.
+
+:func:`bn_relu_conv2d` computes ``conv2d(relu(batch_norm(x)), weight) (+ residual)`` with
+the BatchNorm-apply and ReLU done while the convolution loads its input and the residual
+added while it stores its output. Its backward recomputes ``relu(batch_norm(x))`` instead of
+storing it: only ``x``, the weight and per-channel fp32 statistics are kept.
+
+Where it runs: CUDA tensors run the Triton kernels; CPU tensors run them under the Triton
+interpreter when ``TRITON_INTERPRET=1`` was set before ``triton`` was imported, and
+otherwise compute the same function with plain PyTorch (:mod:`fusedres.reference`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import _runtime
+from .ops import bn as bn_ops
+from .ops import conv as conv_ops
+from .reference import bn_relu_conv2d_reference
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _as_int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"bn_relu_conv2d: {name} must be one int or a pair of equal ints, got {value!r}")
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"bn_relu_conv2d: {name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"bn_relu_conv2d: {name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_inputs(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    training: bool,
+    stride: int,
+    padding: int,
+) -> None:
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError(
+            f"bn_relu_conv2d: x and weight must be tensors, got {type(x).__name__} and {type(weight).__name__}"
+        )
+    if x.dim() != 4:
+        raise ValueError(f"bn_relu_conv2d: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"bn_relu_conv2d: weight must be 4-D (Cout, Cin, R, S), got shape {tuple(weight.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"bn_relu_conv2d: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"bn_relu_conv2d: weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    N, C, H, W = x.shape
+    Cout, Cin, R, S = weight.shape
+    if Cin != C:
+        raise ValueError(
+            f"bn_relu_conv2d: weight expects {Cin} input channels (shape {tuple(weight.shape)}) "
+            f"but x has {C} (shape {tuple(x.shape)})"
+        )
+    if R != S:
+        raise ValueError(f"bn_relu_conv2d: only square kernels are supported, got {R}x{S}")
+    if R % 2 == 0:
+        raise ValueError(f"bn_relu_conv2d: only odd kernel sizes are supported, got {R}x{S}")
+    if min(x.shape) == 0 or min(weight.shape) == 0:
+        raise ValueError(
+            f"bn_relu_conv2d: empty tensors are not supported, got x {tuple(x.shape)}, weight {tuple(weight.shape)}"
+        )
+    OH, OW = conv_ops.conv_out_size(H, R, stride, padding), conv_ops.conv_out_size(W, S, stride, padding)
+    if OH < 1 or OW < 1:
+        raise ValueError(
+            f"bn_relu_conv2d: a {R}x{S} kernel with padding {padding} does not fit input of size {H}x{W}"
+        )
+    named = {
+        "bn_weight": bn_weight,
+        "bn_bias": bn_bias,
+        "running_mean": running_mean,
+        "running_var": running_var,
+    }
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"bn_relu_conv2d: {name} must be a tensor or None, got {type(t).__name__}")
+        if tuple(t.shape) != (C,):
+            raise ValueError(f"bn_relu_conv2d: {name} must have shape ({C},) to match x's channels, got {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"bn_relu_conv2d: {name} must be a floating tensor, got {t.dtype}")
+        if t.dtype != x.dtype and t.dtype != torch.float32:
+            raise TypeError(f"bn_relu_conv2d: {name} dtype {t.dtype} must be float32 or x's dtype {x.dtype}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("bn_relu_conv2d: running_mean and running_var must both be given or both be None")
+    if not training and running_mean is None:
+        raise ValueError("bn_relu_conv2d: running_mean and running_var are required when training=False")
+    if training and N * H * W == 1:
+        raise ValueError(
+            f"bn_relu_conv2d: expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
+        )
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"bn_relu_conv2d: residual must be a tensor or None, got {type(residual).__name__}")
+        if tuple(residual.shape) != (N, Cout, OH, OW):
+            raise ValueError(
+                f"bn_relu_conv2d: residual shape {tuple(residual.shape)} does not match the output shape "
+                f"{(N, Cout, OH, OW)}"
+            )
+        if residual.dtype != x.dtype:
+            raise TypeError(f"bn_relu_conv2d: residual dtype {residual.dtype} differs from x dtype {x.dtype}")
+    for name, t in {"weight": weight, **named, "residual": residual}.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"bn_relu_conv2d: {name} is on {t.device} but x is on {x.device}")
+
+
+def _wants_channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether PyTorch's convolution would return a channels_last tensor for these operands."""
+
+    def cl(t: torch.Tensor) -> bool:
+        return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+    return cl(x) or cl(weight)
+
+
+class _BnReluConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bn_weight: torch.Tensor | None,
+        bn_bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+        stride: int,
+        padding: int,
+    ) -> torch.Tensor:
+        N, C, H, W = x.shape
+        partials = bn_ops.bn_stats(x) if training else None
+        mean, invstd, scale, shift = bn_ops.bn_finalize(
+            partials, N * H * W, bn_weight, bn_bias, running_mean, running_var,
+            training=training, momentum=momentum, eps=eps, channels=C, device=x.device,
+        )
+        out, _ = conv_ops.conv_fprop(
+            x, weight, stride=stride, padding=padding, scale=scale, shift=shift, residual=residual,
+        )
+        if not _wants_channels_last(x, weight):
+            out = out.contiguous()
+        ctx.save_for_backward(x, weight, bn_weight, mean, invstd, scale, shift)
+        ctx.training = training
+        ctx.stride = stride
+        ctx.padding = padding
+        ctx.has_residual = residual is not None
+        ctx.bias_dtype = bn_bias.dtype if bn_bias is not None else None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, bn_weight, mean, invstd, scale, shift = ctx.saved_tensors
+        need_x, need_w, need_g, need_b = ctx.needs_input_grad[:4]
+        dx = dw = dgamma = dbeta = None
+        if need_x or need_g or need_b:
+            dz, (psum, psumx) = conv_ops.conv_dgrad(
+                dout, weight, tuple(x.shape), stride=ctx.stride, padding=ctx.padding,
+                bn=(x, scale, shift, mean, invstd),
+            )
+            sum_dz, sum_dzx = bn_ops.bn_bwd_reduce(psum, psumx)
+            if need_x:
+                dx = bn_ops.bn_bwd_apply(
+                    dz, x, mean, invstd, bn_weight, sum_dz, sum_dzx, training=ctx.training,
+                )
+            if need_g and bn_weight is not None:
+                dgamma = sum_dzx.to(bn_weight.dtype)
+            if need_b and ctx.bias_dtype is not None:
+                dbeta = sum_dz.to(ctx.bias_dtype)
+        if need_w:
+            dw = conv_ops.conv_wgrad(
+                dout, x, weight, stride=ctx.stride, padding=ctx.padding, scale=scale, shift=shift,
+            )
+        dres = dout if ctx.has_residual and ctx.needs_input_grad[6] else None
+        return dx, dw, dgamma, dbeta, None, None, dres, None, None, None, None, None
+
+
+def bn_relu_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    *,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    stride: int = 1,
+    padding: int = 0,
+    residual: torch.Tensor | None = None,
+    dilation: int = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """``F.conv2d(F.relu(F.batch_norm(x, ...)), weight, None, stride, padding) (+ residual)``, fused.
+
+    Args:
+        x: input ``(N, C, H, W)``, float32/float16/bfloat16, channels_last (fast) or contiguous.
+        weight: convolution weight ``(Cout, C, k, k)`` with odd ``k``, same dtype as ``x``.
+        bn_weight, bn_bias: BatchNorm affine parameters ``(C,)`` or None (``affine=False``).
+        running_mean, running_var: BatchNorm running statistics ``(C,)`` or None; in training
+            they are updated in place exactly as ``F.batch_norm`` does.
+        training: use batch statistics (True) or the running statistics (False).
+        momentum, eps: as in ``F.batch_norm``.
+        stride, padding: of the convolution (zero padding, applied after the activation).
+        residual: optional tensor of the output's shape added to the convolution's result.
+        dilation, groups: must be 1; accepted so that unsupported convolutions fail loudly.
+
+    Returns:
+        ``(N, Cout, OH, OW)`` in ``x``'s dtype and in the memory format ``F.conv2d`` would
+        return. Differentiable with respect to x, weight, bn_weight, bn_bias and residual
+        (first-order only).
+    """
+    stride = _as_int(stride, "stride", 1)
+    padding = _as_int(padding, "padding", 0)
+    if _as_int(dilation, "dilation", 1) != 1:
+        raise ValueError(f"bn_relu_conv2d: dilation={dilation} is not supported (only 1)")
+    if _as_int(groups, "groups", 1) != 1:
+        raise ValueError(f"bn_relu_conv2d: groups={groups} is not supported (only 1)")
+    training = bool(training)
+    _check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, training, stride, padding)
+    if not _runtime.triton_enabled(x.device):
+        return bn_relu_conv2d_reference(
+            x, weight, bn_weight, bn_bias, running_mean, running_var, training=training,
+            momentum=momentum, eps=eps, stride=stride, padding=padding, residual=residual,
+        )
+    return _BnReluConv2d.apply(
+        x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
+        training, float(momentum), float(eps), stride, padding,
+    )

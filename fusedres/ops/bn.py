@@ -1,0 +1,285 @@
+"""Per-channel BatchNorm kernels: statistics, finalize, backward sums and backward apply.
+
+Layout contract of the launchers (no autograd, no modules):
+
+- Activations are 4-D ``(N, C, H, W)`` tensors with any strides (channels_last reads best),
+  fp32, fp16 or bf16; everything per channel is fp32.
+- Statistics travel as per-tile partials: ``tile_mean`` and ``tile_m2`` (sum of squared
+  deviations from the tile's mean), each ``(tiles, C)`` fp32, where tile ``t`` holds rows
+  ``[t*tile_rows, (t+1)*tile_rows)`` of the ``N*H*W`` pixels. Merging them with Chan's
+  formula in a fixed order keeps the variance exact when |mean| >> std and makes the
+  result independent of scheduling (no atomics).
+- Running statistics are updated in place, in their own dtype, exactly as
+  ``torch.nn.functional.batch_norm`` does (unbiased variance, ``momentum`` weight).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._runtime import launch
+from .configs import APPLY_CONFIG, FINALIZE_BLOCK_C, FINALIZE_BLOCK_T, STATS_CONFIG
+
+
+@triton.jit
+def bn_stats_kernel(
+    x_ptr, pmean_ptr, pm2_ptr, H, W, C, M,
+    sxn, sxc, sxh, sxw,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Per-tile mean and M2 of each channel of x over BLOCK_M pixels."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_ok = offs_m < M
+    c_ok = offs_c < C
+    w = offs_m % W
+    t = offs_m // W
+    h = t % H
+    n = (t // H).to(tl.int64)
+    mask = m_ok[:, None] & c_ok[None, :]
+    ptrs = x_ptr + (n * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw)[:, None] \
+        + offs_c.to(tl.int64)[None, :] * sxc
+    v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+    vz = tl.where(mask, v, 0.0)
+    mean = tl.sum(vz, axis=0) / count
+    d = tl.where(mask, v - mean[None, :], 0.0)
+    tl.store(pmean_ptr + pid_m * C + offs_c, mean, mask=c_ok)
+    tl.store(pm2_ptr + pid_m * C + offs_c, tl.sum(d * d, axis=0), mask=c_ok)
+
+
+@triton.jit
+def bn_finalize_kernel(
+    pmean_ptr, pm2_ptr, T, C, M, TILE_ROWS,
+    weight_ptr, bias_ptr, rmean_ptr, rvar_ptr,
+    mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
+    momentum, eps,
+    TRAINING: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """mean, invstd and the prologue's scale/shift per channel; running-stat update in training.
+
+    Training merges the tile partials chunk by chunk (Chan et al.); eval reads the running
+    statistics instead.
+    """
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    if TRAINING:
+        n_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        mean_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        m2_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            t_ok = t < T
+            cnt = tl.where(t_ok, tl.minimum(M - t * TILE_ROWS, TILE_ROWS), 0).to(tl.float32)
+            mask = t_ok[:, None] & c_ok[None, :]
+            idx = t.to(tl.int64)[:, None] * C + offs_c[None, :]
+            pm = tl.load(pmean_ptr + idx, mask=mask, other=0.0)
+            q = tl.load(pm2_ptr + idx, mask=mask, other=0.0)
+            n_b = tl.sum(cnt, axis=0)
+            mean_b = tl.sum(cnt[:, None] * pm, axis=0) / n_b
+            dev = tl.where(mask, pm - mean_b[None, :], 0.0)
+            m2_b = tl.sum(q, axis=0) + tl.sum(cnt[:, None] * dev * dev, axis=0)
+            n_ab = n_a + n_b
+            delta = mean_b - mean_a
+            mean_a = mean_a + delta * (n_b / n_ab)
+            m2_a = m2_a + m2_b + delta * delta * (n_a * n_b / n_ab)
+            n_a = n_ab
+        mean = mean_a
+        var = m2_a / n_a
+        if UPDATE_RUNNING:
+            rm = tl.load(rmean_ptr + offs_c, mask=c_ok, other=0.0)
+            rv = tl.load(rvar_ptr + offs_c, mask=c_ok, other=0.0)
+            unbiased = m2_a / (n_a - 1.0)
+            new_rm = (1.0 - momentum) * rm.to(tl.float32) + momentum * mean
+            new_rv = (1.0 - momentum) * rv.to(tl.float32) + momentum * unbiased
+            tl.store(rmean_ptr + offs_c, new_rm.to(rm.dtype), mask=c_ok)
+            tl.store(rvar_ptr + offs_c, new_rv.to(rv.dtype), mask=c_ok)
+    else:
+        mean = tl.load(rmean_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+        var = tl.load(rvar_ptr + offs_c, mask=c_ok, other=1.0).to(tl.float32)
+    invstd = 1.0 / tl.sqrt(var + eps)
+    if HAS_WEIGHT:
+        scale = tl.load(weight_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32) * invstd
+    else:
+        scale = invstd
+    shift = -mean * scale
+    if HAS_BIAS:
+        shift += tl.load(bias_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+    tl.store(mean_ptr + offs_c, mean, mask=c_ok)
+    tl.store(invstd_ptr + offs_c, invstd, mask=c_ok)
+    tl.store(scale_ptr + offs_c, scale, mask=c_ok)
+    tl.store(shift_ptr + offs_c, shift, mask=c_ok)
+
+
+@triton.jit
+def bn_bwd_reduce_kernel(
+    psum_ptr, psumx_ptr, sum_ptr, sumx_ptr, T, C,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """sum over tiles of the dgrad epilogue's partial sums, in a fixed order."""
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    accx = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        mask = (t < T)[:, None] & c_ok[None, :]
+        idx = t.to(tl.int64)[:, None] * C + offs_c[None, :]
+        acc += tl.sum(tl.load(psum_ptr + idx, mask=mask, other=0.0), axis=0)
+        accx += tl.sum(tl.load(psumx_ptr + idx, mask=mask, other=0.0), axis=0)
+    tl.store(sum_ptr + offs_c, acc, mask=c_ok)
+    tl.store(sumx_ptr + offs_c, accx, mask=c_ok)
+
+
+@triton.jit
+def bn_bwd_apply_kernel(
+    dz_ptr, x_ptr, dx_ptr, add_ptr, mean_ptr, invstd_ptr, weight_ptr, sum_ptr, sumx_ptr,
+    H, W, C, M,
+    szn, szc, szh, szw,
+    sxn, sxc, sxh, sxw,
+    son, soc, soh, sow,
+    san, sac, sah, saw,
+    TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ADD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dx = w*invstd*(dz - sum(dz)/M - xhat*sum(dz*xhat)/M) in training, dz*w*invstd in eval (+ add)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_ok = offs_m < M
+    c_ok = offs_c < C
+    w = (offs_m % W).to(tl.int64)
+    t = offs_m // W
+    h = (t % H).to(tl.int64)
+    n = (t // H).to(tl.int64)
+    c64 = offs_c.to(tl.int64)[None, :]
+    mask = m_ok[:, None] & c_ok[None, :]
+    dz = tl.load(dz_ptr + (n * szn + h * szh + w * szw)[:, None] + c64 * szc, mask=mask, other=0.0)
+    dz = dz.to(tl.float32)
+    inv = tl.load(invstd_ptr + offs_c, mask=c_ok, other=0.0)
+    if HAS_WEIGHT:
+        g = tl.load(weight_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32) * inv
+    else:
+        g = inv
+    if TRAINING:
+        x = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + c64 * sxc, mask=mask, other=0.0)
+        mu = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
+        xhat = (x.to(tl.float32) - mu[None, :]) * inv[None, :]
+        s1 = tl.load(sum_ptr + offs_c, mask=c_ok, other=0.0) / M
+        s2 = tl.load(sumx_ptr + offs_c, mask=c_ok, other=0.0) / M
+        dx = g[None, :] * (dz - s1[None, :] - xhat * s2[None, :])
+    else:
+        dx = dz * g[None, :]
+    if HAS_ADD:
+        dx += tl.load(add_ptr + (n * san + h * sah + w * saw)[:, None] + c64 * sac, mask=mask, other=0.0).to(
+            tl.float32
+        )
+    tl.store(dx_ptr + (n * son + h * soh + w * sow)[:, None] + c64 * soc, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def bn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-tile statistics partials of each channel of ``x`` (see the module docstring)."""
+    N, C, H, W = x.shape
+    cfg = STATS_CONFIG
+    M = N * H * W
+    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(C, cfg.block_c))
+    pmean = torch.empty((grid[0], C), device=x.device, dtype=torch.float32)
+    pm2 = torch.empty_like(pmean)
+    launch(
+        bn_stats_kernel, grid, x, pmean, pm2, H, W, C, M,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+    )
+    return pmean, pm2, cfg.block_m
+
+
+def bn_finalize(
+    partials: tuple[torch.Tensor, torch.Tensor, int] | None,
+    count: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    *,
+    training: bool,
+    momentum: float,
+    eps: float,
+    channels: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(mean, invstd, scale, shift)``, each fp32 of length C.
+
+    Training merges ``partials`` (over ``count`` pixels) and, when running statistics are
+    given, updates them in place; eval reads the running statistics.
+    """
+    C = channels
+    out = torch.empty((4, C), device=device, dtype=torch.float32)
+    mean, invstd, scale, shift = out.unbind(0)
+    if training:
+        pmean, pm2, tile_rows = partials
+        T = pmean.shape[0]
+    else:
+        pmean = pm2 = out
+        tile_rows, T = 1, 0
+    update = training and running_mean is not None
+    dummy = out
+    launch(
+        bn_finalize_kernel, (triton.cdiv(C, FINALIZE_BLOCK_C),),
+        pmean, pm2, T, C, count, tile_rows,
+        weight if weight is not None else dummy, bias if bias is not None else dummy,
+        running_mean if running_mean is not None else dummy, running_var if running_var is not None else dummy,
+        mean, invstd, scale, shift,
+        float(momentum), float(eps),
+        TRAINING=training, UPDATE_RUNNING=update,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BLOCK_T=FINALIZE_BLOCK_T, BLOCK_C=FINALIZE_BLOCK_C,
+    )
+    return mean, invstd, scale, shift
+
+
+def bn_bwd_reduce(psum: torch.Tensor, psumx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum dz, sum dz*xhat)`` per channel from the dgrad epilogue's per-tile partials."""
+    T, C = psum.shape
+    out = torch.empty((2, C), device=psum.device, dtype=torch.float32)
+    s, sx = out.unbind(0)
+    launch(
+        bn_bwd_reduce_kernel, (triton.cdiv(C, FINALIZE_BLOCK_C),),
+        psum, psumx, s, sx, T, C, BLOCK_T=FINALIZE_BLOCK_T, BLOCK_C=FINALIZE_BLOCK_C,
+    )
+    return s, sx
+
+
+def bn_bwd_apply(
+    dz: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    sum_dz: torch.Tensor,
+    sum_dzx: torch.Tensor,
+    *,
+    training: bool,
+    add: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gradient of BatchNorm with respect to its input (plus ``add`` when given), like x."""
+    N, C, H, W = x.shape
+    dx = torch.empty_like(x)
+    cfg = APPLY_CONFIG
+    M = N * H * W
+    a = add if add is not None else dx
+    launch(
+        bn_bwd_apply_kernel, (triton.cdiv(M, cfg.block_m), triton.cdiv(C, cfg.block_c)),
+        dz, x, dx, a, mean, invstd, weight if weight is not None else mean, sum_dz, sum_dzx,
+        H, W, C, M,
+        dz.stride(0), dz.stride(1), dz.stride(2), dz.stride(3),
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        dx.stride(0), dx.stride(1), dx.stride(2), dx.stride(3),
+        a.stride(0), a.stride(1), a.stride(2), a.stride(3),
+        TRAINING=training, HAS_WEIGHT=weight is not None, HAS_ADD=add is not None,
+        BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+    )
+    return dx

@@ -1,0 +1,93 @@
+"""Tile configurations of the convolution kernels, in one place.
+
+A configuration is chosen from the channel counts, kernel size and dtype only — never
+from the batch or image size — so a new image size never picks a new kernel. Every
+configuration the choosers can return is listed by :func:`all_conv_configs`, and the
+offline-compile test builds each of them for every supported GPU architecture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ConvConfig:
+    """Tile sizes of one implicit-GEMM launch (GEMM M × N, reduce K)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class RowConfig:
+    """Tile of the per-channel kernels: BLOCK_M pixels × BLOCK_C channels."""
+
+    block_m: int
+    block_c: int
+    num_warps: int
+
+
+def _pow2_clamp(n: int, lo: int, hi: int) -> int:
+    p = lo
+    while p < n and p < hi:
+        p *= 2
+    return p
+
+
+def _gemm_config(gemm_n: int, reduce_c: int, dtype: torch.dtype) -> ConvConfig:
+    """Tile for a GEMM whose N dimension is ``gemm_n`` channels and whose K is built of
+    ``reduce_c``-channel slices (times the kernel taps)."""
+    wide = dtype == torch.float32
+    block_n = _pow2_clamp(gemm_n, 16, 128)
+    block_k = _pow2_clamp(reduce_c, 16, 32 if wide else 64)
+    block_m = 128
+    num_warps = 8 if block_n >= 128 else 4
+    # fp32 tiles take twice the shared memory: two stages keep sm_86/sm_89 (99 KB) in reach.
+    num_stages = 2 if (wide and block_n >= 64) else 3
+    return ConvConfig(block_m, block_n, block_k, num_warps, num_stages)
+
+
+def fprop_config(cin: int, cout: int, ksize: int, stride: int, dtype: torch.dtype) -> ConvConfig:
+    """Output pixels × Cout, reduced over taps × Cin."""
+    return _gemm_config(cout, cin, dtype)
+
+
+def dgrad_config(cin: int, cout: int, ksize: int, stride: int, dtype: torch.dtype) -> ConvConfig:
+    """Input pixels × Cin, reduced over taps × Cout."""
+    return _gemm_config(cin, cout, dtype)
+
+
+def wgrad_config(cin: int, cout: int, ksize: int, stride: int, dtype: torch.dtype) -> ConvConfig:
+    """Cout × Cin per tap, reduced over output pixels."""
+    wide = dtype == torch.float32
+    block_m = _pow2_clamp(cout, 16, 64)
+    block_n = _pow2_clamp(cin, 16, 64)
+    block_k = 32 if wide else 64
+    num_warps = 4
+    return ConvConfig(block_m, block_n, block_k, num_warps, 2 if wide else 3)
+
+
+STATS_CONFIG = RowConfig(block_m=128, block_c=32, num_warps=4)
+APPLY_CONFIG = RowConfig(block_m=64, block_c=32, num_warps=4)
+FINALIZE_BLOCK_T = 64
+FINALIZE_BLOCK_C = 32
+
+_CHANNELS = (3, 16, 32, 64, 128, 256, 512)
+
+
+def all_conv_configs() -> dict[str, set[tuple[ConvConfig, torch.dtype]]]:
+    """Every (config, dtype) the choosers above can return, per kernel role."""
+    out: dict[str, set[tuple[ConvConfig, torch.dtype]]] = {"fprop": set(), "dgrad": set(), "wgrad": set()}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for cin in _CHANNELS:
+            for cout in _CHANNELS:
+                out["fprop"].add((fprop_config(cin, cout, 3, 1, dtype), dtype))
+                out["dgrad"].add((dgrad_config(cin, cout, 3, 1, dtype), dtype))
+                out["wgrad"].add((wgrad_config(cin, cout, 3, 1, dtype), dtype))
+    return out

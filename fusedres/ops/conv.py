@@ -1,0 +1,453 @@
+"""Implicit-GEMM convolution kernels with BatchNorm/ReLU fused into their loads and stores.
+
+Layout contract of every launcher here (no autograd, no modules):
+
+- Activations are 4-D tensors in PyTorch's logical order ``(N, C, H, W)`` with any strides;
+  the kernels address them through the strides, so channels_last tensors (stride 1 along C)
+  give coalesced, vectorised loads and contiguous NCHW tensors still compute correctly.
+- Weights are ``(Cout, Cin, R, S)`` with any strides (channels_last weights read best).
+- ``scale``/``shift``/``mean``/``invstd`` are fp32 vectors of length Cin: the prologue
+  applies ``a = max(x * scale + shift, 0)``; taps in the zero padding are 0 after it.
+- Inputs are fp32, fp16 or bf16; accumulation is fp32; outputs take the input dtype.
+  fp32 dots use TF32 exactly when ``torch.backends.cudnn.allow_tf32`` is True.
+- Index arithmetic that multiplies sizes is done in int64.
+- Per-channel statistics come out as per-tile partials (fp32 mean and M2 of each
+  BLOCK_M-row tile) that :mod:`fusedres.ops.bn` merges in a fixed order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._runtime import INTERPRET, launch, sm_count
+from .configs import ConvConfig, dgrad_config, fprop_config, wgrad_config
+
+
+@triton.jit
+def _tile_mean_m2(vals, mask, count):
+    """Per-column mean and sum of squared deviations of the masked rows of a tile."""
+    v = tl.where(mask, vals, 0.0)
+    mean = tl.sum(v, axis=0) / count
+    d = tl.where(mask, vals - mean[None, :], 0.0)
+    return mean, tl.sum(d * d, axis=0)
+
+
+@triton.jit
+def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc + a @ b. DOT_F32 widens the operands first: the Triton interpreter multiplies
+    bf16 bit patterns as integers, and bf16 products are exact in fp32 anyway."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def conv_fprop_kernel(
+    x_ptr, w_ptr, out_ptr, res_ptr, scale_ptr, shift_ptr, pmean_ptr, pm2_ptr,
+    H, W, C, OH, OW, K, M,
+    sxn, sxc, sxh, sxw,
+    swk, swc, swr, sws,
+    son, soc, soh, sow,
+    srn, src, srh, srw,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
+    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[m, k] = sum_{r,s,c} act(x)[pixel(m) + tap(r,s), c] * w[k, c, r, s] (+ res[m, k])."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    ow = offs_m % OW
+    t = offs_m // OW
+    oh = t % OH
+    n = (t // OH).to(tl.int64)
+    ih0 = oh * STRIDE - PAD
+    iw0 = ow * STRIDE - PAD
+    x_row = n * sxn
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < K
+    w_col = offs_n.to(tl.int64) * swk
+    offs_k = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    num_c = tl.cdiv(C, BLOCK_K)
+    for kk in range(0, R * S * num_c):
+        rs = kk // num_c
+        c0 = (kk - rs * num_c) * BLOCK_K
+        r = rs // S
+        s = rs - r * S
+        ih = ih0 + r
+        iw = iw0 + s
+        pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        cc = c0 + offs_k
+        c_ok = cc < C
+        a_mask = pix_ok[:, None] & c_ok[None, :]
+        a_ptrs = x_ptr + (x_row + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None] \
+            + cc.to(tl.int64)[None, :] * sxc
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        if PROLOGUE:
+            sc = tl.load(scale_ptr + cc, mask=c_ok, other=0.0)
+            sh = tl.load(shift_ptr + cc, mask=c_ok, other=0.0)
+            act = tl.maximum(a.to(tl.float32) * sc[None, :] + sh[None, :], 0.0)
+            # Padded taps are zero after the activation, not relu(shift).
+            a = tl.where(a_mask, act, 0.0).to(x_ptr.dtype.element_ty)
+        b_ptrs = w_ptr + (r * swr + s * sws) + cc.to(tl.int64)[:, None] * swc + w_col[None, :]
+        b = tl.load(b_ptrs, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _mma(a, b, acc, INPUT_PRECISION, DOT_F32)
+
+    mask = m_ok[:, None] & n_ok[None, :]
+    o_ptrs = out_ptr + (n * son + oh.to(tl.int64) * soh + ow.to(tl.int64) * sow)[:, None] \
+        + offs_n.to(tl.int64)[None, :] * soc
+    if HAS_RESIDUAL:
+        r_ptrs = res_ptr + (n * srn + oh.to(tl.int64) * srh + ow.to(tl.int64) * srw)[:, None] \
+            + offs_n.to(tl.int64)[None, :] * src
+        acc += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+    y = acc.to(out_ptr.dtype.element_ty)
+    tl.store(o_ptrs, y, mask=mask)
+    if STATS:
+        # Statistics of the stored (rounded) values: what the next BatchNorm would see.
+        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        mean, m2 = _tile_mean_m2(y.to(tl.float32), mask, count)
+        tl.store(pmean_ptr + pid_m * K + offs_n, mean, mask=n_ok)
+        tl.store(pm2_ptr + pid_m * K + offs_n, m2, mask=n_ok)
+
+
+@triton.jit
+def conv_dgrad_kernel(
+    dy_ptr, w_ptr, dz_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, psum_ptr, psumx_ptr,
+    H, W, C, OH, OW, K, M,
+    sdn, sdk, sdh, sdw,
+    swk, swc, swr, sws,
+    szn, szc, szh, szw,
+    sxn, sxc, sxh, sxw,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
+    BN_BWD: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """da[m, c] = sum_{r,s,k} dy[pixel(m) - tap(r,s), k] * w[k, c, r, s] over input pixels m.
+
+    With BN_BWD the epilogue applies the ReLU mask recomputed from the pre-BN input x,
+    stores dz = da * (x*scale + shift > 0) and writes per-tile sums of dz and dz * xhat.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    iw = offs_m % W
+    t = offs_m // W
+    ih = t % H
+    n = (t // H).to(tl.int64)
+    dy_row = n * sdn
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < C
+    w_col = offs_n.to(tl.int64) * swc
+    offs_k = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    num_k = tl.cdiv(K, BLOCK_K)
+    for kk in range(0, R * S * num_k):
+        rs = kk // num_k
+        k0 = (kk - rs * num_k) * BLOCK_K
+        r = rs // S
+        s = rs - r * S
+        th = ih + PAD - r
+        tw = iw + PAD - s
+        if STRIDE == 1:
+            oh = th
+            ow = tw
+            pix_ok = m_ok & (th >= 0) & (th < OH) & (tw >= 0) & (tw < OW)
+        else:
+            # Only taps that land on the stride grid contribute.
+            oh = th // STRIDE
+            ow = tw // STRIDE
+            pix_ok = m_ok & (th >= 0) & (tw >= 0) & (th % STRIDE == 0) & (tw % STRIDE == 0) \
+                & (oh < OH) & (ow < OW)
+        kc = k0 + offs_k
+        k_ok = kc < K
+        a_ptrs = dy_ptr + (dy_row + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw)[:, None] \
+            + kc.to(tl.int64)[None, :] * sdk
+        a = tl.load(a_ptrs, mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
+        b_ptrs = w_ptr + (r * swr + s * sws) + kc.to(tl.int64)[:, None] * swk + w_col[None, :]
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _mma(a, b, acc, INPUT_PRECISION, DOT_F32)
+
+    mask = m_ok[:, None] & n_ok[None, :]
+    ih64 = ih.to(tl.int64)
+    iw64 = iw.to(tl.int64)
+    z_ptrs = dz_ptr + (n * szn + ih64 * szh + iw64 * szw)[:, None] + offs_n.to(tl.int64)[None, :] * szc
+    if BN_BWD:
+        x_ptrs = x_ptr + (n * sxn + ih64 * sxh + iw64 * sxw)[:, None] + offs_n.to(tl.int64)[None, :] * sxc
+        xv = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        sc = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)
+        sh = tl.load(shift_ptr + offs_n, mask=n_ok, other=0.0)
+        keep = mask & (xv * sc[None, :] + sh[None, :] > 0.0)
+        dz = tl.where(keep, acc, 0.0).to(dz_ptr.dtype.element_ty)
+        tl.store(z_ptrs, dz, mask=mask)
+        # The sums use the stored (rounded) dz, the same values the apply pass reads.
+        dzf = dz.to(tl.float32)
+        mu = tl.load(mean_ptr + offs_n, mask=n_ok, other=0.0)
+        inv = tl.load(invstd_ptr + offs_n, mask=n_ok, other=0.0)
+        xhat = (xv - mu[None, :]) * inv[None, :]
+        tl.store(psum_ptr + pid_m * C + offs_n, tl.sum(dzf, axis=0), mask=n_ok)
+        tl.store(psumx_ptr + pid_m * C + offs_n, tl.sum(tl.where(mask, dzf * xhat, 0.0), axis=0), mask=n_ok)
+    else:
+        tl.store(z_ptrs, acc.to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def conv_wgrad_kernel(
+    dy_ptr, x_ptr, scale_ptr, shift_ptr, ws_ptr,
+    H, W, C, OH, OW, K, P, PIX_PER_SPLIT,
+    sdn, sdk, sdh, sdw,
+    sxn, sxc, sxh, sxw,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
+    PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """ws[split, k, r, s, c] = sum over this split's output pixels p of dy[p, k] * act(x)[p + tap(r,s), c].
+
+    The activation relu(x*scale + shift) is recomputed here, never read from memory.
+    Workspace ``ws`` is fp32, contiguous ``(splits, K, R, S, C)``; a second pass sums the splits.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    num_cb = tl.cdiv(C, BLOCK_N)
+    rs = pid_n // num_cb
+    cb = pid_n - rs * num_cb
+    r = rs // S
+    s = rs - r * S
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < K
+    offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < C
+    if PROLOGUE:
+        sc = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)
+        sh = tl.load(shift_ptr + offs_n, mask=n_ok, other=0.0)
+    offs_k = tl.arange(0, BLOCK_K)
+    p_start = pid_s * PIX_PER_SPLIT
+    p_end = tl.minimum(P, p_start + PIX_PER_SPLIT)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for p0 in range(p_start, p_end, BLOCK_K):
+        p = p0 + offs_k
+        p_ok = p < p_end
+        ow = p % OW
+        t = p // OW
+        oh = t % OH
+        n = (t // OH).to(tl.int64)
+        a_ptrs = dy_ptr + (n * sdn + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw)[None, :] \
+            + offs_m.to(tl.int64)[:, None] * sdk
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & p_ok[None, :], other=0.0)
+        ih = oh * STRIDE - PAD + r
+        iw = ow * STRIDE - PAD + s
+        pix_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        b_mask = pix_ok[:, None] & n_ok[None, :]
+        b_ptrs = x_ptr + (n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None] \
+            + offs_n.to(tl.int64)[None, :] * sxc
+        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+        if PROLOGUE:
+            act = tl.maximum(b.to(tl.float32) * sc[None, :] + sh[None, :], 0.0)
+            b = tl.where(b_mask, act, 0.0).to(x_ptr.dtype.element_ty)
+        acc = _mma(a, b, acc, INPUT_PRECISION, DOT_F32)
+
+    RSC = R * S * C
+    ws_ptrs = ws_ptr + pid_s.to(tl.int64) * K * RSC + offs_m.to(tl.int64)[:, None] * RSC \
+        + rs * C + offs_n[None, :]
+    tl.store(ws_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def wgrad_reduce_kernel(
+    ws_ptr, dw_ptr, SPLITS, K, C, RS_C,
+    swk, swc, swr, sws,
+    S: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """dw[k, c, r, s] = sum over splits of ws[split, k, r, s, c], in a fixed order, cast to dw's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    total = K * RS_C
+    ok = offs < total
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    ptrs = ws_ptr + offs.to(tl.int64)
+    for _ in range(0, SPLITS):
+        acc += tl.load(ptrs, mask=ok, other=0.0)
+        ptrs += total
+    k = offs // RS_C
+    rem = offs - k * RS_C
+    rs = rem // C
+    c = rem - rs * C
+    r = rs // S
+    s = rs - r * S
+    tl.store(dw_ptr + k * swk + c * swc + r * swr + s * sws, acc.to(dw_ptr.dtype.element_ty), mask=ok)
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """The tl.dot precision PyTorch's own convolution would use for ``dtype``."""
+    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _dot_f32(dtype: torch.dtype) -> bool:
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def conv_out_size(size: int, ksize: int, stride: int, pad: int) -> int:
+    return (size + 2 * pad - ksize) // stride + 1
+
+
+def conv_fprop(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    stride: int,
+    padding: int,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    stats: bool = False,
+    config: ConvConfig | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, int] | None]:
+    """Convolution of ``relu(x*scale + shift)`` (or of ``x`` when scale is None) with ``weight``.
+
+    Returns ``(out, partials)``: ``out`` is (N, Cout, OH, OW) in x's dtype, channels_last
+    unless ``out`` is given; ``partials`` is ``(tile_mean, tile_m2, tile_rows)`` of ``out``'s
+    channels when ``stats`` is set (for :func:`fusedres.ops.bn.bn_finalize`), else None.
+    """
+    N, C, H, W = x.shape
+    K, _, R, S = weight.shape
+    OH, OW = conv_out_size(H, R, stride, padding), conv_out_size(W, S, stride, padding)
+    cfg = config or fprop_config(C, K, R, stride, x.dtype)
+    if out is None:
+        out = torch.empty((N, K, OH, OW), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    M = N * OH * OW
+    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(K, cfg.block_n))
+    partials = None
+    pmean = pm2 = out  # placeholders; never read when STATS is off
+    if stats:
+        pmean = torch.empty((grid[0], K), device=x.device, dtype=torch.float32)
+        pm2 = torch.empty_like(pmean)
+        partials = (pmean, pm2, cfg.block_m)
+    prologue = scale is not None
+    res = residual if residual is not None else out
+    launch(
+        conv_fprop_kernel, grid,
+        x, weight, out, res,
+        scale if prologue else x, shift if prologue else x,
+        pmean, pm2,
+        H, W, C, OH, OW, K, M,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        res.stride(0), res.stride(1), res.stride(2), res.stride(3),
+        STRIDE=stride, PAD=padding, R=R, S=S,
+        PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, STATS=stats,
+        INPUT_PRECISION=input_precision(x.dtype), DOT_F32=_dot_f32(x.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, partials
+
+
+def conv_dgrad(
+    dy: torch.Tensor,
+    weight: torch.Tensor,
+    input_shape: tuple[int, int, int, int],
+    *,
+    stride: int,
+    padding: int,
+    bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    config: ConvConfig | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Gradient of the convolution with respect to its (activated) input.
+
+    ``bn = (x, scale, shift, mean, invstd)`` turns on the BatchNorm-ReLU epilogue: the
+    result is then dz = da * relu'(x*scale + shift), and the second return value holds
+    per-tile partial sums (sum dz, sum dz*xhat), each (tiles, Cin) fp32.
+    """
+    N, C, H, W = input_shape
+    K, _, R, S = weight.shape
+    _, _, OH, OW = dy.shape
+    cfg = config or dgrad_config(C, K, R, stride, dy.dtype)
+    dz = torch.empty((N, C, H, W), device=dy.device, dtype=dy.dtype, memory_format=torch.channels_last)
+    M = N * H * W
+    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(C, cfg.block_n))
+    if bn is not None:
+        x, scale, shift, mean, invstd = bn
+        psum = torch.empty((grid[0], C), device=dy.device, dtype=torch.float32)
+        psumx = torch.empty_like(psum)
+    else:
+        x = dz
+        scale = shift = mean = invstd = psum = psumx = dz
+    launch(
+        conv_dgrad_kernel, grid,
+        dy, weight, dz, x, scale, shift, mean, invstd, psum, psumx,
+        H, W, C, OH, OW, K, M,
+        dy.stride(0), dy.stride(1), dy.stride(2), dy.stride(3),
+        weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
+        dz.stride(0), dz.stride(1), dz.stride(2), dz.stride(3),
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        STRIDE=stride, PAD=padding, R=R, S=S,
+        BN_BWD=bn is not None, INPUT_PRECISION=input_precision(dy.dtype), DOT_F32=_dot_f32(dy.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dz, ((psum, psumx) if bn is not None else None)
+
+
+def conv_wgrad(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight_like: torch.Tensor,
+    *,
+    stride: int,
+    padding: int,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    splits: int | None = None,
+    config: ConvConfig | None = None,
+) -> torch.Tensor:
+    """Gradient of the convolution with respect to its weight, shaped and strided like ``weight_like``.
+
+    The input activation relu(x*scale + shift) is recomputed (or x used as is when scale is
+    None). The pixel reduction is split over ``splits`` programs (chosen from the device's
+    multiprocessor count when None) and the splits are summed in fp32 in a fixed order.
+    """
+    N, C, H, W = x.shape
+    K, _, R, S = weight_like.shape
+    _, _, OH, OW = dy.shape
+    cfg = config or wgrad_config(C, K, R, stride, x.dtype)
+    P = N * OH * OW
+    tiles = triton.cdiv(K, cfg.block_m) * R * S * triton.cdiv(C, cfg.block_n)
+    if splits is None:
+        splits = max(1, min(triton.cdiv(2 * sm_count(x.device), tiles), triton.cdiv(P, 4 * cfg.block_k)))
+    pix_per_split = triton.cdiv(triton.cdiv(P, splits), cfg.block_k) * cfg.block_k
+    splits = triton.cdiv(P, pix_per_split)
+    ws = torch.empty((splits, K, R, S, C), device=x.device, dtype=torch.float32)
+    prologue = scale is not None
+    launch(
+        conv_wgrad_kernel, (triton.cdiv(K, cfg.block_m), R * S * triton.cdiv(C, cfg.block_n), splits),
+        dy, x, scale if prologue else x, shift if prologue else x, ws,
+        H, W, C, OH, OW, K, P, pix_per_split,
+        dy.stride(0), dy.stride(1), dy.stride(2), dy.stride(3),
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        STRIDE=stride, PAD=padding, R=R, S=S,
+        PROLOGUE=prologue, INPUT_PRECISION=input_precision(x.dtype), DOT_F32=_dot_f32(x.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    dw = torch.empty_like(weight_like)
+    block = 1024
+    launch(
+        wgrad_reduce_kernel, (triton.cdiv(dw.numel(), block),),
+        ws, dw, splits, K, C, R * S * C,
+        dw.stride(0), dw.stride(1), dw.stride(2), dw.stride(3),
+        S=S, BLOCK=block,
+    )
+    return dw
