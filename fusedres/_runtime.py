@@ -24,6 +24,10 @@ try:
 
         INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
     HAVE_TRITON = True
+    if INTERPRET:
+        from . import _interpreter_fixes
+
+        _interpreter_fixes.apply()
 except ImportError:  # pragma: no cover - triton is a hard dependency on Linux
     triton = None
     INTERPRET = False

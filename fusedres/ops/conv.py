@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import INTERPRET, launch, sm_count
+from .._runtime import launch, sm_count
 from .configs import ConvConfig, dgrad_config, fprop_config, wgrad_config
 
 
@@ -35,16 +35,6 @@ def _tile_mean_m2(vals, mask, count):
 
 
 @triton.jit
-def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
-    """acc + a @ b. DOT_F32 widens the operands first: the Triton interpreter multiplies
-    bf16 bit patterns as integers, and bf16 products are exact in fp32 anyway."""
-    if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-
-
-@triton.jit
 def conv_fprop_kernel(
     x_ptr, w_ptr, out_ptr, res_ptr, scale_ptr, shift_ptr, pmean_ptr, pm2_ptr,
     H, W, C, OH, OW, K, M,
@@ -54,7 +44,7 @@ def conv_fprop_kernel(
     srn, src, srh, srw,
     STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[m, k] = sum_{r,s,c} act(x)[pixel(m) + tap(r,s), c] * w[k, c, r, s] (+ res[m, k])."""
@@ -98,7 +88,7 @@ def conv_fprop_kernel(
             a = tl.where(a_mask, act, 0.0).to(x_ptr.dtype.element_ty)
         b_ptrs = w_ptr + (r * swr + s * sws) + cc.to(tl.int64)[:, None] * swc + w_col[None, :]
         b = tl.load(b_ptrs, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = _mma(a, b, acc, INPUT_PRECISION, DOT_F32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     mask = m_ok[:, None] & n_ok[None, :]
     o_ptrs = out_ptr + (n * son + oh.to(tl.int64) * soh + ow.to(tl.int64) * sow)[:, None] \
@@ -126,7 +116,7 @@ def conv_dgrad_kernel(
     szn, szc, szh, szw,
     sxn, sxc, sxh, sxw,
     STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
-    BN_BWD: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    BN_BWD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """da[m, c] = sum_{r,s,k} dy[pixel(m) - tap(r,s), k] * w[k, c, r, s] over input pixels m.
@@ -174,7 +164,7 @@ def conv_dgrad_kernel(
         a = tl.load(a_ptrs, mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
         b_ptrs = w_ptr + (r * swr + s * sws) + kc.to(tl.int64)[:, None] * swk + w_col[None, :]
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = _mma(a, b, acc, INPUT_PRECISION, DOT_F32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     mask = m_ok[:, None] & n_ok[None, :]
     ih64 = ih.to(tl.int64)
@@ -206,7 +196,7 @@ def conv_wgrad_kernel(
     sdn, sdk, sdh, sdw,
     sxn, sxc, sxh, sxw,
     STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
-    PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """ws[split, k, r, s, c] = sum over this split's output pixels p of dy[p, k] * act(x)[p + tap(r,s), c].
@@ -254,7 +244,7 @@ def conv_wgrad_kernel(
         if PROLOGUE:
             act = tl.maximum(b.to(tl.float32) * sc[None, :] + sh[None, :], 0.0)
             b = tl.where(b_mask, act, 0.0).to(x_ptr.dtype.element_ty)
-        acc = _mma(a, b, acc, INPUT_PRECISION, DOT_F32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     RSC = R * S * C
     ws_ptrs = ws_ptr + pid_s.to(tl.int64) * K * RSC + offs_m.to(tl.int64)[:, None] * RSC \
@@ -291,10 +281,6 @@ def input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
         return "ieee"
     return "tf32"
-
-
-def _dot_f32(dtype: torch.dtype) -> bool:
-    return INTERPRET and dtype == torch.bfloat16
 
 
 def conv_out_size(size: int, ksize: int, stride: int, pad: int) -> int:
@@ -348,7 +334,7 @@ def conv_fprop(
         res.stride(0), res.stride(1), res.stride(2), res.stride(3),
         STRIDE=stride, PAD=padding, R=R, S=S,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, STATS=stats,
-        INPUT_PRECISION=input_precision(x.dtype), DOT_F32=_dot_f32(x.dtype),
+        INPUT_PRECISION=input_precision(x.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -394,7 +380,7 @@ def conv_dgrad(
         dz.stride(0), dz.stride(1), dz.stride(2), dz.stride(3),
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         STRIDE=stride, PAD=padding, R=R, S=S,
-        BN_BWD=bn is not None, INPUT_PRECISION=input_precision(dy.dtype), DOT_F32=_dot_f32(dy.dtype),
+        BN_BWD=bn is not None, INPUT_PRECISION=input_precision(dy.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -438,7 +424,7 @@ def conv_wgrad(
         dy.stride(0), dy.stride(1), dy.stride(2), dy.stride(3),
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         STRIDE=stride, PAD=padding, R=R, S=S,
-        PROLOGUE=prologue, INPUT_PRECISION=input_precision(x.dtype), DOT_F32=_dot_f32(x.dtype),
+        PROLOGUE=prologue, INPUT_PRECISION=input_precision(x.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

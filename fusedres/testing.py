@@ -1,0 +1,133 @@
+"""Checking fused ops against PyTorch: shared by the test suite and ``python -m fusedres``.
+
+The rule (STYLE.md): a fused result's relative error against a float64 reference must be
+within twice the error PyTorch itself makes in the same dtype on the same device, plus a
+small dtype-dependent floor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .functional import bn_relu_conv2d
+from .reference import bn_relu_conv2d_reference
+
+#: Error floor per dtype (relative, in norm): about one rounding of the output dtype.
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def rel_error(value: torch.Tensor, ref: torch.Tensor) -> float:
+    """||value - ref|| / ||ref|| in float64 (0 when both are 0); NaN anywhere gives inf."""
+    v = value.detach().to("cpu", torch.float64)
+    r = ref.detach().to("cpu", torch.float64)
+    if not torch.isfinite(v).all():
+        return float("inf")
+    den = r.norm().item()
+    num = (v - r).norm().item()
+    return num / den if den > 0 else num
+
+
+def within_bound(err: float, torch_err: float, dtype: torch.dtype) -> bool:
+    """The acceptance rule: err <= 2 * torch_err + ATOL[dtype]."""
+    return err <= 2.0 * torch_err + ATOL[dtype]
+
+
+@dataclass
+class CaseResult:
+    """Errors of the fused op and of eager PyTorch (same dtype) against float64, per quantity."""
+
+    fused: dict[str, float] = field(default_factory=dict)
+    eager: dict[str, float] = field(default_factory=dict)
+
+    def failures(self, dtype: torch.dtype) -> list[str]:
+        return [
+            f"{k}: fused {self.fused[k]:.2e} vs eager {self.eager[k]:.2e}"
+            for k in self.fused
+            if not within_bound(self.fused[k], self.eager[k], dtype)
+        ]
+
+
+def check_bn_relu_conv2d(
+    *,
+    n: int,
+    c: int,
+    h: int,
+    w: int,
+    cout: int,
+    ksize: int,
+    stride: int,
+    padding: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    training: bool = True,
+    residual: bool = False,
+    affine: bool = True,
+    running: bool = True,
+    channels_last: bool = True,
+    steps: int = 1,
+    mean_offset: float = 0.0,
+    seed: int = 0,
+) -> CaseResult:
+    """Run :func:`bn_relu_conv2d` forward and backward ``steps`` times and compare every output,
+    gradient and running statistic with float64 PyTorch; eager PyTorch in ``dtype`` is measured
+    the same way to give the error it makes itself."""
+    gen = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
+
+    def rnd(*shape: int, scale: float = 1.0, offset: float = 0.0) -> torch.Tensor:
+        # Rounded to the tested dtype first, so the float64 reference sees the very same
+        # inputs and the errors measure the computation, not the input rounding.
+        t = torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + offset
+        return t.to(dtype).to(torch.float64)
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x64 = rnd(n, c, h, w, scale=1.5, offset=mean_offset + 0.3)
+    w64 = rnd(cout, c, ksize, ksize, scale=(2.0 / (c * ksize * ksize)) ** 0.5)
+    g64 = rnd(c, scale=0.3, offset=1.0) if affine else None
+    b64 = rnd(c, scale=0.3) if affine else None
+    rm64 = rnd(c, scale=0.5, offset=mean_offset) if running else None
+    rv64 = (rnd(c, scale=0.3).abs() + 0.5) * 2.0 if running else None
+    oh = (h + 2 * padding - ksize) // stride + 1
+    ow = (w + 2 * padding - ksize) // stride + 1
+    res64 = rnd(n, cout, oh, ow) if residual else None
+    grads64 = [rnd(n, cout, oh, ow) for _ in range(steps)]
+
+    def run(impl, dt: torch.dtype, dev: torch.device) -> dict[str, torch.Tensor]:
+        def leaf(t: torch.Tensor | None, keep_fp32: bool = False, grad: bool = True) -> torch.Tensor | None:
+            if t is None:
+                return None
+            t = t.detach().to(dev, torch.float32 if keep_fp32 and dt != torch.float64 else dt, copy=True)
+            if t.dim() == 4:
+                t = t.contiguous(memory_format=fmt)
+            return t.requires_grad_(grad)
+
+        x, wt, res = leaf(x64), leaf(w64), leaf(res64)
+        g, b = leaf(g64, True), leaf(b64, True)
+        rm, rv = leaf(rm64, True, False), leaf(rv64, True, False)
+        outs: dict[str, torch.Tensor] = {}
+        named = {"x": x, "weight": wt, "bn_weight": g, "bn_bias": b, "residual": res}
+        for i in range(steps):
+            for t in named.values():
+                if t is not None:
+                    t.grad = None  # compare the gradients of the last step alone
+            y = impl(x, wt, g, b, rm, rv, training=training, momentum=0.1, eps=1e-5,
+                     stride=stride, padding=padding, residual=res)
+            y.backward(grads64[i].to(dev, dt).contiguous(memory_format=fmt))
+            outs[f"out{i}"] = y.detach()
+        for k, t in named.items():
+            if t is not None:
+                outs[f"grad_{k}"] = t.grad
+        if rm is not None:
+            outs["running_mean"], outs["running_var"] = rm, rv
+        return outs
+
+    ref = run(bn_relu_conv2d_reference, torch.float64, torch.device("cpu"))
+    fused = run(bn_relu_conv2d, dtype, device)
+    eager = run(bn_relu_conv2d_reference, dtype, device)
+    result = CaseResult()
+    for k, r in ref.items():
+        result.fused[k] = rel_error(fused[k], r)
+        result.eager[k] = rel_error(eager[k], r)
+    return result
