@@ -1,0 +1,424 @@
+"""Compile every Triton kernel of fusedres ahead of time, without a GPU, and report its resources.
+
+``python -m fusedres.ops.offline [--arch 80,86,89,90] [--amd] [--json PATH] [--jobs N]``
+
+For every GPU architecture asked for, this builds each convolution kernel role (fprop, dgrad,
+wgrad) for every ``(ConvConfig, dtype)`` of :func:`fusedres.ops.configs.all_conv_configs`
+(3x3 kernel, padding 1, stride 1, plus stride 2 for the bf16 fprop/dgrad configs) with the
+heaviest fusion on, and the per-channel kernels (BatchNorm statistics, finalize, backward
+reduce and apply, wgrad split reduce) for each dtype. Each build prints the shared memory it
+needs against the architecture's per-block opt-in maximum, the registers per thread and the
+spill traffic; a build over the shared-memory limit, or one that does not compile, fails the
+run (exit status 1). AMD (``--amd``, gfx942) builds are reported but never fail the run: a
+gfx942 build that does not compile is marked "skipped".
+
+What gets compiled is exactly what the launchers would launch. Each launcher of
+:mod:`fusedres.ops.conv` and :mod:`fusedres.ops.bn` is called on empty CPU tensors with the
+``launch`` hook swapped for a recorder, and the recorded arguments are specialised the way
+Triton's JIT does it at launch time: tensors become typed pointers (16-byte aligned ones
+marked as such), an integer equal to 1 becomes a constant, integers divisible by 16 are
+marked as such. The tensors are channels_last with 64 channels on a 16x16 image, so every
+channel stride is 1 and every other stride and size is a multiple of 16 -- the layout of every
+ResNet layer after the stem. That specialisation matters: it is what lets Triton vectorise the
+loads and software-pipeline them through shared memory, so an unspecialised build would
+understate shared memory several-fold (and overstate registers).
+
+Registers and spills come from the cubin itself (``cuobjdump`` shipped with Triton): the
+resource usage gives registers, stack frame and static shared memory; the SASS gives the
+bytes of spill stores and loads per thread (the sizes of its STL and LDL instructions, which
+is what ``ptxas -v`` reports). For gfx942 they come from the AMDGCN assembly's metadata.
+
+The Triton interpreter (``TRITON_INTERPRET=1``) must be off: under it ``@triton.jit`` gives
+functions that cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
+
+from .. import _runtime
+from . import bn, conv
+from .configs import ConvConfig, all_conv_configs
+
+#: Largest shared memory one block may use (the opt-in maximum), in bytes.
+SMEM_LIMITS: dict[str, int] = {
+    "sm_80": 166912,
+    "sm_86": 101376,
+    "sm_89": 101376,
+    "sm_90": 232448,
+    "gfx942": 65536,
+}
+CUDA_ARCHS = (80, 86, 89, 90)
+AMD_ARCH = "gfx942"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+# The representative launch: channels_last, every channel stride 1, every other stride and size
+# a multiple of 16 (see the module docstring). The weight gradient is split in _SPLITS parts as
+# on a GPU (splits = 1 would turn the reduce kernel's loop count into a constant).
+_N, _C, _HW, _KSIZE, _PAD, _SPLITS = 2, 64, 16, 3, 1, 4
+
+
+class InterpreterActiveError(RuntimeError):
+    """Raised when the Triton interpreter is on, so that nothing can be compiled."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One kernel build: what to compile, for which architecture, and how to label it."""
+
+    kernel: str  # "module:name" of the @triton.jit function
+    role: str  # "fprop", "dgrad", "wgrad", or the kernel's name for the per-channel kernels
+    dtype: str  # torch dtype name of the activations ("bfloat16", ...)
+    config: dict[str, int] | None  # the ConvConfig of a conv role, as a dict
+    stride: int | None  # the conv stride of a conv role
+    tile: str  # block sizes, warps and stages, for printing
+    arch: str  # "sm_90", "gfx942", ...
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    attrs: dict[tuple[int, ...], list[list[Any]]]
+    options: dict[str, int]
+
+
+@dataclasses.dataclass
+class Row:
+    """The outcome of one build. Byte counts; registers, spills and local memory are per thread."""
+
+    kernel: str
+    role: str
+    dtype: str
+    config: dict[str, int] | None
+    stride: int | None
+    tile: str
+    arch: str
+    limit: int
+    status: str  # "ok", "FAIL" (over the shared-memory limit), "ERROR" (no build) or "skipped" (AMD, no build)
+    shared: int | None = None  # dynamic shared memory Triton requests at launch
+    static_shared: int | None = None
+    regs: int | None = None  # NVIDIA: registers; AMD: VGPRs
+    spill_stores: int | None = None  # NVIDIA only
+    spill_loads: int | None = None  # NVIDIA only
+    local: int | None = None  # stack frame (NVIDIA) or scratch (AMD)
+    error: str | None = None
+
+
+# --------------------------------------------------------------------------- what to compile
+
+
+@contextlib.contextmanager
+def _recorded_launches() -> Iterator[list[tuple[Any, tuple[Any, ...], dict[str, Any]]]]:
+    """Inside the block the launchers record ``(kernel, args, kwargs)`` instead of launching."""
+    calls: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
+
+    def record(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+        calls.append((kernel, args, kwargs))
+
+    with contextlib.ExitStack() as stack:
+        for module in (_runtime, conv, bn):
+            stack.enter_context(_patched(module, "launch", record))
+        yield calls
+
+
+@contextlib.contextmanager
+def _patched(module: Any, name: str, value: Any) -> Iterator[None]:
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def _act(c: int, hw: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty((_N, c, hw, hw), dtype=dtype).to(memory_format=torch.channels_last)
+
+
+def _vec() -> torch.Tensor:
+    return torch.empty(_C, dtype=torch.float32)
+
+
+def _conv_launchers(dtype: torch.dtype, cfg: ConvConfig, stride: int) -> dict[str, Callable[[], object]]:
+    """Per conv role, a call of its launcher with every fusion on."""
+    ohw = conv.conv_out_size(_HW, _KSIZE, stride, _PAD)
+    x, dy, res = _act(_C, _HW, dtype), _act(_C, ohw, dtype), _act(_C, ohw, dtype)
+    w = torch.empty((_C, _C, _KSIZE, _KSIZE), dtype=dtype).to(memory_format=torch.channels_last)
+    scale, shift, mean, invstd = _vec(), _vec(), _vec(), _vec()
+    geom: dict[str, Any] = {"stride": stride, "padding": _PAD, "config": cfg}
+    return {
+        "fprop": lambda: conv.conv_fprop(x, w, scale=scale, shift=shift, residual=res, stats=True, **geom),
+        "dgrad": lambda: conv.conv_dgrad(dy, w, tuple(x.shape), bn=(x, scale, shift, mean, invstd), **geom),
+        "wgrad": lambda: conv.conv_wgrad(dy, x, w, scale=scale, shift=shift, splits=_SPLITS, **geom),
+    }
+
+
+def _bn_launchers(dtype: torch.dtype) -> list[Callable[[], object]]:
+    """Calls of the per-channel launchers with every option on; BN parameters in ``dtype``."""
+    x, dz, add = _act(_C, _HW, dtype), _act(_C, _HW, dtype), _act(_C, _HW, dtype)
+    tiles = _N * _HW * _HW // 128
+    partials = (torch.empty((tiles, _C)), torch.empty((tiles, _C)), 128)
+    weight, bias, rmean, rvar = (torch.empty(_C, dtype=dtype) for _ in range(4))
+    mean, invstd, s, sx = _vec(), _vec(), _vec(), _vec()
+    return [
+        lambda: bn.bn_stats(x),
+        lambda: bn.bn_finalize(
+            partials, _N * _HW * _HW, weight, bias, rmean, rvar,
+            training=True, momentum=0.1, eps=1e-5, channels=_C, device=x.device,
+        ),
+        lambda: bn.bn_bwd_reduce(partials[0], partials[1]),
+        lambda: bn.bn_bwd_apply(dz, x, mean, invstd, weight, s, sx, training=True, add=add),
+    ]
+
+
+def _specialize(
+    kernel: Any, args: tuple[Any, ...], kwargs: dict[str, Any], target: GPUTarget
+) -> tuple[dict[str, str], dict[str, Any], dict[tuple[int, ...], list[list[Any]]], dict[str, int]]:
+    """Signature, constants, attributes and options of a launch, as Triton's JIT would derive them."""
+    backend = make_backend(target)
+    values = dict(zip(kernel.arg_names, args))
+    values.update((k, v) for k, v in kwargs.items() if k in kernel.arg_names)
+    options = {k: v for k, v in kwargs.items() if k not in kernel.arg_names}
+    signature: dict[str, str] = {}
+    constexprs: dict[str, Any] = {}
+    attrs: dict[tuple[int, ...], list[list[Any]]] = {}
+    for i, param in enumerate(kernel.params):
+        value = values[param.name]
+        if param.is_constexpr or (type(value) is int and value == 1):
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+            continue
+        if isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + _TRITON_TYPES[value.dtype]
+            desc = backend.get_tensor_specialization(value, align=True)
+        elif type(value) is int:
+            signature[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            desc = backend.get_int_specialization(value, align=True)
+        elif type(value) is float:
+            signature[param.name] = "fp32"
+            desc = ""
+        else:
+            raise TypeError(f"{kernel.fn.__name__}: no Triton type for argument {param.name}={value!r}")
+        if desc:
+            attrs[(i,)] = backend.parse_attr(desc)
+    return signature, constexprs, attrs, options
+
+
+def _tile(constexprs: dict[str, Any], options: dict[str, int]) -> str:
+    """Block sizes and the launch options given, e.g. "M128 N64 K32 w4 s3" (BLOCK_M=128, ...)."""
+    blocks = [f"{k[len('BLOCK'):].lstrip('_') or 'B'}{v}" for k, v in constexprs.items() if k.startswith("BLOCK")]
+    given = [f"{k[len('num_'):][0]}{v}" for k, v in options.items() if k in ("num_warps", "num_stages")]
+    return " ".join(blocks + given)
+
+
+def _target(arch: str) -> GPUTarget:
+    if arch.startswith("sm_"):
+        return GPUTarget("cuda", int(arch[3:]), 32)
+    return GPUTarget("hip", arch, 64)
+
+
+def plan_jobs(archs: list[str]) -> list[Job]:
+    """Every build, for each of ``archs`` ("sm_90", "gfx942", ...), without duplicates."""
+    if _runtime.INTERPRET:
+        raise InterpreterActiveError(
+            "fusedres.ops.offline: TRITON_INTERPRET=1 is set, so @triton.jit gives interpreter "
+            "functions that cannot be compiled. Run it again with TRITON_INTERPRET unset."
+        )
+    launches: list[tuple[str, str, ConvConfig | None, int | None, Callable[[], object]]] = []
+    for role, items in sorted(all_conv_configs().items()):
+        for cfg, dtype in sorted(items, key=lambda item: (str(item[1]), dataclasses.astuple(item[0]))):
+            strides = (1, 2) if dtype == torch.bfloat16 and role in ("fprop", "dgrad") else (1,)
+            for stride in strides:
+                launches.append((role, str(dtype), cfg, stride, _conv_launchers(dtype, cfg, stride)[role]))
+    for dtype in DTYPES:
+        launches.extend(("", str(dtype), None, None, call) for call in _bn_launchers(dtype))
+
+    jobs: list[Job] = []
+    seen: set[str] = set()
+    for role, dtype_name, cfg, stride, call in launches:
+        with _recorded_launches() as calls:
+            call()
+        for n, (kernel, args, kwargs) in enumerate(calls):
+            # The first launch is the role's own kernel; later ones (wgrad's split reduce) are helpers.
+            own = n == 0 and cfg is not None
+            for arch in archs:
+                sig, constexprs, attrs, options = _specialize(kernel, args, kwargs, _target(arch))
+                job = Job(
+                    kernel=f"{kernel.fn.__module__}:{kernel.fn.__name__}",
+                    role=role if own else kernel.fn.__name__,
+                    dtype=dtype_name.removeprefix("torch."),
+                    config=dataclasses.asdict(cfg) if own else None,
+                    stride=stride if own else None,
+                    tile=_tile(constexprs, options),
+                    arch=arch,
+                    signature=sig,
+                    constexprs=constexprs,
+                    attrs=attrs,
+                    options=options,
+                )
+                # Identical builds (the reduce kernels of equal dtypes, dtype-free kernels) are done once.
+                key = repr((job.kernel, arch, sorted(sig.items()), sorted(constexprs.items()), attrs, options))
+                if key not in seen:
+                    seen.add(key)
+                    jobs.append(job)
+    return jobs
+
+
+# --------------------------------------------------------------------------- compiling
+
+
+def _cuda_usage(cubin: bytes) -> dict[str, int]:
+    """Registers, stack, static shared memory and spill bytes of the one function in ``cubin``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run(
+            [_CUOBJDUMP, "--dump-resource-usage", "--dump-sass", f.name],
+            check=True, capture_output=True, text=True,
+        ).stdout
+    usage = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out))
+    spill = {"STL": 0, "LDL": 0}
+    for op, mods in re.findall(r"\b(STL|LDL)((?:\.\w+)*)\s", out):
+        spill[op] += _access_bytes(mods)
+    return {
+        "regs": int(usage["REG"]),
+        "local": int(usage["STACK"]) + int(usage["LOCAL"]),
+        "static_shared": int(usage["SHARED"]),
+        "spill_stores": spill["STL"],
+        "spill_loads": spill["LDL"],
+    }
+
+
+def _access_bytes(modifiers: str) -> int:
+    """Bytes one thread moves with an LDL/STL carrying ``modifiers`` (e.g. ".64", ".LU.128", ".U8")."""
+    sizes = {".U8": 1, ".S8": 1, ".U16": 2, ".S16": 2, ".64": 8, ".128": 16}
+    return max([sizes[m] for m in re.findall(r"\.\w+", modifiers) if m in sizes], default=4)
+
+
+def _amd_usage(amdgcn: str) -> dict[str, int]:
+    """VGPRs and scratch bytes from the AMDGCN assembly's metadata."""
+
+    def field(pattern: str) -> int:
+        found = re.search(pattern, amdgcn)
+        return int(found.group(1)) if found else 0
+
+    return {"regs": field(r"\.vgpr_count:\s+(\d+)"), "local": field(r"; ScratchSize: (\d+)")}
+
+
+def compile_job(job: Job) -> Row:
+    """Build one kernel and measure it; a failed build comes back as a row, not an exception."""
+    module, name = job.kernel.split(":")
+    kernel = getattr(importlib.import_module(module), name)
+    labels = {f.name: getattr(job, f.name) for f in dataclasses.fields(Row) if hasattr(job, f.name)}
+    row = Row(**labels, limit=SMEM_LIMITS[job.arch], status="ok")
+    try:
+        src = ASTSource(fn=kernel, signature=job.signature, constexprs=job.constexprs, attrs=job.attrs)
+        compiled = triton.compile(src, target=_target(job.arch), options=job.options)
+        row.shared = int(compiled.metadata.shared)
+        usage = _cuda_usage(compiled.asm["cubin"]) if "cubin" in compiled.asm else _amd_usage(compiled.asm["amdgcn"])
+    except Exception as e:  # noqa: BLE001 - every failure becomes a reported row
+        row.status = "skipped" if job.arch == AMD_ARCH else "ERROR"
+        row.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        return row
+    for key, value in usage.items():
+        setattr(row, key, value)
+    if row.shared > row.limit:
+        row.status = "FAIL"
+    return row
+
+
+def _fmt(v: int | None) -> str:
+    return "-" if v is None else str(v)
+
+
+def format_row(row: Row) -> str:
+    stride = f" s{row.stride}" if row.stride not in (None, 1) else ""
+    spills = f"{_fmt(row.spill_stores)}/{_fmt(row.spill_loads)}"
+    line = (
+        f"{row.role + stride:<22} {row.dtype:<9} {row.tile:<22} {row.arch:<7} "
+        f"shared {_fmt(row.shared):>6}/{row.limit:<6} regs {_fmt(row.regs):>3} "
+        f"spill st/ld {spills:>9} local {_fmt(row.local):>5}  {row.status}"
+    )
+    return line + (f"  {row.error}" if row.error else "")
+
+
+def run(archs: list[str], jobs: int) -> list[Row]:
+    """Compile everything for ``archs`` with ``jobs`` processes, printing each row as it arrives."""
+    planned = plan_jobs(archs)
+    # Spawned workers: forking a process that has imported torch can deadlock.
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        rows = []
+        for row in pool.map(compile_job, planned):
+            print(format_row(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def summarize(rows: list[Row]) -> str:
+    lines = [f"{len(rows)} builds: " + ", ".join(
+        f"{sum(r.status == s for r in rows)} {s}" for s in ("ok", "FAIL", "ERROR", "skipped")
+    )]
+    for arch in sorted({r.arch for r in rows}):
+        done = [r for r in rows if r.arch == arch and r.shared is not None]
+        if done:
+            top = max(done, key=lambda r: r.shared or 0)
+            spilling = sum(bool(r.spill_stores or r.local) for r in done)
+            lines.append(
+                f"  {arch}: max shared {top.shared}/{top.limit} ({top.role} {top.dtype} {top.tile}), "
+                f"max regs {max(r.regs or 0 for r in done)}, {spilling} builds spill"
+            )
+    return "\n".join(lines)
+
+
+def _parse_archs(text: str) -> list[str]:
+    archs = [f"sm_{a.strip()}" for a in text.split(",") if a.strip()]
+    unknown = [a for a in archs if a not in SMEM_LIMITS]
+    if not archs or unknown:
+        raise argparse.ArgumentTypeError(f"choose among {','.join(map(str, CUDA_ARCHS))}, got {text!r}")
+    return archs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fusedres.ops.offline", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=_parse_archs, default=[f"sm_{a}" for a in CUDA_ARCHS],
+                        help="comma-separated CUDA compute capabilities (default: 80,86,89,90)")
+    parser.add_argument("--amd", action="store_true", help=f"also build for {AMD_ARCH}; a failed build is skipped")
+    parser.add_argument("--json", metavar="PATH", help="write every row to PATH as JSON")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: all CPUs)")
+    args = parser.parse_args(argv)
+    archs = args.arch + ([AMD_ARCH] if args.amd else [])
+    start = time.perf_counter()
+    try:
+        rows = run(archs, max(1, args.jobs))
+    except InterpreterActiveError as e:
+        print(e, file=sys.stderr)
+        return 2
+    print(summarize(rows))
+    print(f"wall time {time.perf_counter() - start:.1f} s with {args.jobs} processes")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
+    return 1 if any(r.status in ("FAIL", "ERROR") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

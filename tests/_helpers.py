@@ -1,0 +1,39 @@
+"""Small helpers shared by the test modules."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from fusedres import _runtime
+from fusedres.testing import ATOL, rel_error
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+
+
+def rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 copy of ``t`` after rounding to ``dtype``: the exact values a kernel in ``dtype`` sees."""
+    return t.to(dtype).to(torch.float64)
+
+
+def assert_matches(fused: torch.Tensor, ref64: torch.Tensor, eager: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """The fused error against float64 is within 2x PyTorch's own error in ``dtype``, plus ATOL."""
+    err, base = rel_error(fused, ref64), rel_error(eager, ref64)
+    assert err <= 2.0 * base + ATOL[dtype], f"{what}: fused error {err:.3e}, eager {dtype} error {base:.3e}"
+
+
+def assert_close64(value: torch.Tensor, ref64: torch.Tensor, tol: float, what: str) -> None:
+    err = rel_error(value, ref64)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+@contextlib.contextmanager
+def launched(*names: str) -> Iterator[None]:
+    """Assert that each named Triton kernel was launched inside the block."""
+    before = {n: _runtime.launch_counts[n] for n in names}
+    yield
+    missing = [n for n in names if _runtime.launch_counts[n] == before[n]]
+    assert not missing, f"Triton kernels not launched: {missing}"

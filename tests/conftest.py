@@ -1,0 +1,39 @@
+"""Test set-up: run the real Triton kernels on the CPU (interpreter) when there is no GPU.
+
+TRITON_INTERPRET must be set before ``triton`` is first imported, which is why this happens
+here, at collection time, before any test module imports fusedres.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where the fused kernels run: the GPU when there is one, else the CPU (interpreter)."""
+    return DEVICE
+
+
+@pytest.fixture
+def poison(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fill every floating buffer allocated with torch.empty/empty_like with NaN, so that an
+    element a kernel forgets to write (an output, a partial sum, a workspace) fails the test."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def nan_fill(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan_fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan_fill(real_empty_like(*a, **k)))
