@@ -12,6 +12,7 @@ otherwise compute the same function with plain PyTorch (:mod:`fusedres.reference
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -129,6 +130,29 @@ def _wants_channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return cl(x) or cl(weight)
 
 
+# id(weight) -> (weak reference to weight, weight._version, channels_last copy)
+_WEIGHT_CACHE: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def kernel_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in the layout the kernels read fastest, (Cout, R, S, Cin) in memory.
+
+    A channels_last weight is used as it is; any other is copied once and the copy is cached
+    against the parameter's version counter, so it is refreshed after an optimizer step and
+    never rebuilt per call.
+    """
+    if weight.is_contiguous(memory_format=torch.channels_last):
+        return weight
+    key = id(weight)
+    hit = _WEIGHT_CACHE.get(key)
+    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
+        return hit[2]
+    reordered = weight.detach().contiguous(memory_format=torch.channels_last)
+    ref = weakref.ref(weight, lambda _ref, key=key: _WEIGHT_CACHE.pop(key, None))
+    _WEIGHT_CACHE[key] = (ref, weight._version, reordered)
+    return reordered
+
+
 class _BnReluConv2d(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -153,7 +177,7 @@ class _BnReluConv2d(torch.autograd.Function):
             training=training, momentum=momentum, eps=eps, channels=C, device=x.device,
         )
         out, _ = conv_ops.conv_fprop(
-            x, weight, stride=stride, padding=padding, scale=scale, shift=shift, residual=residual,
+            x, kernel_weight(weight), stride=stride, padding=padding, scale=scale, shift=shift, residual=residual,
         )
         if not _wants_channels_last(x, weight):
             out = out.contiguous()
@@ -172,7 +196,7 @@ class _BnReluConv2d(torch.autograd.Function):
         dx = dw = dgamma = dbeta = None
         if need_x or need_g or need_b:
             dz, (psum, psumx) = conv_ops.conv_dgrad(
-                dout, weight, tuple(x.shape), stride=ctx.stride, padding=ctx.padding,
+                dout, kernel_weight(weight), tuple(x.shape), stride=ctx.stride, padding=ctx.padding,
                 bn=(x, scale, shift, mean, invstd),
             )
             sum_dz, sum_dzx = bn_ops.bn_bwd_reduce(psum, psumx)

@@ -151,3 +151,21 @@ def test_cpu_without_interpreter_uses_pytorch():
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_weight_reorder_is_cached_against_version(device):
+    from fusedres.functional import kernel_weight
+
+    w = torch.randn(6, 4, 3, 3, device=device, requires_grad=True)  # contiguous (Cout, Cin, R, S)
+    first = kernel_weight(w)
+    assert first.is_contiguous(memory_format=torch.channels_last)
+    assert kernel_weight(w) is first, "the reorder must be cached, not redone per call"
+    x = torch.randn(2, 4, 5, 5, device=device)
+    y1 = bn_relu_conv2d(x, w, None, None, None, None, training=True, padding=1)
+    with torch.no_grad():
+        w.mul_(2.0)  # an optimizer step: the version counter moves
+    assert kernel_weight(w) is not first
+    y2 = bn_relu_conv2d(x, w, None, None, None, None, training=True, padding=1)
+    torch.testing.assert_close(y2, 2.0 * y1, rtol=1e-5, atol=1e-5)
+    cl = w.detach().contiguous(memory_format=torch.channels_last)
+    assert kernel_weight(cl) is cl
