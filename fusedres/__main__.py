@@ -45,7 +45,8 @@ def _check(device: torch.device) -> int:
                 name = f"{n}x{c}x{h}x{w} -> {cout} k{k} s{s}{' +res' if res else ''}"
                 mode = "train" if training else "eval"
                 verdict = "ok" if ok else ("FAIL: " + "; ".join(bad) if launched else "FAIL: Triton did not run")
-                print(f"{name:<34} {str(dtype)[6:]:<9} {mode:<6} {r.fused[worst]:>16.2e} {r.eager[worst]:>10.2e}  {verdict}")
+                errs = f"{r.fused[worst]:>16.2e} {r.eager[worst]:>10.2e}"
+                print(f"{name:<34} {str(dtype)[6:]:<9} {mode:<6} {errs}  {verdict}")
     print("all checks passed" if not failed else f"{failed} checks FAILED")
     return 1 if failed else 0
 

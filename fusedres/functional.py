@@ -93,7 +93,9 @@ def _check_inputs(
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"bn_relu_conv2d: {name} must be a tensor or None, got {type(t).__name__}")
         if tuple(t.shape) != (C,):
-            raise ValueError(f"bn_relu_conv2d: {name} must have shape ({C},) to match x's channels, got {tuple(t.shape)}")
+            raise ValueError(
+                f"bn_relu_conv2d: {name} must have shape ({C},) to match x's channels, got {tuple(t.shape)}"
+            )
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"bn_relu_conv2d: {name} must be a floating tensor, got {t.dtype}")
         if t.dtype != x.dtype and t.dtype != torch.float32:

@@ -19,7 +19,9 @@ def rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).to(torch.float64)
 
 
-def assert_matches(fused: torch.Tensor, ref64: torch.Tensor, eager: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+def assert_matches(
+    fused: torch.Tensor, ref64: torch.Tensor, eager: torch.Tensor, dtype: torch.dtype, what: str
+) -> None:
     """The fused error against float64 is within 2x PyTorch's own error in ``dtype``, plus ATOL."""
     err, base = rel_error(fused, ref64), rel_error(eager, ref64)
     assert err <= 2.0 * base + ATOL[dtype], f"{what}: fused error {err:.3e}, eager {dtype} error {base:.3e}"

@@ -95,7 +95,8 @@ def test_single_value_per_channel_in_training(device):
 
 
 def test_residual_shape_and_dtype(device):
-    with pytest.raises(ValueError, match=r"residual shape \(2, 6, 4, 4\) does not match the output shape \(2, 6, 5, 5\)"):
+    msg = r"residual shape \(2, 6, 4, 4\) does not match the output shape \(2, 6, 5, 5\)"
+    with pytest.raises(ValueError, match=msg):
         _call(_args(device), residual=torch.randn(2, 6, 4, 4, device=device))
     with pytest.raises(TypeError, match="residual dtype"):
         _call(_args(device), residual=torch.randn(2, 6, 5, 5, device=device, dtype=torch.float16))

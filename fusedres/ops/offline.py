@@ -9,8 +9,8 @@ heaviest fusion on, and the per-channel kernels (BatchNorm statistics, finalize,
 reduce and apply, wgrad split reduce) for each dtype. Each build prints the shared memory it
 needs against the architecture's per-block opt-in maximum, the registers per thread and the
 spill traffic; a build over the shared-memory limit, or one that does not compile, fails the
-run (exit status 1). AMD (``--amd``, gfx942) builds are reported but never fail the run: a
-gfx942 build that does not compile is marked "skipped".
+run (exit status 1). With ``--amd`` the kernels are also built for gfx942, where a build that
+does not compile is reported as "skipped" rather than as an error.
 
 What gets compiled is exactly what the launchers would launch. Each launcher of
 :mod:`fusedres.ops.conv` and :mod:`fusedres.ops.bn` is called on empty CPU tensors with the
@@ -49,6 +49,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
+from unittest import mock
 
 import torch
 import triton
@@ -120,6 +121,7 @@ class Row:
     spill_stores: int | None = None  # NVIDIA only
     spill_loads: int | None = None  # NVIDIA only
     local: int | None = None  # stack frame (NVIDIA) or scratch (AMD)
+    seconds: float = 0.0  # build and measurement time (near 0 when Triton's cache had the build)
     error: str | None = None
 
 
@@ -136,18 +138,8 @@ def _recorded_launches() -> Iterator[list[tuple[Any, tuple[Any, ...], dict[str, 
 
     with contextlib.ExitStack() as stack:
         for module in (_runtime, conv, bn):
-            stack.enter_context(_patched(module, "launch", record))
+            stack.enter_context(mock.patch.object(module, "launch", record))
         yield calls
-
-
-@contextlib.contextmanager
-def _patched(module: Any, name: str, value: Any) -> Iterator[None]:
-    old = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, old)
 
 
 def _act(c: int, hw: int, dtype: torch.dtype) -> torch.Tensor:
@@ -182,8 +174,17 @@ def _bn_launchers(dtype: torch.dtype) -> list[Callable[[], object]]:
     return [
         lambda: bn.bn_stats(x),
         lambda: bn.bn_finalize(
-            partials, _N * _HW * _HW, weight, bias, rmean, rvar,
-            training=True, momentum=0.1, eps=1e-5, channels=_C, device=x.device,
+            partials,
+            _N * _HW * _HW,
+            weight,
+            bias,
+            rmean,
+            rvar,
+            training=True,
+            momentum=0.1,
+            eps=1e-5,
+            channels=_C,
+            device=x.device,
         ),
         lambda: bn.bn_bwd_reduce(partials[0], partials[1]),
         lambda: bn.bn_bwd_apply(dz, x, mean, invstd, weight, s, sx, training=True, add=add),
@@ -225,8 +226,8 @@ def _specialize(
 
 def _tile(constexprs: dict[str, Any], options: dict[str, int]) -> str:
     """Block sizes and the launch options given, e.g. "M128 N64 K32 w4 s3" (BLOCK_M=128, ...)."""
-    blocks = [f"{k[len('BLOCK'):].lstrip('_') or 'B'}{v}" for k, v in constexprs.items() if k.startswith("BLOCK")]
-    given = [f"{k[len('num_'):][0]}{v}" for k, v in options.items() if k in ("num_warps", "num_stages")]
+    blocks = [f"{k[len('BLOCK') :].lstrip('_') or 'B'}{v}" for k, v in constexprs.items() if k.startswith("BLOCK")]
+    given = [f"{k[len('num_') :][0]}{v}" for k, v in options.items() if k in ("num_warps", "num_stages")]
     return " ".join(blocks + given)
 
 
@@ -243,29 +244,30 @@ def plan_jobs(archs: list[str]) -> list[Job]:
             "fusedres.ops.offline: TRITON_INTERPRET=1 is set, so @triton.jit gives interpreter "
             "functions that cannot be compiled. Run it again with TRITON_INTERPRET unset."
         )
-    launches: list[tuple[str, str, ConvConfig | None, int | None, Callable[[], object]]] = []
+    # (conv role, dtype, config, stride, launcher call); the per-channel kernels are named after themselves.
+    launches: list[tuple[str | None, torch.dtype, ConvConfig | None, int | None, Callable[[], object]]] = []
     for role, items in sorted(all_conv_configs().items()):
         for cfg, dtype in sorted(items, key=lambda item: (str(item[1]), dataclasses.astuple(item[0]))):
             strides = (1, 2) if dtype == torch.bfloat16 and role in ("fprop", "dgrad") else (1,)
             for stride in strides:
-                launches.append((role, str(dtype), cfg, stride, _conv_launchers(dtype, cfg, stride)[role]))
+                launches.append((role, dtype, cfg, stride, _conv_launchers(dtype, cfg, stride)[role]))
     for dtype in DTYPES:
-        launches.extend(("", str(dtype), None, None, call) for call in _bn_launchers(dtype))
+        launches.extend((None, dtype, None, None, call) for call in _bn_launchers(dtype))
 
     jobs: list[Job] = []
     seen: set[str] = set()
-    for role, dtype_name, cfg, stride, call in launches:
+    for role, dtype, cfg, stride, call in launches:
         with _recorded_launches() as calls:
             call()
         for n, (kernel, args, kwargs) in enumerate(calls):
             # The first launch is the role's own kernel; later ones (wgrad's split reduce) are helpers.
-            own = n == 0 and cfg is not None
+            own = n == 0 and role is not None
             for arch in archs:
                 sig, constexprs, attrs, options = _specialize(kernel, args, kwargs, _target(arch))
                 job = Job(
                     kernel=f"{kernel.fn.__module__}:{kernel.fn.__name__}",
                     role=role if own else kernel.fn.__name__,
-                    dtype=dtype_name.removeprefix("torch."),
+                    dtype=str(dtype).removeprefix("torch."),
                     config=dataclasses.asdict(cfg) if own else None,
                     stride=stride if own else None,
                     tile=_tile(constexprs, options),
@@ -291,18 +293,21 @@ def _cuda_usage(cubin: bytes) -> dict[str, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run(
-            [_CUOBJDUMP, "--dump-resource-usage", "--dump-sass", f.name],
-            check=True, capture_output=True, text=True,
-        ).stdout
-    usage = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out))
-    spill = {"STL": 0, "LDL": 0}
-    for op, mods in re.findall(r"\b(STL|LDL)((?:\.\w+)*)\s", out):
-        spill[op] += _access_bytes(mods)
+
+        def cuobjdump(option: str) -> str:
+            return subprocess.run([_CUOBJDUMP, option, f.name], check=True, capture_output=True, text=True).stdout
+
+        resources = cuobjdump("--dump-resource-usage")
+        usage = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", resources)}
+        spill = {"STL": 0, "LDL": 0}
+        # Spills live in the stack frame; without one there are none, and the SASS dump is the slow part.
+        if usage["STACK"]:
+            for op, modifiers in re.findall(r"\b(STL|LDL)((?:\.\w+)*)\s", cuobjdump("--dump-sass")):
+                spill[op] += _access_bytes(modifiers)
     return {
-        "regs": int(usage["REG"]),
-        "local": int(usage["STACK"]) + int(usage["LOCAL"]),
-        "static_shared": int(usage["SHARED"]),
+        "regs": usage["REG"],
+        "local": usage["STACK"] + usage["LOCAL"],
+        "static_shared": usage["SHARED"],
         "spill_stores": spill["STL"],
         "spill_loads": spill["LDL"],
     }
@@ -330,15 +335,18 @@ def compile_job(job: Job) -> Row:
     kernel = getattr(importlib.import_module(module), name)
     labels = {f.name: getattr(job, f.name) for f in dataclasses.fields(Row) if hasattr(job, f.name)}
     row = Row(**labels, limit=SMEM_LIMITS[job.arch], status="ok")
+    start = time.perf_counter()
     try:
         src = ASTSource(fn=kernel, signature=job.signature, constexprs=job.constexprs, attrs=job.attrs)
         compiled = triton.compile(src, target=_target(job.arch), options=job.options)
         row.shared = int(compiled.metadata.shared)
         usage = _cuda_usage(compiled.asm["cubin"]) if "cubin" in compiled.asm else _amd_usage(compiled.asm["amdgcn"])
-    except Exception as e:  # noqa: BLE001 - every failure becomes a reported row
+    except Exception as e:  # every failure becomes a reported row
         row.status = "skipped" if job.arch == AMD_ARCH else "ERROR"
-        row.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        row.error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
         return row
+    finally:
+        row.seconds = round(time.perf_counter() - start, 2)
     for key, value in usage.items():
         setattr(row, key, value)
     if row.shared > row.limit:
@@ -374,9 +382,10 @@ def run(archs: list[str], jobs: int) -> list[Row]:
 
 
 def summarize(rows: list[Row]) -> str:
-    lines = [f"{len(rows)} builds: " + ", ".join(
-        f"{sum(r.status == s for r in rows)} {s}" for s in ("ok", "FAIL", "ERROR", "skipped")
-    )]
+    lines = [
+        f"{len(rows)} builds: "
+        + ", ".join(f"{sum(r.status == s for r in rows)} {s}" for s in ("ok", "FAIL", "ERROR", "skipped"))
+    ]
     for arch in sorted({r.arch for r in rows}):
         done = [r for r in rows if r.arch == arch and r.shared is not None]
         if done:
@@ -399,8 +408,12 @@ def _parse_archs(text: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fusedres.ops.offline", description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=_parse_archs, default=[f"sm_{a}" for a in CUDA_ARCHS],
-                        help="comma-separated CUDA compute capabilities (default: 80,86,89,90)")
+    parser.add_argument(
+        "--arch",
+        type=_parse_archs,
+        default=[f"sm_{a}" for a in CUDA_ARCHS],
+        help="comma-separated CUDA compute capabilities (default: 80,86,89,90)",
+    )
     parser.add_argument("--amd", action="store_true", help=f"also build for {AMD_ARCH}; a failed build is skipped")
     parser.add_argument("--json", metavar="PATH", help="write every row to PATH as JSON")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: all CPUs)")
