@@ -18,16 +18,16 @@ status=0
 } 2>&1 | tee "$OUT/env.txt"
 
 echo "== self-check"
-timeout 180 python3 -m fusedres 2>&1 | tee "$OUT/selfcheck.txt"
+timeout 150 python3 -m fusedres 2>&1 | tee "$OUT/selfcheck.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== kernel roles vs cuDNN"
-timeout 200 python3 benchmarks/layers.py --out "$OUT" 2>&1 | tee "$OUT/layers.log"
+timeout 170 python3 benchmarks/layers.py --out "$OUT" 2>&1 | tee "$OUT/layers.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== tests on CUDA"
 # The offline-compile test is CPU work that CI already does; skip it here to save device time.
-timeout 240 python3 -m pytest tests -q -x -p xdist -n 8 --deselect tests/test_offline_compile.py 2>&1 \
+timeout 200 python3 -m pytest tests -q -x -p xdist -n 8 --deselect tests/test_offline_compile.py 2>&1 \
   | tee "$OUT/pytest.txt" | tail -n 30
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 

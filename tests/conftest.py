@@ -7,6 +7,7 @@ here, at collection time, before any test module imports fusedres.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -37,3 +38,12 @@ def poison(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: nan_fill(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan_fill(real_empty_like(*a, **k)))
+
+
+@pytest.fixture
+def no_tf32() -> Iterator[None]:
+    """Full fp32 products for tests with fixed fp32 tolerances (the kernels follow this flag)."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old

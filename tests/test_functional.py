@@ -101,7 +101,7 @@ def test_needs_input_grad_skips_unneeded_kernels(device):
     assert _runtime.launch_counts["conv_dgrad_kernel"] == before.get("conv_dgrad_kernel", 0)
 
 
-def test_expanded_gradient(device):
+def test_expanded_gradient(device, no_tf32):
     """out.sum().backward() hands backward a stride-0 gradient; the kernels read it through strides."""
     torch.manual_seed(0)
     x = torch.randn(2, 4, 5, 5, device=device, requires_grad=True)

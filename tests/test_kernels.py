@@ -43,7 +43,8 @@ def _act64(x64: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch
 
 def _act_eager(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """What eager PyTorch would hold in ``x.dtype``: the activation rounded to that dtype."""
-    a = torch.relu(x.float() * scale.float()[None, :, None, None] + shift.float()[None, :, None, None])
+    scale, shift = scale.to(x.device, torch.float32), shift.to(x.device, torch.float32)
+    a = torch.relu(x.float() * scale[None, :, None, None] + shift[None, :, None, None])
     return a.to(x.dtype)
 
 
@@ -75,11 +76,12 @@ def test_fprop(poison, device, config, dtype, ksize, stride, pad, prologue, resi
     assert out.shape == ref.shape and out.dtype == dtype
     assert out.is_contiguous(memory_format=cl)
 
-    xe, we = x64.to(dtype), w64.to(dtype)
+    # Eager PyTorch on the same device (cuDNN there: TF32 for fp32 when allowed, like us).
+    xe, we = x64.to(device, dtype), w64.to(device, dtype)
     ae = _act_eager(xe, scale, shift) if prologue else xe
     eager = F.conv2d(ae, we, None, stride, pad)
     if residual:
-        eager = eager + res64.to(dtype)
+        eager = eager + res64.to(device, dtype)
     assert_matches(out, ref, eager, dtype, "fprop output")
 
     # The epilogue's statistics describe the stored output exactly (fp32 sums of its values).
@@ -92,7 +94,7 @@ def test_fprop(poison, device, config, dtype, ksize, stride, pad, prologue, resi
     assert_close64(invstd.double().pow(-2), o64.var((0, 2, 3), unbiased=False), 1e-5, "epilogue var")
 
 
-def test_fprop_accepts_nchw_and_strided_inputs(poison, device):
+def test_fprop_accepts_nchw_and_strided_inputs(poison, device, no_tf32):
     """The kernels address activations through strides: NCHW and sliced tensors work too."""
     g = _gen(2)
     big = torch.randn(2, 2 * C, H, W, generator=g, dtype=torch.float64)
@@ -121,8 +123,8 @@ def test_dgrad(poison, device, config, dtype, ksize, stride, pad, bn_bwd):
     da64 = torch.nn.grad.conv2d_input(x64.shape, w64, dy64, stride, pad)
     mask = (x64 * scale[None, :, None, None] + shift[None, :, None, None]) > 0
     ref = da64 * mask if bn_bwd else da64
-    da_eager = torch.nn.grad.conv2d_input(x64.shape, w64.to(dtype), dy64.to(dtype), stride, pad)
-    eager = da_eager * mask if bn_bwd else da_eager
+    da_eager = torch.nn.grad.conv2d_input(x64.shape, w64.to(device, dtype), dy64.to(device, dtype), stride, pad)
+    eager = da_eager * mask.to(device) if bn_bwd else da_eager
 
     cl = torch.channels_last
     dy = dy64.to(device, dtype).contiguous(memory_format=cl)
@@ -159,8 +161,8 @@ def test_wgrad(poison, device, dtype, ksize, stride, pad, prologue, splits):
     scale, shift = _bn_vectors(C, g)
     a64 = _act64(x64, scale, shift) if prologue else x64
     ref = torch.nn.grad.conv2d_weight(a64, w_shape, dy64, stride, pad)
-    ae = _act_eager(x64.to(dtype), scale, shift) if prologue else x64.to(dtype)
-    eager = torch.nn.grad.conv2d_weight(ae, w_shape, dy64.to(dtype), stride, pad)
+    ae = _act_eager(x64.to(device, dtype), scale, shift) if prologue else x64.to(device, dtype)
+    eager = torch.nn.grad.conv2d_weight(ae, w_shape, dy64.to(device, dtype), stride, pad)
 
     cl = torch.channels_last
     x = x64.to(device, dtype).contiguous(memory_format=cl)
@@ -176,7 +178,7 @@ def test_wgrad(poison, device, dtype, ksize, stride, pad, prologue, splits):
     assert_matches(dw, ref, eager, dtype, "wgrad")
 
 
-def test_wgrad_default_config_and_nchw_weight(poison, device):
+def test_wgrad_default_config_and_nchw_weight(poison, device, no_tf32):
     g = _gen(5)
     x64 = torch.randn(2, C, H, W, generator=g, dtype=torch.float64)
     dy64 = torch.randn(2, K, H, W, generator=g, dtype=torch.float64)
