@@ -27,7 +27,7 @@ timeout 170 python3 benchmarks/layers.py --out "$OUT" 2>&1 | tee "$OUT/layers.lo
 
 echo "== tests on CUDA"
 # The offline-compile test is CPU work that CI already does; skip it here to save device time.
-timeout 200 python3 -m pytest tests -q -x -p xdist -n 8 --deselect tests/test_offline_compile.py 2>&1 \
+timeout 200 python3 -m pytest tests -q -x -n 8 --deselect tests/test_offline_compile.py 2>&1 \
   | tee "$OUT/pytest.txt" | tail -n 30
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
