@@ -44,6 +44,13 @@ def test_matches_pytorch(poison, device, dtype, ksize, stride, pad, residual, tr
     _assert_ok(r, dtype)
 
 
+def test_fp32_without_tf32_is_fp32_exact(poison, device, no_tf32):
+    """With TF32 off the fp32 path is held to the fp32 floor on every device."""
+    r = check_bn_relu_conv2d(n=2, c=19, h=9, w=7, cout=21, ksize=3, stride=2, padding=1, dtype=torch.float32,
+                             device=device, residual=True, steps=2)
+    _assert_ok(r, torch.float32)
+
+
 @pytest.mark.parametrize("affine,running", [(False, True), (True, False), (False, False)],
                          ids=["affine=False", "no-running-stats", "neither"])
 def test_optional_bn_parameters(poison, device, affine, running):

@@ -295,7 +295,7 @@ def test_bn_bwd_apply(poison, device, dtype, training, affine, add):
         )
     assert dx.dtype == dtype and dx.shape == shape
     # One fp32 evaluation rounded once to dtype: within a rounding of the exact result.
-    assert_matches(dx, ref, ref.to(dtype), dtype, "bn backward apply")
+    assert_matches(dx, ref, ref.to(dtype), dtype, "bn backward apply", matmul=False)
 
 
 @pytest.mark.parametrize("allow", [False, True])
