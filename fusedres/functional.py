@@ -13,9 +13,11 @@ otherwise compute the same function with plain PyTorch (:mod:`fusedres.reference
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _runtime
 from .ops import bn as bn_ops
@@ -155,67 +157,160 @@ def kernel_weight(weight: torch.Tensor) -> torch.Tensor:
     return reordered
 
 
-class _BnReluConv2d(torch.autograd.Function):
+@dataclass(frozen=True)
+class StageSpec:
+    """One ``conv(relu(bn(h)))`` stage of a chain: its convolution geometry and BatchNorm mode."""
+
+    stride: int
+    padding: int
+    eps: float
+    momentum: float
+    batch_stats: bool  # normalise with batch statistics (training, or no running statistics)
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    """A chain of stages plus how the last stage's output is shortcut-added.
+
+    ``shortcut``: ``"none"``; ``"residual"`` (a tensor argument, as in :func:`bn_relu_conv2d`);
+    ``"identity"`` (the chain's input x); ``"projection"`` (a 1x1 convolution with stride
+    ``proj_stride`` of the first stage's activation relu(bn1(x)), as in He et al. 2016).
+    """
+
+    stages: tuple[StageSpec, ...]
+    shortcut: str = "none"
+    proj_stride: int = 1
+
+
+_PER_STAGE = 5  # weight, bn_weight, bn_bias, running_mean, running_var
+
+
+class _BnReluConvChain(torch.autograd.Function):
+    """``h_{i+1} = conv_i(relu(bn_i(h_i)))`` for each stage, plus the shortcut, fused.
+
+    Forward: BatchNorm statistics of x by a statistics kernel, of every later stage's input in
+    the previous convolution's epilogue; BN-apply + ReLU in each convolution's prologue; the
+    shortcut added in the last convolution's epilogue. Saved for backward: x, each inner
+    convolution output, the weights and per-channel fp32 statistics — no activation.
+    """
+
     @staticmethod
     def forward(
         ctx: Any,
+        spec: ChainSpec,
         x: torch.Tensor,
-        weight: torch.Tensor,
-        bn_weight: torch.Tensor | None,
-        bn_bias: torch.Tensor | None,
-        running_mean: torch.Tensor | None,
-        running_var: torch.Tensor | None,
         residual: torch.Tensor | None,
-        training: bool,
-        momentum: float,
-        eps: float,
-        stride: int,
-        padding: int,
+        proj_weight: torch.Tensor | None,
+        *stage_tensors: torch.Tensor | None,
     ) -> torch.Tensor:
-        N, C, H, W = x.shape
-        partials = bn_ops.bn_stats(x) if training else None
-        mean, invstd, scale, shift = bn_ops.bn_finalize(
-            partials, N * H * W, bn_weight, bn_bias, running_mean, running_var,
-            training=training, momentum=momentum, eps=eps, channels=C, device=x.device,
-        )
-        out, _ = conv_ops.conv_fprop(
-            x, kernel_weight(weight), stride=stride, padding=padding, scale=scale, shift=shift, residual=residual,
-        )
-        if not _wants_channels_last(x, weight):
-            out = out.contiguous()
-        ctx.save_for_backward(x, weight, bn_weight, mean, invstd, scale, shift)
-        ctx.training = training
-        ctx.stride = stride
-        ctx.padding = padding
-        ctx.has_residual = residual is not None
-        ctx.bias_dtype = bn_bias.dtype if bn_bias is not None else None
-        return out
+        n_stages = len(spec.stages)
+        h = x
+        inputs: list[torch.Tensor] = []
+        per_stage: list[torch.Tensor | None] = []
+        partials = bn_ops.bn_stats(x) if spec.stages[0].batch_stats else None
+        shortcut = None
+        for i, st in enumerate(spec.stages):
+            w, g, b, rm, rv = stage_tensors[_PER_STAGE * i : _PER_STAGE * (i + 1)]
+            N, C, H, W = h.shape
+            mean, invstd, scale, shift = bn_ops.bn_finalize(
+                partials, N * H * W, g, b, rm, rv,
+                training=st.batch_stats, momentum=st.momentum, eps=st.eps, channels=C, device=h.device,
+            )
+            if i == 0:
+                if spec.shortcut == "projection":
+                    shortcut, _ = conv_ops.conv_fprop(
+                        x, kernel_weight(proj_weight), stride=spec.proj_stride, padding=0, scale=scale, shift=shift,
+                    )
+                elif spec.shortcut == "identity":
+                    shortcut = x
+                elif spec.shortcut == "residual":
+                    shortcut = residual
+            last = i == n_stages - 1
+            next_batch_stats = not last and spec.stages[i + 1].batch_stats
+            inputs.append(h)
+            per_stage += [w, g, mean, invstd, scale, shift]
+            h, partials = conv_ops.conv_fprop(
+                h, kernel_weight(w), stride=st.stride, padding=st.padding, scale=scale, shift=shift,
+                residual=shortcut if last else None, stats=next_batch_stats,
+            )
+        if not _wants_channels_last(x, stage_tensors[_PER_STAGE * (n_stages - 1)]):
+            h = h.contiguous()
+        ctx.save_for_backward(*inputs, proj_weight, *per_stage)
+        ctx.spec = spec
+        ctx.bias_dtypes = [
+            t.dtype if t is not None else None for t in stage_tensors[2::_PER_STAGE]
+        ]
+        return h
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, bn_weight, mean, invstd, scale, shift = ctx.saved_tensors
-        need_x, need_w, need_g, need_b = ctx.needs_input_grad[:4]
-        dx = dw = dgamma = dbeta = None
-        if need_x or need_g or need_b:
+        spec: ChainSpec = ctx.spec
+        n_stages = len(spec.stages)
+        saved = ctx.saved_tensors
+        inputs = saved[:n_stages]
+        proj_weight = saved[n_stages]
+        per_stage = saved[n_stages + 1 :]
+        needs = ctx.needs_input_grad
+        need_x, need_res, need_proj = needs[1], needs[2], needs[3]
+        stage_needs = [needs[4 + _PER_STAGE * i : 4 + _PER_STAGE * (i + 1)] for i in range(n_stages)]
+        grads: list[torch.Tensor | None] = [None] * (_PER_STAGE * n_stages)
+        dproj = None
+        dh = dout
+        for i in reversed(range(n_stages)):
+            st = spec.stages[i]
+            w, g, mean, invstd, scale, shift = per_stage[6 * i : 6 * (i + 1)]
+            h = inputs[i]
+            need_w, need_g, need_b = stage_needs[i][:3]
+            if need_w:
+                grads[_PER_STAGE * i] = conv_ops.conv_wgrad(
+                    dh, h, w, stride=st.stride, padding=st.padding, scale=scale, shift=shift,
+                )
+            below = need_x or need_g or need_b or any(any(n[:3]) for n in stage_needs[:i])
+            if i == 0 and spec.shortcut == "projection" and need_proj:
+                dproj = conv_ops.conv_wgrad(
+                    dout, h, proj_weight, stride=spec.proj_stride, padding=0, scale=scale, shift=shift,
+                )
+            if not below:
+                break
+            add = None
+            if i == 0 and spec.shortcut == "projection":
+                add, _ = conv_ops.conv_dgrad(dout, kernel_weight(proj_weight), tuple(h.shape),
+                                             stride=spec.proj_stride, padding=0)
             dz, (psum, psumx) = conv_ops.conv_dgrad(
-                dout, kernel_weight(weight), tuple(x.shape), stride=ctx.stride, padding=ctx.padding,
-                bn=(x, scale, shift, mean, invstd),
+                dh, kernel_weight(w), tuple(h.shape), stride=st.stride, padding=st.padding,
+                bn=(h, scale, shift, mean, invstd), add=add,
             )
             sum_dz, sum_dzx = bn_ops.bn_bwd_reduce(psum, psumx)
-            if need_x:
-                dx = bn_ops.bn_bwd_apply(
-                    dz, x, mean, invstd, bn_weight, sum_dz, sum_dzx, training=ctx.training,
+            if need_g and g is not None:
+                grads[_PER_STAGE * i + 1] = sum_dzx.to(g.dtype)
+            if need_b and ctx.bias_dtypes[i] is not None:
+                grads[_PER_STAGE * i + 2] = sum_dz.to(ctx.bias_dtypes[i])
+            if i > 0 or need_x:
+                identity = i == 0 and spec.shortcut == "identity"
+                dh = bn_ops.bn_bwd_apply(
+                    dz, h, mean, invstd, g, sum_dz, sum_dzx, training=st.batch_stats,
+                    add=dout if identity else None,
                 )
-            if need_g and bn_weight is not None:
-                dgamma = sum_dzx.to(bn_weight.dtype)
-            if need_b and ctx.bias_dtype is not None:
-                dbeta = sum_dz.to(ctx.bias_dtype)
-        if need_w:
-            dw = conv_ops.conv_wgrad(
-                dout, x, weight, stride=ctx.stride, padding=ctx.padding, scale=scale, shift=shift,
-            )
-        dres = dout if ctx.has_residual and ctx.needs_input_grad[6] else None
-        return dx, dw, dgamma, dbeta, None, None, dres, None, None, None, None, None
+        dx = dh if need_x else None
+        dres = dout if spec.shortcut == "residual" and need_res else None
+        return (None, dx, dres, dproj, *grads)
+
+
+def bn_relu_conv_chain(
+    spec: ChainSpec,
+    x: torch.Tensor,
+    stage_tensors: list[torch.Tensor | None],
+    *,
+    residual: torch.Tensor | None = None,
+    proj_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run a validated chain through the fused kernels (see :class:`ChainSpec`).
+
+    ``stage_tensors`` holds, per stage: conv weight, bn weight, bn bias, running mean,
+    running var (the last four may be None). Callers validate shapes, dtypes and devices.
+    """
+    return _BnReluConvChain.apply(spec, x, residual, proj_weight, *stage_tensors)
 
 
 def bn_relu_conv2d(
@@ -267,7 +362,59 @@ def bn_relu_conv2d(
             x, weight, bn_weight, bn_bias, running_mean, running_var, training=training,
             momentum=momentum, eps=eps, stride=stride, padding=padding, residual=residual,
         )
-    return _BnReluConv2d.apply(
-        x, weight, bn_weight, bn_bias, running_mean, running_var, residual,
-        training, float(momentum), float(eps), stride, padding,
+    spec = ChainSpec(
+        (StageSpec(stride, padding, float(eps), float(momentum), training),),
+        shortcut="residual" if residual is not None else "none",
     )
+    return bn_relu_conv_chain(
+        spec, x, [weight, bn_weight, bn_bias, running_mean, running_var], residual=residual
+    )
+
+
+class _BnReluPool(torch.autograd.Function):
+    """``mean over H, W of relu(bn(x))`` — a pre-activation network's head — fused."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        st: StageSpec,
+        x: torch.Tensor,
+        bn_weight: torch.Tensor | None,
+        bn_bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+    ) -> torch.Tensor:
+        N, C, H, W = x.shape
+        partials = bn_ops.bn_stats(x) if st.batch_stats else None
+        mean, invstd, scale, shift = bn_ops.bn_finalize(
+            partials, N * H * W, bn_weight, bn_bias, running_mean, running_var,
+            training=st.batch_stats, momentum=st.momentum, eps=st.eps, channels=C, device=x.device,
+        )
+        ctx.save_for_backward(x, bn_weight, mean, invstd, scale, shift)
+        ctx.st = st
+        ctx.bias_dtype = bn_bias.dtype if bn_bias is not None else None
+        return bn_ops.bn_relu_pool(x, scale, shift)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dpool: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, g, mean, invstd, scale, shift = ctx.saved_tensors
+        dz, psum, psumx = bn_ops.bn_relu_pool_bwd(dpool, x, scale, shift, mean, invstd)
+        sum_dz, sum_dzx = bn_ops.bn_bwd_reduce(psum, psumx)
+        dx = bn_ops.bn_bwd_apply(dz, x, mean, invstd, g, sum_dz, sum_dzx, training=ctx.st.batch_stats)
+        dg = sum_dzx.to(g.dtype) if g is not None and ctx.needs_input_grad[2] else None
+        db = sum_dz.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[3] else None
+        return None, dx, dg, db, None, None
+
+
+def bn_relu_avgpool(
+    st: StageSpec,
+    x: torch.Tensor,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+) -> torch.Tensor:
+    """``relu(batch_norm(x)).mean((2, 3))`` through the fused kernels; ``st`` gives the BatchNorm
+    mode (its convolution fields are unused). Callers validate the inputs."""
+    return _BnReluPool.apply(st, x, bn_weight, bn_bias, running_mean, running_var)

@@ -143,3 +143,69 @@ def check_bn_relu_conv2d(
         result.fused[k] = rel_error(fused[k], r)
         result.eager[k] = rel_error(eager[k], r)
     return result
+
+
+def set_fused(model: torch.nn.Module, fused: bool) -> torch.nn.Module:
+    """Switch every fusedres block (and network head) in ``model`` to the fused or eager path."""
+    for m in model.modules():
+        if hasattr(m, "fused"):
+            m.fused = fused
+    return model
+
+
+def check_module(
+    model: torch.nn.Module,
+    input_shape: tuple[int, ...],
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    steps: int = 2,
+    eval_after: bool = True,
+    channels_last: bool = True,
+    seed: int = 0,
+) -> CaseResult:
+    """Train ``model`` (fused) for ``steps`` forward/backward passes, then run it in eval, and
+    compare outputs, input and parameter gradients, and buffers (running statistics,
+    ``num_batches_tracked``) with its eager twin in float64; the eager twin in ``dtype`` gives
+    PyTorch's own error."""
+    import copy
+
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    inputs = [torch.randn(input_shape, generator=gen, dtype=torch.float64).to(dtype).double() for _ in range(steps + 1)]
+    base = copy.deepcopy(model).train()
+
+    def run(fused: bool, dt: torch.dtype, dev: torch.device) -> dict[str, torch.Tensor]:
+        m = set_fused(copy.deepcopy(base), fused)
+        m = m.to(dev, dt)
+        if channels_last:
+            m = m.to(memory_format=torch.channels_last)
+        outs: dict[str, torch.Tensor] = {}
+        g = torch.Generator().manual_seed(seed + 1)
+        for i in range(steps):
+            m.zero_grad(set_to_none=True)
+            x = inputs[i].to(dev, dt, copy=True).contiguous(memory_format=fmt).requires_grad_()
+            y = m(x)
+            dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dt)
+            y.backward(dy.to(dev).contiguous(memory_format=fmt) if y.dim() == 4 else dy.to(dev))
+            outs[f"out{i}"] = y.detach()
+        outs["grad_input"] = x.grad
+        for name, p in m.named_parameters():
+            outs[f"grad {name}"] = p.grad
+        if eval_after:
+            m.eval()
+            with torch.no_grad():
+                outs["eval_out"] = m(inputs[steps].to(dev, dt).contiguous(memory_format=fmt))
+        for name, b in m.named_buffers():
+            outs[f"buffer {name}"] = b.detach().to(torch.float64)
+        return outs
+
+    ref = run(False, torch.float64, torch.device("cpu"))
+    fused = run(True, dtype, device)
+    eager = run(False, dtype, device)
+    result = CaseResult(device)
+    for k, r in ref.items():
+        result.fused[k] = rel_error(fused[k], r)
+        result.eager[k] = rel_error(eager[k], r)
+    return result

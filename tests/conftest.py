@@ -19,6 +19,12 @@ import pytest  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    """Every test starts from the same global RNG state: module initialisations are reproducible."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def device() -> torch.device:
     """Where the fused kernels run: the GPU when there is one, else the CPU (interpreter)."""

@@ -109,7 +109,8 @@ def test_fprop_accepts_nchw_and_strided_inputs(poison, device, no_tf32):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("ksize,stride,pad", GEOMETRIES, ids=GEOMETRY_IDS)
 @pytest.mark.parametrize("bn_bwd", [False, True], ids=["plain", "bn-relu-bwd"])
-def test_dgrad(poison, device, config, dtype, ksize, stride, pad, bn_bwd):
+@pytest.mark.parametrize("add", [False, True], ids=["noadd", "add"])
+def test_dgrad(poison, device, config, dtype, ksize, stride, pad, bn_bwd, add):
     g = _gen(3)
     x64 = rounded(torch.randn(N, C, H, W, generator=g, dtype=torch.float64) + 0.2, dtype)
     w64 = rounded(torch.randn(K, C, ksize, ksize, generator=g, dtype=torch.float64) * 0.2, dtype)
@@ -120,10 +121,15 @@ def test_dgrad(poison, device, config, dtype, ksize, stride, pad, bn_bwd):
     mean = x64.mean((0, 2, 3)).float().double()
     invstd = (x64.var((0, 2, 3)) + 1e-5).rsqrt().float().double()
 
+    add64 = rounded(torch.randn(x64.shape, generator=g, dtype=torch.float64), dtype) if add else None
     da64 = torch.nn.grad.conv2d_input(x64.shape, w64, dy64, stride, pad)
+    if add:
+        da64 = da64 + add64
     mask = (x64 * scale[None, :, None, None] + shift[None, :, None, None]) > 0
     ref = da64 * mask if bn_bwd else da64
     da_eager = torch.nn.grad.conv2d_input(x64.shape, w64.to(device, dtype), dy64.to(device, dtype), stride, pad)
+    if add:
+        da_eager = da_eager + add64.to(device, dtype)
     eager = da_eager * mask.to(device) if bn_bwd else da_eager
 
     cl = torch.channels_last
@@ -133,7 +139,10 @@ def test_dgrad(poison, device, config, dtype, ksize, stride, pad, bn_bwd):
     f32 = {"device": device, "dtype": torch.float32}
     bn = (x, scale.to(**f32), shift.to(**f32), mean.to(**f32), invstd.to(**f32)) if bn_bwd else None
     with launched("conv_dgrad_kernel"):
-        dz, partials = conv_ops.conv_dgrad(dy, w, tuple(x.shape), stride=stride, padding=pad, bn=bn, config=config)
+        dz, partials = conv_ops.conv_dgrad(
+            dy, w, tuple(x.shape), stride=stride, padding=pad, bn=bn, config=config,
+            add=add64.to(device, dtype).contiguous(memory_format=cl) if add else None,
+        )
     assert dz.shape == x.shape and dz.dtype == dtype
     assert_matches(dz, ref, eager, dtype, "dgrad")
 

@@ -181,6 +181,63 @@ def bn_bwd_apply_kernel(
     tl.store(dx_ptr + (n * son + h * soh + w * sow)[:, None] + c64 * soc, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def bn_relu_pool_kernel(
+    x_ptr, scale_ptr, shift_ptr, out_ptr, HW, W, C,
+    sxn, sxc, sxh, sxw, son, soc,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out[n, c] = mean over pixels of relu(x[n, c] * scale[c] + shift[c]) (global average pool)."""
+    n = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
+    sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for p0 in range(0, HW, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask = (p < HW)[:, None] & c_ok[None, :]
+        ptrs = x_ptr + n * sxn + ((p // W).to(tl.int64) * sxh + (p % W).to(tl.int64) * sxw)[:, None] \
+            + offs_c.to(tl.int64)[None, :] * sxc
+        v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(tl.where(mask, tl.maximum(v * sc[None, :] + sh[None, :], 0.0), 0.0), axis=0)
+    tl.store(out_ptr + n * son + offs_c * soc, (acc / HW).to(out_ptr.dtype.element_ty), mask=c_ok)
+
+
+@triton.jit
+def bn_relu_pool_bwd_kernel(
+    dp_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, dz_ptr, psum_ptr, psumx_ptr,
+    H, W, C, M,
+    sdn, sdc, sxn, sxc, sxh, sxw, szn, szc, szh, szw,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dz = dpool[n, c] / (H*W) * (x*scale + shift > 0), stored, with per-tile sums of dz and dz*xhat."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_ok = offs_m < M
+    c_ok = offs_c < C
+    w = (offs_m % W).to(tl.int64)
+    t = offs_m // W
+    h = (t % H).to(tl.int64)
+    n = (t // H).to(tl.int64)
+    c64 = offs_c.to(tl.int64)[None, :]
+    mask = m_ok[:, None] & c_ok[None, :]
+    x = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + c64 * sxc, mask=mask, other=0.0).to(tl.float32)
+    dp = tl.load(dp_ptr + (n * sdn)[:, None] + c64 * sdc, mask=mask, other=0.0).to(tl.float32)
+    sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
+    sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
+    keep = mask & (x * sc[None, :] + sh[None, :] > 0.0)
+    dz = tl.where(keep, dp / (H * W), 0.0).to(dz_ptr.dtype.element_ty)
+    tl.store(dz_ptr + (n * szn + h * szh + w * szw)[:, None] + c64 * szc, dz, mask=mask)
+    dzf = dz.to(tl.float32)
+    mu = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
+    inv = tl.load(invstd_ptr + offs_c, mask=c_ok, other=0.0)
+    xhat = (x - mu[None, :]) * inv[None, :]
+    tl.store(psum_ptr + pid_m * C + offs_c, tl.sum(dzf, axis=0), mask=c_ok)
+    tl.store(psumx_ptr + pid_m * C + offs_c, tl.sum(tl.where(mask, dzf * xhat, 0.0), axis=0), mask=c_ok)
+
+
 def bn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-tile statistics partials of each channel of ``x`` (see the module docstring)."""
     N, C, H, W = x.shape
@@ -283,3 +340,41 @@ def bn_bwd_apply(
         BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
     )
     return dx
+
+
+def bn_relu_pool(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Global average pool of relu(x*scale + shift): ``(N, C)`` in x's dtype."""
+    N, C, H, W = x.shape
+    out = torch.empty((N, C), device=x.device, dtype=x.dtype)
+    cfg = STATS_CONFIG
+    launch(
+        bn_relu_pool_kernel, (N, triton.cdiv(C, cfg.block_c)),
+        x, scale, shift, out, H * W, W, C,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3), out.stride(0), out.stride(1),
+        BLOCK_P=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+    )
+    return out
+
+
+def bn_relu_pool_bwd(
+    dpool: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+    mean: torch.Tensor, invstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dz, psum, psumx)``: the gradient at the BatchNorm output through pool and ReLU, with
+    the per-tile partial sums that :func:`bn_bwd_reduce` turns into the BatchNorm-backward sums."""
+    N, C, H, W = x.shape
+    cfg = STATS_CONFIG
+    M = N * H * W
+    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(C, cfg.block_c))
+    dz = torch.empty((N, C, H, W), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    psum = torch.empty((grid[0], C), device=x.device, dtype=torch.float32)
+    psumx = torch.empty_like(psum)
+    launch(
+        bn_relu_pool_bwd_kernel, grid,
+        dpool, x, scale, shift, mean, invstd, dz, psum, psumx, H, W, C, M,
+        dpool.stride(0), dpool.stride(1),
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        dz.stride(0), dz.stride(1), dz.stride(2), dz.stride(3),
+        BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+    )
+    return dz, psum, psumx

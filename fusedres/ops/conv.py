@@ -109,18 +109,20 @@ def conv_fprop_kernel(
 
 @triton.jit
 def conv_dgrad_kernel(
-    dy_ptr, w_ptr, dz_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, psum_ptr, psumx_ptr,
+    dy_ptr, w_ptr, dz_ptr, x_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, psum_ptr, psumx_ptr,
     H, W, C, OH, OW, K, M,
     sdn, sdk, sdh, sdw,
     swk, swc, swr, sws,
     szn, szc, szh, szw,
     sxn, sxc, sxh, sxw,
+    san, sac, sah, saw,
     STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
-    BN_BWD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BN_BWD: tl.constexpr, HAS_ADD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """da[m, c] = sum_{r,s,k} dy[pixel(m) - tap(r,s), k] * w[k, c, r, s] over input pixels m.
 
+    HAS_ADD adds another gradient of the same activation first (the projection shortcut's).
     With BN_BWD the epilogue applies the ReLU mask recomputed from the pre-BN input x,
     stores dz = da * (x*scale + shift > 0) and writes per-tile sums of dz and dz * xhat.
     """
@@ -170,6 +172,9 @@ def conv_dgrad_kernel(
     ih64 = ih.to(tl.int64)
     iw64 = iw.to(tl.int64)
     z_ptrs = dz_ptr + (n * szn + ih64 * szh + iw64 * szw)[:, None] + offs_n.to(tl.int64)[None, :] * szc
+    if HAS_ADD:
+        a_ptrs = add_ptr + (n * san + ih64 * sah + iw64 * saw)[:, None] + offs_n.to(tl.int64)[None, :] * sac
+        acc += tl.load(a_ptrs, mask=mask, other=0.0).to(tl.float32)
     if BN_BWD:
         x_ptrs = x_ptr + (n * sxn + ih64 * sxh + iw64 * sxw)[:, None] + offs_n.to(tl.int64)[None, :] * sxc
         xv = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -349,13 +354,15 @@ def conv_dgrad(
     stride: int,
     padding: int,
     bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    add: torch.Tensor | None = None,
     config: ConvConfig | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Gradient of the convolution with respect to its (activated) input.
 
     ``bn = (x, scale, shift, mean, invstd)`` turns on the BatchNorm-ReLU epilogue: the
     result is then dz = da * relu'(x*scale + shift), and the second return value holds
-    per-tile partial sums (sum dz, sum dz*xhat), each (tiles, Cin) fp32.
+    per-tile partial sums (sum dz, sum dz*xhat), each (tiles, Cin) fp32. ``add`` (shaped like
+    the input) is added to the gradient before the epilogue.
     """
     N, C, H, W = input_shape
     K, _, R, S = weight.shape
@@ -371,16 +378,18 @@ def conv_dgrad(
     else:
         x = dz
         scale = shift = mean = invstd = psum = psumx = dz
+    a = add if add is not None else dz
     launch(
         conv_dgrad_kernel, grid,
-        dy, weight, dz, x, scale, shift, mean, invstd, psum, psumx,
+        dy, weight, dz, x, a, scale, shift, mean, invstd, psum, psumx,
         H, W, C, OH, OW, K, M,
         dy.stride(0), dy.stride(1), dy.stride(2), dy.stride(3),
         weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
         dz.stride(0), dz.stride(1), dz.stride(2), dz.stride(3),
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        a.stride(0), a.stride(1), a.stride(2), a.stride(3),
         STRIDE=stride, PAD=padding, R=R, S=S,
-        BN_BWD=bn is not None, INPUT_PRECISION=input_precision(dy.dtype),
+        BN_BWD=bn is not None, HAS_ADD=add is not None, INPUT_PRECISION=input_precision(dy.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -1,0 +1,151 @@
+"""Pre-activation residual blocks (He et al. 2016, "Identity Mappings in Deep Residual Networks").
+
+The modules only hold parameters (real ``nn.BatchNorm2d`` / ``nn.Conv2d`` submodules, named
+as in the most widely used PyTorch pre-activation code, so checkpoints load both ways) and
+call the fused chain of :mod:`fusedres.functional`. With ``fused=False``, or on a device the
+Triton kernels don't run on, they compute the same function with those submodules in eager
+PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _runtime
+from .functional import ChainSpec, StageSpec, bn_relu_conv_chain
+
+
+def bn_batch_stats_and_momentum(bn: nn.BatchNorm2d) -> tuple[bool, float, torch.Tensor | None, torch.Tensor | None]:
+    """What ``nn.BatchNorm2d.forward`` would do this call: whether it normalises with batch
+    statistics, the running-average factor, and the running buffers to use (or None).
+
+    Like the module itself, it increments ``num_batches_tracked`` in training.
+    """
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    use_running = not bn.training or bn.track_running_stats
+    rm = bn.running_mean if use_running else None
+    rv = bn.running_var if use_running else None
+    return batch_stats, float(factor), rm, rv
+
+
+class _PreActBlock(nn.Module):
+    """Common forward of the pre-activation blocks: a chain of bn-relu-conv stages and a shortcut."""
+
+    expansion = 1
+    in_channels: int
+    out_channels: int
+    #: (bn, conv) submodule names of each stage, in order.
+    _stage_names: tuple[tuple[str, str], ...] = ()
+
+    def _stages(self) -> list[tuple[nn.BatchNorm2d, nn.Conv2d]]:
+        return [(getattr(self, b), getattr(self, c)) for b, c in self._stage_names]
+
+    def _make_shortcut(self, in_channels: int, out_channels: int, stride: int) -> None:
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False))
+
+    def _check(self, x: torch.Tensor) -> None:
+        name = type(self).__name__
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: input must be a tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name}: input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"{name}: expected {self.in_channels} input channels, got {x.shape[1]} "
+                             f"(input shape {tuple(x.shape)})")
+        for pname, p in self.named_parameters():
+            if p.device != x.device:
+                raise ValueError(f"{name}: parameter {pname} is on {p.device} but the input is on {x.device}")
+        for bn, conv in self._stages():
+            if conv.weight.dtype != x.dtype:
+                raise TypeError(f"{name}: input dtype {x.dtype} differs from the convolution weights' "
+                                f"dtype {conv.weight.dtype}")
+            if bn.weight is not None and bn.weight.dtype not in (torch.float32, x.dtype):
+                raise TypeError(f"{name}: BatchNorm parameters must be float32 or {x.dtype}, got {bn.weight.dtype}")
+        if self.training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+            raise ValueError(f"{name}: expected more than 1 value per channel when training, "
+                             f"got input size {tuple(x.shape)}")
+
+    def forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function with the submodules in plain PyTorch (the ``fused=False`` path)."""
+        stages = self._stages()
+        bn, conv = stages[0]
+        a = F.relu(bn(x))
+        shortcut = self.shortcut(a) if hasattr(self, "shortcut") else x
+        h = conv(a)
+        for bn, conv in stages[1:]:
+            h = conv(F.relu(bn(h)))
+        return h + shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        if not self.fused or not _runtime.triton_enabled(x.device):
+            return self.forward_eager(x)
+        specs, tensors = [], []
+        for bn, conv in self._stages():
+            batch_stats, momentum, rm, rv = bn_batch_stats_and_momentum(bn)
+            specs.append(StageSpec(conv.stride[0], conv.padding[0], bn.eps, momentum, batch_stats))
+            tensors += [conv.weight, bn.weight, bn.bias, rm, rv]
+        proj = self.shortcut[0] if hasattr(self, "shortcut") else None
+        spec = ChainSpec(
+            tuple(specs),
+            shortcut="projection" if proj is not None else "identity",
+            proj_stride=proj.stride[0] if proj is not None else 1,
+        )
+        return bn_relu_conv_chain(spec, x, tensors, proj_weight=proj.weight if proj is not None else None)
+
+
+class PreActBasicBlock(_PreActBlock):
+    """bn-relu-conv3x3(stride) → bn-relu-conv3x3, plus x (or a 1x1 projection of relu(bn1(x))).
+
+    Args:
+        in_channels: channels of the input.
+        channels: channels of both convolutions and of the output.
+        stride: stride of the first convolution and of the projection shortcut.
+        fused: compute with the fused Triton kernels (True) or the submodules in eager PyTorch.
+    """
+
+    expansion = 1
+    _stage_names = (("bn1", "conv1"), ("bn2", "conv2"))
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, *, fused: bool = True) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.fused = in_channels, channels, fused
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self._make_shortcut(in_channels, channels, stride)
+
+
+
+class PreActBottleneck(_PreActBlock):
+    """bn-relu-conv1x1 → bn-relu-conv3x3(stride) → bn-relu-conv1x1(×4), plus the shortcut.
+
+    Args:
+        in_channels: channels of the input.
+        channels: channels of the inner convolutions; the output has ``4 * channels``.
+        stride: stride of the 3x3 convolution and of the projection shortcut.
+        fused: compute with the fused Triton kernels (True) or the submodules in eager PyTorch.
+    """
+
+    expansion = 4
+    _stage_names = (("bn1", "conv1"), ("bn2", "conv2"), ("bn3", "conv3"))
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, *, fused: bool = True) -> None:
+        super().__init__()
+        out = self.expansion * channels
+        self.in_channels, self.out_channels, self.fused = in_channels, out, fused
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, channels, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, stride, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(channels)
+        self.conv3 = nn.Conv2d(channels, out, 1, bias=False)
+        self._make_shortcut(in_channels, out, stride)
