@@ -32,6 +32,12 @@ def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+# The fp32 tests below hold blocks and networks to full fp32 (no_tf32): with batches of two
+# and 2x2 images in the last stage, BatchNorm's backward amplifies TF32's 10-bit products into
+# 1e-2..1e-1 gradient errors (seen on an H200 for eager and fused alike). TF32 itself is
+# checked per kernel and for the functional op.
+
+
 def _assert_ok(result, dtype=torch.float32):
     bad = result.failures(dtype)
     assert not bad, "; ".join(bad)
@@ -51,7 +57,7 @@ BLOCK_IDS = ["basic-identity", "basic-proj-s1", "basic-proj-s2", "bottleneck-ide
 
 
 @pytest.mark.parametrize("cls,cin,ch,stride", BLOCK_CASES, ids=BLOCK_IDS)
-def test_block_matches_eager_twin(poison, device, cls, cin, ch, stride):
+def test_block_matches_eager_twin(poison, device, no_tf32, cls, cin, ch, stride):
     block = _randomize_bn(cls(cin, ch, stride))
     assert hasattr(block, "shortcut") == (stride != 1 or cin != ch * cls.expansion)
     # Odd 9x7 image, three training steps (running statistics), then eval.
@@ -87,7 +93,7 @@ def test_block_low_precision(poison, device, dtype, cls):
 
 
 @pytest.mark.parametrize("variant", ["momentum=None", "no-running-stats", "affine=False", "nchw"])
-def test_block_batchnorm_variants(poison, device, variant):
+def test_block_batchnorm_variants(poison, device, no_tf32, variant):
     if variant == "affine=False":
         block = PreActBasicBlock(6, 8, 2)
         for name in ("bn1", "bn2"):
@@ -106,7 +112,7 @@ def test_block_batchnorm_variants(poison, device, variant):
     _assert_ok(r)
 
 
-def test_train_eval_train(poison, device):
+def test_train_eval_train(poison, device, no_tf32):
     """Switching modes keeps the twin's semantics: eval uses the running statistics and leaves them alone."""
     torch.manual_seed(0)
     fused = _randomize_bn(PreActBasicBlock(6, 6)).to(device)
@@ -179,14 +185,14 @@ def test_saved_bytes_at_most_60_percent_of_eager(device, cls, cin, ch):
     assert ratio <= 0.6
 
 
-def test_preact_resnet20_matches_twin(poison, device):
+def test_preact_resnet20_matches_twin(poison, device, no_tf32):
     model = _randomize_bn(preact_resnet(20, num_classes=10))
     with launched("bn_relu_pool_kernel", "bn_relu_pool_bwd_kernel", *CHAIN_KERNELS):
         r = check_module(model, (2, 3, 8, 8), dtype=torch.float32, device=device, steps=2)
     _assert_ok(r)
 
 
-def test_preact_resnet_bottleneck_small(poison, device):
+def test_preact_resnet_bottleneck_small(poison, device, no_tf32):
     model = _randomize_bn(preact_resnet(11, num_classes=5, block="bottleneck"))
     _assert_ok(check_module(model, (2, 3, 8, 8), dtype=torch.float32, device=device, steps=2))
 
