@@ -127,7 +127,9 @@ def test_expanded_gradient(device, no_tf32):
     cout=st.integers(1, 20), ksize=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]),
     residual=st.booleans(), training=st.booleans(), seed=st.integers(0, 2**16),
 )
-def test_random_shapes(device, n, c, h, w, cout, ksize, stride, residual, training, seed):
+def test_random_shapes(device, no_tf32, n, c, h, w, cout, ksize, stride, residual, training, seed):
+    # Full fp32: shapes down to 1x1x1x2 make BatchNorm sums of two terms, where TF32's 10-bit
+    # products alone exceed any fixed floor (seen on an H200). TF32 is checked in test_matches_pytorch.
     pad = ksize // 2
     if training and n * h * w == 1:
         return  # refused, as in PyTorch (tested in test_errors)

@@ -44,11 +44,12 @@ def _gemm_config(gemm_n: int, reduce_c: int, dtype: torch.dtype) -> ConvConfig:
     """Tile for a GEMM whose N dimension is ``gemm_n`` channels and whose K is built of
     ``reduce_c``-channel slices (times the kernel taps)."""
     wide = dtype == torch.float32
-    block_n = _pow2_clamp(gemm_n, 16, 128)
+    block_n = _pow2_clamp(gemm_n, 16, 64 if wide else 128)
     block_k = _pow2_clamp(reduce_c, 16, 32 if wide else 64)
-    block_m = 128
+    # fp32 tiles hold twice the registers: 128x128 (and 128x64 on sm_80) spilled; 64-row tiles don't.
+    block_m = 64 if wide else 128
     # 128x64 tiles at 4 warps spill on sm_80-89 (255 registers: the prologue's address math).
-    num_warps = 8 if block_n >= 64 else 4
+    num_warps = 8 if (block_n >= 64 and not wide) else 4
     # fp32 tiles take twice the shared memory: two stages keep sm_86/sm_89 (99 KB) in reach.
     num_stages = 2 if (wide and block_n >= 64) else 3
     return ConvConfig(block_m, block_n, block_k, num_warps, num_stages)

@@ -154,12 +154,15 @@ def _conv_launchers(dtype: torch.dtype, cfg: ConvConfig, stride: int) -> dict[st
     """Per conv role, a call of its launcher with every fusion on."""
     ohw = conv.conv_out_size(_HW, _KSIZE, stride, _PAD)
     x, dy, res = _act(_C, _HW, dtype), _act(_C, ohw, dtype), _act(_C, ohw, dtype)
+    res_in = _act(_C, _HW, dtype)  # the projection shortcut's gradient, added in dgrad's epilogue
     w = torch.empty((_C, _C, _KSIZE, _KSIZE), dtype=dtype).to(memory_format=torch.channels_last)
     scale, shift, mean, invstd = _vec(), _vec(), _vec(), _vec()
     geom: dict[str, Any] = {"stride": stride, "padding": _PAD, "config": cfg}
     return {
         "fprop": lambda: conv.conv_fprop(x, w, scale=scale, shift=shift, residual=res, stats=True, **geom),
-        "dgrad": lambda: conv.conv_dgrad(dy, w, tuple(x.shape), bn=(x, scale, shift, mean, invstd), **geom),
+        "dgrad": lambda: conv.conv_dgrad(
+            dy, w, tuple(x.shape), bn=(x, scale, shift, mean, invstd), add=res_in, **geom
+        ),
         "wgrad": lambda: conv.conv_wgrad(dy, x, w, scale=scale, shift=shift, splits=_SPLITS, **geom),
     }
 
@@ -188,6 +191,8 @@ def _bn_launchers(dtype: torch.dtype) -> list[Callable[[], object]]:
         ),
         lambda: bn.bn_bwd_reduce(partials[0], partials[1]),
         lambda: bn.bn_bwd_apply(dz, x, mean, invstd, weight, s, sx, training=True, add=add),
+        lambda: bn.bn_relu_pool(x, mean, invstd),
+        lambda: bn.bn_relu_pool_bwd(torch.empty((_N, _C), dtype=dtype), x, s, sx, mean, invstd),
     ]
 
 
