@@ -3,7 +3,19 @@
 from . import functional, models
 from ._runtime import launch_counts
 from .blocks import PreActBasicBlock, PreActBottleneck
+from .convert import convert
 from .functional import bn_relu_conv2d
+from .resnet import BasicBlock, Bottleneck
 
-__all__ = ["PreActBasicBlock", "PreActBottleneck", "bn_relu_conv2d", "functional", "launch_counts", "models"]
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "PreActBasicBlock",
+    "PreActBottleneck",
+    "bn_relu_conv2d",
+    "convert",
+    "functional",
+    "launch_counts",
+    "models",
+]
 __version__ = "0.1.0"

@@ -418,3 +418,160 @@ def bn_relu_avgpool(
     """``relu(batch_norm(x)).mean((2, 3))`` through the fused kernels; ``st`` gives the BatchNorm
     mode (its convolution fields are unused). Callers validate the inputs."""
     return _BnReluPool.apply(st, x, bn_weight, bn_bias, running_mean, running_var)
+
+
+@dataclass(frozen=True)
+class PostActSpec:
+    """A post-activation (torchvision) residual block:
+    ``relu(bn_L(conv_L(... relu(bn_1(conv_1(x))) ...)) + shortcut)``.
+
+    ``convs`` holds each convolution's (stride, padding); ``bns`` each BatchNorm's mode, in
+    order (one per convolution); ``downsample`` the (stride, BatchNorm mode) of a
+    conv1x1 + BatchNorm shortcut, or None for the identity or an externally computed shortcut.
+    """
+
+    convs: tuple[tuple[int, int], ...]
+    bns: tuple[StageSpec, ...]
+    downsample: tuple[int, StageSpec] | None = None
+
+
+_PER_BN = 4  # weight, bias, running_mean, running_var
+
+
+class _PostActBlock(torch.autograd.Function):
+    """A torchvision BasicBlock/Bottleneck with batch or running statistics, fused.
+
+    Each convolution's epilogue gathers the statistics of its output; the next convolution
+    applies that BatchNorm and the ReLU while loading; one elementwise pass closes the block
+    with relu(bn(y) + shortcut). Saved: x, each convolution output (and the downsample
+    output), the weights and per-channel fp32 statistics — no activation.
+
+    ``tensors``: the n convolution weights, then (weight, bias, running_mean, running_var) of
+    the n BatchNorms, then — with a downsample — its conv weight and its BatchNorm's four.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        spec: PostActSpec,
+        x: torch.Tensor,
+        shortcut: torch.Tensor | None,
+        *tensors: torch.Tensor | None,
+    ) -> torch.Tensor:
+        n = len(spec.convs)
+        weights = tensors[:n]
+        bn_t = [tensors[n + _PER_BN * i : n + _PER_BN * (i + 1)] for i in range(n)]
+        fins: list[tuple[torch.Tensor, ...]] = []  # (mean, invstd, scale, shift) per BatchNorm
+
+        def finalize(partials, h: torch.Tensor, st: StageSpec, bn: tuple) -> tuple[torch.Tensor, ...]:
+            N, C, H, W = h.shape
+            fin = bn_ops.bn_finalize(partials, N * H * W, *bn, training=st.batch_stats, momentum=st.momentum,
+                                     eps=st.eps, channels=C, device=h.device)
+            fins.append(fin)
+            return fin
+
+        ys: list[torch.Tensor] = []
+        h, scale, shift = x, None, None
+        for i, (stride, pad) in enumerate(spec.convs):
+            h, partials = conv_ops.conv_fprop(
+                h, kernel_weight(weights[i]), stride=stride, padding=pad, scale=scale, shift=shift,
+                stats=spec.bns[i].batch_stats,
+            )
+            ys.append(h)
+            _, _, scale, shift = finalize(partials, h, spec.bns[i], bn_t[i])
+        r, r_affine = (shortcut if shortcut is not None else x), ()
+        ds_w = None
+        if spec.downsample is not None:
+            ds_stride, ds_st = spec.downsample
+            ds_w, ds_bn = tensors[n + _PER_BN * n], tensors[n + _PER_BN * n + 1 :]
+            r, ds_partials = conv_ops.conv_fprop(x, kernel_weight(ds_w), stride=ds_stride, padding=0,
+                                                 stats=ds_st.batch_stats)
+            r_affine = finalize(ds_partials, r, ds_st, ds_bn)[2:]
+            bn_t.append(ds_bn)
+        out = bn_ops.bn_add_relu(h, r, scale, shift, *r_affine)
+        if not _wants_channels_last(x, weights[-1]):
+            out = out.contiguous()
+        r_saved = r if (spec.downsample is not None or shortcut is not None) else None
+        ctx.save_for_backward(x, r_saved, ds_w, *ys, *weights, *(bn[0] for bn in bn_t),
+                              *(t for fin in fins for t in fin))
+        ctx.spec = spec
+        ctx.bias_dtypes = [bn[1].dtype if bn[1] is not None else None for bn in bn_t]
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        spec: PostActSpec = ctx.spec
+        n = len(spec.convs)
+        has_ds = spec.downsample is not None
+        saved = ctx.saved_tensors
+        x, r_saved, ds_w = saved[:3]
+        ys = saved[3 : 3 + n]
+        weights = saved[3 + n : 3 + 2 * n]
+        n_bn = n + has_ds
+        gammas = saved[3 + 2 * n : 3 + 2 * n + n_bn]
+        flat = saved[3 + 2 * n + n_bn :]
+        fins = [flat[4 * i : 4 * (i + 1)] for i in range(n_bn)]  # (mean, invstd, scale, shift)
+        needs = ctx.needs_input_grad
+        grads: list[torch.Tensor | None] = [None] * (n + _PER_BN * n + (1 + _PER_BN) * has_ds)
+
+        def bn_backward(i: int, dz: torch.Tensor, h: torch.Tensor, s: torch.Tensor, sx: torch.Tensor,
+                        st: StageSpec) -> torch.Tensor:
+            """BatchNorm i's parameter gradients into ``grads``; returns the gradient at its input."""
+            g_slot = n + _PER_BN * i if i < n else n + _PER_BN * n + 1
+            if gammas[i] is not None:
+                grads[g_slot] = sx.to(gammas[i].dtype)
+            if ctx.bias_dtypes[i] is not None:
+                grads[g_slot + 1] = s.to(ctx.bias_dtypes[i])
+            mean, inv = fins[i][0], fins[i][1]
+            return bn_ops.bn_bwd_apply(dz, h, mean, inv, gammas[i], s, sx, training=st.batch_stats)
+
+        r = r_saved if r_saved is not None else x
+        mean_l, inv_l, s_l, b_l = fins[n - 1]
+        r_bn = (fins[n][2], fins[n][3], fins[n][0], fins[n][1]) if has_ds else None
+        g, psum, psumy, psumr = bn_ops.bn_add_relu_bwd(dout, ys[-1], r, s_l, b_l, mean_l, inv_l, r_bn)
+        s, sx = bn_ops.bn_bwd_reduce(psum, psumy)
+        dh = bn_backward(n - 1, g, ys[-1], s, sx, spec.bns[n - 1])
+        dx_add = None
+        if has_ds:
+            ds_stride, ds_st = spec.downsample
+            s_r, sx_r = bn_ops.bn_bwd_reduce(psum, psumr)
+            dd = bn_backward(n, g, r_saved, s_r, sx_r, ds_st)
+            grads[n + _PER_BN * n] = conv_ops.conv_wgrad(dd, x, ds_w, stride=ds_stride, padding=0)
+            if needs[1]:
+                dx_add, _ = conv_ops.conv_dgrad(dd, kernel_weight(ds_w), tuple(x.shape), stride=ds_stride,
+                                                padding=0)
+        elif needs[1] and r_saved is None:
+            dx_add = g  # identity shortcut
+        for i in reversed(range(n)):
+            stride, pad = spec.convs[i]
+            h_in = x if i == 0 else ys[i - 1]
+            scale, shift = (fins[i - 1][2], fins[i - 1][3]) if i > 0 else (None, None)
+            grads[i] = conv_ops.conv_wgrad(dh, h_in, weights[i], stride=stride, padding=pad, scale=scale, shift=shift)
+            if i > 0:
+                dz, (ps, psx) = conv_ops.conv_dgrad(
+                    dh, kernel_weight(weights[i]), tuple(h_in.shape), stride=stride, padding=pad,
+                    bn=(h_in, scale, shift, fins[i - 1][0], fins[i - 1][1]),
+                )
+                s, sx = bn_ops.bn_bwd_reduce(ps, psx)
+                dh = bn_backward(i - 1, dz, h_in, s, sx, spec.bns[i - 1])
+            elif needs[1]:
+                dh, _ = conv_ops.conv_dgrad(dh, kernel_weight(weights[0]), tuple(x.shape), stride=stride,
+                                            padding=pad, add=dx_add)
+        dx = dh if needs[1] else None
+        dshortcut = g if r_saved is not None and not has_ds and needs[2] else None
+        return (None, dx, dshortcut, *grads)
+
+
+def post_act_block(
+    spec: PostActSpec,
+    x: torch.Tensor,
+    tensors: list[torch.Tensor | None],
+    *,
+    shortcut: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run a validated torchvision-style block through the fused kernels (see :class:`PostActSpec`
+    and :class:`_PostActBlock` for the order of ``tensors``). ``shortcut`` is an already computed
+    shortcut (a downsample module that is not conv1x1 + BatchNorm); None means the identity or
+    ``spec.downsample``."""
+    return _PostActBlock.apply(spec, x, shortcut, *tensors)

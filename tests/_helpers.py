@@ -41,3 +41,21 @@ def launched(*names: str) -> Iterator[None]:
     yield
     missing = [n for n in names if _runtime.launch_counts[n] == before[n]]
     assert not missing, f"Triton kernels not launched: {missing}"
+
+
+def assert_low_precision_block(module, input_shape, dtype, device, steps: int = 2) -> None:
+    """A block or network in fp16/bf16: outputs (train and eval) and running statistics by the 2x rule.
+
+    Gradients of chained BatchNorm-ReLU stages are not compared at low precision: a
+    pre-activation within a rounding of zero flips its ReLU mask against the float64 reference,
+    and one flip moves every gradient of that BatchNorm's channel, so one run's gradient error is
+    heavy-tailed — 10-100x on some seeds, for eager PyTorch as for the fused kernels (measured
+    both ways, on different seeds; neither mean nor median over 5-8 seeds was stable). Gradients
+    are held to the 2x rule in fp32 here, and at low precision per kernel and for the one-stage
+    op, where there is no chain to amplify a flip.
+    """
+    from fusedres.testing import check_module
+
+    r = check_module(module, input_shape, dtype=dtype, device=device, steps=steps)
+    bad = [f for f in r.failures(dtype) if f.startswith(("out", "eval_out", "buffer"))]
+    assert not bad, "; ".join(bad)

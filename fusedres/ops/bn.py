@@ -238,6 +238,93 @@ def bn_relu_pool_bwd_kernel(
     tl.store(psumx_ptr + pid_m * C + offs_c, tl.sum(tl.where(mask, dzf * xhat, 0.0), axis=0), mask=c_ok)
 
 
+@triton.jit
+def bn_add_relu_kernel(
+    y_ptr, r_ptr, out_ptr, sy_ptr, by_ptr, sr_ptr, br_ptr,
+    H, W, C, M,
+    syn, syc, syh, syw,
+    srn, src, srh, srw,
+    son, soc, soh, sow,
+    RES_BN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out = relu(y*sy + by + r'), r' = r*sr + br (RES_BN) or r: a post-activation block's close."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_ok = offs_m < M
+    c_ok = offs_c < C
+    w = (offs_m % W).to(tl.int64)
+    t = offs_m // W
+    h = (t % H).to(tl.int64)
+    n = (t // H).to(tl.int64)
+    c64 = offs_c.to(tl.int64)[None, :]
+    mask = m_ok[:, None] & c_ok[None, :]
+    pre = _bn_add_pre(y_ptr, r_ptr, sy_ptr, by_ptr, sr_ptr, br_ptr, n, h, w, c64, offs_c, c_ok, mask,
+                      syn, syc, syh, syw, srn, src, srh, srw, RES_BN)
+    out = tl.maximum(pre, 0.0).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + (n * son + h * soh + w * sow)[:, None] + c64 * soc, out, mask=mask)
+
+
+@triton.jit
+def _bn_add_pre(y_ptr, r_ptr, sy_ptr, by_ptr, sr_ptr, br_ptr, n, h, w, c64, offs_c, c_ok, mask,
+                syn, syc, syh, syw, srn, src, srh, srw, RES_BN: tl.constexpr):
+    """y*sy + by + (r*sr + br or r), in fp32: the value a post-activation block's closing ReLU sees."""
+    y = tl.load(y_ptr + (n * syn + h * syh + w * syw)[:, None] + c64 * syc, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + (n * srn + h * srh + w * srw)[:, None] + c64 * src, mask=mask, other=0.0).to(tl.float32)
+    sy = tl.load(sy_ptr + offs_c, mask=c_ok, other=0.0)
+    by = tl.load(by_ptr + offs_c, mask=c_ok, other=0.0)
+    pre = y * sy[None, :] + by[None, :]
+    if RES_BN:
+        sr = tl.load(sr_ptr + offs_c, mask=c_ok, other=0.0)
+        br = tl.load(br_ptr + offs_c, mask=c_ok, other=0.0)
+        pre += r * sr[None, :] + br[None, :]
+    else:
+        pre += r
+    return pre
+
+
+@triton.jit
+def bn_add_relu_bwd_kernel(
+    dout_ptr, y_ptr, r_ptr, g_ptr, sy_ptr, by_ptr, sr_ptr, br_ptr,
+    mean_y_ptr, invstd_y_ptr, mean_r_ptr, invstd_r_ptr, psum_ptr, psumy_ptr, psumr_ptr,
+    H, W, C, M,
+    sdn, sdc, sdh, sdw,
+    syn, syc, syh, syw,
+    srn, src, srh, srw,
+    sgn, sgc, sgh, sgw,
+    RES_BN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """g = dout * (pre > 0), stored, with per-tile sums of g, g*xhat_y and (RES_BN) g*xhat_r."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_ok = offs_m < M
+    c_ok = offs_c < C
+    w = (offs_m % W).to(tl.int64)
+    t = offs_m // W
+    h = (t % H).to(tl.int64)
+    n = (t // H).to(tl.int64)
+    c64 = offs_c.to(tl.int64)[None, :]
+    mask = m_ok[:, None] & c_ok[None, :]
+    pre = _bn_add_pre(y_ptr, r_ptr, sy_ptr, by_ptr, sr_ptr, br_ptr, n, h, w, c64, offs_c, c_ok, mask,
+                      syn, syc, syh, syw, srn, src, srh, srw, RES_BN)
+    d = tl.load(dout_ptr + (n * sdn + h * sdh + w * sdw)[:, None] + c64 * sdc, mask=mask, other=0.0)
+    g = tl.where(mask & (pre > 0.0), d.to(tl.float32), 0.0).to(g_ptr.dtype.element_ty)
+    tl.store(g_ptr + (n * sgn + h * sgh + w * sgw)[:, None] + c64 * sgc, g, mask=mask)
+    gf = g.to(tl.float32)
+    tl.store(psum_ptr + pid_m * C + offs_c, tl.sum(gf, axis=0), mask=c_ok)
+    y = tl.load(y_ptr + (n * syn + h * syh + w * syw)[:, None] + c64 * syc, mask=mask, other=0.0).to(tl.float32)
+    mu = tl.load(mean_y_ptr + offs_c, mask=c_ok, other=0.0)
+    inv = tl.load(invstd_y_ptr + offs_c, mask=c_ok, other=0.0)
+    gy = tl.where(mask, gf * (y - mu[None, :]) * inv[None, :], 0.0)
+    tl.store(psumy_ptr + pid_m * C + offs_c, tl.sum(gy, axis=0), mask=c_ok)
+    if RES_BN:
+        r = tl.load(r_ptr + (n * srn + h * srh + w * srw)[:, None] + c64 * src, mask=mask, other=0.0)
+        mur = tl.load(mean_r_ptr + offs_c, mask=c_ok, other=0.0)
+        invr = tl.load(invstd_r_ptr + offs_c, mask=c_ok, other=0.0)
+        gr = tl.where(mask, gf * (r.to(tl.float32) - mur[None, :]) * invr[None, :], 0.0)
+        tl.store(psumr_ptr + pid_m * C + offs_c, tl.sum(gr, axis=0), mask=c_ok)
+
+
 def bn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-tile statistics partials of each channel of ``x`` (see the module docstring)."""
     N, C, H, W = x.shape
@@ -378,3 +465,64 @@ def bn_relu_pool_bwd(
         BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
     )
     return dz, psum, psumx
+
+
+def bn_add_relu(
+    y: torch.Tensor,
+    r: torch.Tensor,
+    sy: torch.Tensor,
+    by: torch.Tensor,
+    sr: torch.Tensor | None = None,
+    br: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``relu(y*sy + by + (r*sr + br if sr is given else r))``, channels_last, in y's dtype."""
+    N, C, H, W = y.shape
+    out = torch.empty((N, C, H, W), device=y.device, dtype=y.dtype, memory_format=torch.channels_last)
+    cfg = APPLY_CONFIG
+    M = N * H * W
+    res_bn = sr is not None
+    launch(
+        bn_add_relu_kernel, (triton.cdiv(M, cfg.block_m), triton.cdiv(C, cfg.block_c)),
+        y, r, out, sy, by, sr if res_bn else sy, br if res_bn else by, H, W, C, M,
+        y.stride(0), y.stride(1), y.stride(2), y.stride(3),
+        r.stride(0), r.stride(1), r.stride(2), r.stride(3),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        RES_BN=res_bn, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+    )
+    return out
+
+
+def bn_add_relu_bwd(
+    dout: torch.Tensor,
+    y: torch.Tensor,
+    r: torch.Tensor,
+    sy: torch.Tensor,
+    by: torch.Tensor,
+    mean_y: torch.Tensor,
+    invstd_y: torch.Tensor,
+    r_bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Backward of :func:`bn_add_relu`: ``(g, psum, psumx_y, psumx_r)`` where g = dout * relu'
+    and the partial sums feed :func:`bn_bwd_reduce` for y's BatchNorm and, when
+    ``r_bn = (sr, br, mean_r, invstd_r)`` is given, for r's."""
+    N, C, H, W = y.shape
+    cfg = APPLY_CONFIG
+    M = N * H * W
+    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(C, cfg.block_c))
+    g = torch.empty((N, C, H, W), device=y.device, dtype=y.dtype, memory_format=torch.channels_last)
+    psum = torch.empty((grid[0], C), device=y.device, dtype=torch.float32)
+    psumy = torch.empty_like(psum)
+    psumr = torch.empty_like(psum) if r_bn is not None else None
+    sr, br, mean_r, invstd_r = r_bn if r_bn is not None else (sy, by, mean_y, invstd_y)
+    launch(
+        bn_add_relu_bwd_kernel, grid,
+        dout, y, r, g, sy, by, sr, br, mean_y, invstd_y, mean_r, invstd_r,
+        psum, psumy, psumr if psumr is not None else psum,
+        H, W, C, M,
+        dout.stride(0), dout.stride(1), dout.stride(2), dout.stride(3),
+        y.stride(0), y.stride(1), y.stride(2), y.stride(3),
+        r.stride(0), r.stride(1), r.stride(2), r.stride(3),
+        g.stride(0), g.stride(1), g.stride(2), g.stride(3),
+        RES_BN=r_bn is not None, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+    )
+    return g, psum, psumy, psumr

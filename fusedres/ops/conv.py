@@ -36,7 +36,7 @@ def _tile_mean_m2(vals, mask, count):
 
 @triton.jit
 def conv_fprop_kernel(
-    x_ptr, w_ptr, out_ptr, res_ptr, scale_ptr, shift_ptr, pmean_ptr, pm2_ptr,
+    x_ptr, w_ptr, out_ptr, res_ptr, scale_ptr, shift_ptr, oshift_ptr, pmean_ptr, pm2_ptr,
     H, W, C, OH, OW, K, M,
     sxn, sxc, sxh, sxw,
     swk, swc, swr, sws,
@@ -44,10 +44,15 @@ def conv_fprop_kernel(
     srn, src, srh, srw,
     STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr,
+    OUT_SHIFT: tl.constexpr, OUT_RELU: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out[m, k] = sum_{r,s,c} act(x)[pixel(m) + tap(r,s), c] * w[k, c, r, s] (+ res[m, k])."""
+    """out[m, k] = sum_{r,s,c} act(x)[pixel(m) + tap(r,s), c] * w[k, c, r, s] (+ res[m, k]).
+
+    OUT_SHIFT adds a per-output-channel vector (a folded BatchNorm's shift) and OUT_RELU
+    clamps at zero, both after the residual: the eval-mode post-activation block's epilogue.
+    """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -97,6 +102,10 @@ def conv_fprop_kernel(
         r_ptrs = res_ptr + (n * srn + oh.to(tl.int64) * srh + ow.to(tl.int64) * srw)[:, None] \
             + offs_n.to(tl.int64)[None, :] * src
         acc += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if OUT_SHIFT:
+        acc += tl.load(oshift_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    if OUT_RELU:
+        acc = tl.maximum(acc, 0.0)
     y = acc.to(out_ptr.dtype.element_ty)
     tl.store(o_ptrs, y, mask=mask)
     if STATS:
@@ -303,9 +312,12 @@ def conv_fprop(
     residual: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     stats: bool = False,
+    out_shift: torch.Tensor | None = None,
+    out_relu: bool = False,
     config: ConvConfig | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, int] | None]:
-    """Convolution of ``relu(x*scale + shift)`` (or of ``x`` when scale is None) with ``weight``.
+    """Convolution of ``relu(x*scale + shift)`` (or of ``x`` when scale is None) with ``weight``,
+    then ``+ residual``, ``+ out_shift`` (fp32, per output channel) and ``relu`` when asked.
 
     Returns ``(out, partials)``: ``out`` is (N, Cout, OH, OW) in x's dtype, channels_last
     unless ``out`` is given; ``partials`` is ``(tile_mean, tile_m2, tile_rows)`` of ``out``'s
@@ -331,6 +343,7 @@ def conv_fprop(
         conv_fprop_kernel, grid,
         x, weight, out, res,
         scale if prologue else x, shift if prologue else x,
+        out_shift if out_shift is not None else x,
         pmean, pm2,
         H, W, C, OH, OW, K, M,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
@@ -339,6 +352,7 @@ def conv_fprop(
         res.stride(0), res.stride(1), res.stride(2), res.stride(3),
         STRIDE=stride, PAD=padding, R=R, S=S,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, STATS=stats,
+        OUT_SHIFT=out_shift is not None, OUT_RELU=out_relu,
         INPUT_PRECISION=input_precision(x.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
