@@ -30,6 +30,8 @@ PER_CHANNEL_KERNELS = {
     "wgrad_reduce_kernel",
     "bn_relu_pool_kernel",
     "bn_relu_pool_bwd_kernel",
+    "bn_add_relu_kernel",
+    "bn_add_relu_bwd_kernel",
 }
 
 

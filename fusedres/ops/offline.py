@@ -159,7 +159,9 @@ def _conv_launchers(dtype: torch.dtype, cfg: ConvConfig, stride: int) -> dict[st
     scale, shift, mean, invstd = _vec(), _vec(), _vec(), _vec()
     geom: dict[str, Any] = {"stride": stride, "padding": _PAD, "config": cfg}
     return {
-        "fprop": lambda: conv.conv_fprop(x, w, scale=scale, shift=shift, residual=res, stats=True, **geom),
+        "fprop": lambda: conv.conv_fprop(
+            x, w, scale=scale, shift=shift, residual=res, stats=True, out_shift=mean, out_relu=True, **geom
+        ),
         "dgrad": lambda: conv.conv_dgrad(
             dy, w, tuple(x.shape), bn=(x, scale, shift, mean, invstd), add=res_in, **geom
         ),
@@ -192,6 +194,8 @@ def _bn_launchers(dtype: torch.dtype) -> list[Callable[[], object]]:
         lambda: bn.bn_bwd_reduce(partials[0], partials[1]),
         lambda: bn.bn_bwd_apply(dz, x, mean, invstd, weight, s, sx, training=True, add=add),
         lambda: bn.bn_relu_pool(x, mean, invstd),
+        lambda: bn.bn_add_relu(x, add, mean, invstd, s, sx),
+        lambda: bn.bn_add_relu_bwd(dz, x, add, mean, invstd, s, sx, (mean, invstd, s, sx)),
         lambda: bn.bn_relu_pool_bwd(torch.empty((_N, _C), dtype=dtype), x, s, sx, mean, invstd),
     ]
 
