@@ -46,6 +46,29 @@ class _PreActBlock(nn.Module):
     def _stages(self) -> list[tuple[nn.BatchNorm2d, nn.Conv2d]]:
         return [(getattr(self, b), getattr(self, c)) for b, c in self._stage_names]
 
+    def _projection(self) -> nn.Conv2d | None:
+        """The 1x1 projection shortcut's convolution, or None for an identity shortcut."""
+        return self.shortcut[0] if hasattr(self, "shortcut") else None
+
+    def unit_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The pre-activation unit in eval mode, computed from the parameters alone (not from the
+        submodules' forward): what the fused path computes, for verifying a converted block."""
+        stages = self._stages()
+
+        def act(bn: nn.BatchNorm2d, h: torch.Tensor) -> torch.Tensor:
+            return F.relu(F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
+
+        def conv(c: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
+            return F.conv2d(h, c.weight, None, c.stride, c.padding)
+
+        a = act(stages[0][0], x)
+        proj = self._projection()
+        shortcut = conv(proj, a) if proj is not None else x
+        h = conv(stages[0][1], a)
+        for bn, c in stages[1:]:
+            h = conv(c, act(bn, h))
+        return h + shortcut
+
     def _make_shortcut(self, in_channels: int, out_channels: int, stride: int) -> None:
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False))
@@ -92,7 +115,7 @@ class _PreActBlock(nn.Module):
             batch_stats, momentum, rm, rv = bn_batch_stats_and_momentum(bn)
             specs.append(StageSpec(conv.stride[0], conv.padding[0], bn.eps, momentum, batch_stats))
             tensors += [conv.weight, bn.weight, bn.bias, rm, rv]
-        proj = self.shortcut[0] if hasattr(self, "shortcut") else None
+        proj = self._projection()
         spec = ChainSpec(
             tuple(specs),
             shortcut="projection" if proj is not None else "identity",

@@ -5,12 +5,15 @@ Recognised blocks:
 - torchvision ``BasicBlock`` / ``Bottleneck`` → :class:`fusedres.BasicBlock` / :class:`fusedres.Bottleneck`;
 - plain-PyTorch pre-activation blocks in the common style (``bn1, conv1, bn2, conv2[, bn3, conv3]``
   and an optional ``shortcut = Sequential(Conv2d 1x1)``) → :class:`fusedres.PreActBasicBlock` /
-  :class:`fusedres.PreActBottleneck`. They are recognised by structure and then verified: the
-  candidate's own forward must equal the pre-activation unit on a random input (float64, eval,
-  on a CPU copy) before it is replaced.
+  :class:`fusedres.PreActBottleneck`;
+- timm's ResNetV2 ``PreActBasic`` / ``PreActBottleneck`` (BatchNormAct2d with ReLU, plain
+  convolutions, ``DownsampleConv`` projection, no stochastic depth) → a fused block that keeps
+  timm's names and uses timm's own forward as its eager path.
 
-The new blocks reuse the very submodules — the same parameter and buffer tensors, the same
-``state_dict`` keys. timm's ResNetV2 blocks are not converted yet (listed as unconverted).
+Pre-activation candidates are recognised by structure and then verified: the candidate's own
+forward must equal the pre-activation unit on a random input (float64, eval, on a CPU copy)
+before it is replaced. The new blocks reuse the very submodules — the same parameter and buffer
+tensors, the same ``state_dict`` keys.
 """
 
 from __future__ import annotations
@@ -21,8 +24,23 @@ import warnings
 import torch
 from torch import nn
 
-from .blocks import PreActBasicBlock, PreActBottleneck
+from .blocks import PreActBasicBlock, PreActBottleneck, _PreActBlock
 from .resnet import BasicBlock, Bottleneck
+
+
+class TimmPreActBlock(_PreActBlock):
+    """timm's ResNetV2 pre-activation block (its names, its state_dict) on the fused chain.
+
+    Made by :func:`convert` only; the eager path is timm's own forward.
+    """
+
+    _timm_cls: type[nn.Module]
+
+    def _projection(self) -> nn.Conv2d | None:
+        return self.downsample.conv if self.downsample is not None else None
+
+    def forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        return self._timm_cls.forward(self, x)
 
 
 def _check_declared_shapes(name: str, module: nn.Module) -> None:
@@ -119,11 +137,40 @@ def _preact_candidate(m: nn.Module) -> nn.Module | None:
     return new
 
 
+def _timm_candidate(m: nn.Module) -> nn.Module | None:
+    """A fused block holding a timm ResNetV2 pre-activation block's submodules, if it is one we fuse."""
+    try:
+        from timm.layers import BatchNormAct2d
+        from timm.models.resnetv2 import DownsampleConv
+        from timm.models.resnetv2 import PreActBasic as TimmBasic
+        from timm.models.resnetv2 import PreActBottleneck as TimmBottleneck
+    except ImportError:
+        return None
+    if type(m) not in (TimmBasic, TimmBottleneck):
+        return None
+    bottleneck = type(m) is TimmBottleneck
+    pairs = [("norm1", "conv1"), ("norm2", "conv2")] + ([("norm3", "conv3")] if bottleneck else [])
+    norms_ok = all(type(getattr(m, n)) is BatchNormAct2d and type(getattr(m, n).act) is nn.ReLU
+                   and isinstance(getattr(m, n).drop, nn.Identity) for n, _ in pairs)
+    ds = m.downsample
+    ds_ok = ds is None or (type(ds) is DownsampleConv and isinstance(ds.norm, nn.Identity) and _conv_ok(ds.conv, 1))
+    kernels = (1, 3, 1) if bottleneck else (3, 3)
+    convs_ok = all(_conv_ok(getattr(m, c), k) for (_, c), k in zip(pairs, kernels))
+    if not (norms_ok and ds_ok and convs_ok and isinstance(m.drop_path, nn.Identity)):
+        return None
+    new = _adopt(TimmPreActBlock, m, [n for n, _ in m.named_children()])
+    new._timm_cls = type(m)
+    new._stage_names = tuple(pairs)
+    new.in_channels = m.conv1.in_channels
+    new.out_channels = getattr(m, pairs[-1][1]).out_channels
+    new.fused = True
+    return new
+
+
 def _same_function(old: nn.Module, new: nn.Module) -> bool:
     """Does ``old``'s forward compute ``new``'s pre-activation unit? Checked in float64 on CPU
     copies in eval mode with random statistics, so the model itself is not touched."""
     a, b = copy.deepcopy(old).cpu().double().eval(), copy.deepcopy(new).cpu().double().eval()
-    b.fused = False
     gen = torch.Generator().manual_seed(0)
     for m in list(a.modules()):
         if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None:
@@ -135,7 +182,7 @@ def _same_function(old: nn.Module, new: nn.Module) -> bool:
     x = torch.randn(2, new.in_channels, 8, 8, generator=gen, dtype=torch.float64)
     try:
         with torch.no_grad():
-            ya, yb = a(x), b.forward_eager(x)
+            ya, yb = a(x), b.unit_reference(x)
     except Exception:  # a forward that does not run on this input is not the unit we fuse
         return False
     return ya.shape == yb.shape and torch.allclose(ya, yb, rtol=1e-9, atol=1e-9)
@@ -174,9 +221,10 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                 if not new.fused:
                     skipped.append(f"{path} ({type(child).__name__}: groups/dilation/norm not fused)")
                     new = None
-            elif hasattr(child, "bn1") and hasattr(child, "conv1") and hasattr(child, "bn2"):
+            elif (hasattr(child, "bn1") and hasattr(child, "conv1") and hasattr(child, "bn2")) or (
+                    hasattr(child, "norm1") and hasattr(child, "conv1") and hasattr(child, "norm2")):
                 _check_declared_shapes(path, child)
-                candidate = _preact_candidate(child)
+                candidate = _preact_candidate(child) or _timm_candidate(child)
                 if candidate is not None and _same_function(child, candidate):
                     new = candidate
                 else:
