@@ -103,7 +103,7 @@ def test_eval_with_gradients(poison, device, no_tf32, key):
 
 @pytest.mark.parametrize("key,launches", [("basic-identity", 2), ("basic-downsample-s2", 3),
                                           ("bottleneck-identity", 3)])
-def test_eval_folded_launches(device, key, launches):
+def test_eval_folded_launches(device, no_tf32, key, launches):
     ours, tv = _pair(key)
     ours, tv = ours.to(device).eval(), tv.to(device).eval()
     before = dict(fusedres.launch_counts)
@@ -116,7 +116,7 @@ def test_eval_folded_launches(device, key, launches):
     torch.testing.assert_close(y, tv(x), rtol=1e-4, atol=1e-4)
 
 
-def test_folded_weights_follow_parameter_and_buffer_changes(device):
+def test_folded_weights_follow_parameter_and_buffer_changes(device, no_tf32):
     ours, tv = _pair("basic-downsample-s2")
     ours, tv = ours.to(device).eval(), tv.to(device).eval()
     x = torch.randn(2, 6, 8, 8, device=device)
@@ -282,7 +282,7 @@ def test_convert_wrong_declared_shapes_raises():
         convert(model)
 
 
-def test_convert_eval_mode_model(device):
+def test_convert_eval_mode_model(device, no_tf32):
     original = _randomize_bn(_SmallTorchvisionNet()).eval().to(device)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
