@@ -1,0 +1,93 @@
+"""benchmarks/report.py: saved runs (the suite's run files and the earlier layers.json) become
+summary.json, summary.md and speedups.png; interpreter smoke runs are left out."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPORT = Path(__file__).resolve().parent.parent / "benchmarks" / "report.py"
+FIELDS = ("case", "dtype", "pass", "fused_ms", "eager_ms", "compile_ms", "speedup_vs_eager", "speedup_vs_compile",
+          "fused_peak_mb", "eager_peak_mb", "device", "torch", "triton", "commit", "date")
+ENV = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "triton": "3.6.0"}
+
+
+def _run_file(mode: str, commit: str, date: str, rows: list[dict]) -> dict:
+    return {"format": "fusedres-bench-run/1", "mode": mode, **ENV, "commit": commit, "date": date, "quick": True,
+            "ceilings": None, "rows": [{**ENV, "commit": commit, "date": date, **r} for r in rows]}
+
+
+def _row(case: str, fused: float, eager: float, compile_ms: float | None, **extra: object) -> dict:
+    return {"suite": "blocks", "case": case, "dtype": "bfloat16", "pass": "train step (fwd+bwd)", "fused_ms": fused,
+            "eager_ms": eager, "compile_ms": compile_ms, "fused_peak_mb": 100.0, "eager_peak_mb": 150.0,
+            "error": None, **extra}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Saved results for one card (two runs, one superseding a row of the other, an earlier-script
+    layers.json, and a smoke run) summarised into <tmp>/out."""
+    tmp_path = tmp_path_factory.mktemp("report")
+    results = tmp_path / "results"
+    card = results / "h100-80gb-hbm3"
+    card.mkdir(parents=True)
+    old = _run_file("cuda", "aaaaaaa", "2026-11-01T10:00:00+00:00",
+                    [_row("block A", 2.0, 1.0, 1.5), _row("block B", 1.0, 2.0, None)])
+    new = _run_file("cuda", "bbbbbbb", "2026-11-02T10:00:00+00:00", [_row("block A", 1.0, 1.5, 1.2)])
+    smoke = _run_file("interpreter-smoke", "ccccccc", "2026-11-03T10:00:00+00:00", [_row("block A", 500.0, 1.0, None)])
+    (card / "run-20261101-100000-aaaaaaa.json").write_text(json.dumps(old))
+    (card / "run-20261102-100000-bbbbbbb.json").write_text(json.dumps(new))
+    (card / "run-20261103-100000-ccccccc.json").write_text(json.dumps(smoke))
+    layers = {**ENV, "commit": "9999999", "date": "2026-10-01T00:00:00+00:00", "ceilings": {}, "rows": [
+        {"shape": "3x3 64->64 56^2 N256", "role": "fprop", "dtype": "bfloat16", "fused_ms": 0.2, "baseline_ms": 0.1,
+         "fused_tflops": 200.0, "error": None},
+        {"shape": "3x3 64->64 56^2 N256", "role": "dgrad", "dtype": "bfloat16", "fused_ms": float("nan"),
+         "baseline_ms": float("nan"), "fused_tflops": float("nan"), "error": "RuntimeError: boom"},
+    ]}
+    (card / "layers.json").write_text(json.dumps(layers))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPORT), "--results", str(results), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+def test_summary_json(report: Path) -> None:
+    summary = json.loads((report / "summary.json").read_text())
+    rows = {(r["suite"], r["case"], r["pass"]): r for r in summary["rows"]}
+    assert len(rows) == len(summary["rows"]) == 4  # block A (newest), block B, two layer roles
+    for row in summary["rows"]:
+        assert set(FIELDS) <= set(row)
+    a = rows[("blocks", "block A", "train step (fwd+bwd)")]
+    assert (a["commit"], a["fused_ms"], a["eager_ms"], a["compile_ms"]) == ("bbbbbbb", 1.0, 1.5, 1.2)
+    assert a["speedup_vs_eager"] == pytest.approx(1.5) and a["speedup_vs_compile"] == pytest.approx(1.2)
+    assert a["device"] == ENV["device"] and a["torch"] == ENV["torch"] and a["triton"] == ENV["triton"]
+    b = rows[("blocks", "block B", "train step (fwd+bwd)")]
+    assert b["compile_ms"] is None and b["speedup_vs_compile"] is None and b["speedup_vs_eager"] == pytest.approx(2)
+    fprop = rows[("layers", "3x3 64->64 56^2 N256", "fprop")]
+    assert fprop["eager_ms"] == 0.1 and fprop["speedup_vs_eager"] == pytest.approx(0.5)
+    failed = rows[("layers", "3x3 64->64 56^2 N256", "dgrad")]
+    assert failed["fused_ms"] is None and failed["speedup_vs_eager"] is None and failed["error"]
+    assert any("interpreter-smoke" in s for s in summary["skipped"])
+    assert not any("ccccccc" in s for s in summary["sources"])
+
+
+def test_summary_markdown(report: Path) -> None:
+    md = (report / "summary.md").read_text()
+    assert f"## {ENV['device']}" in md
+    assert "| suite | case | dtype | pass | fused ms | eager ms | compile ms | vs eager | vs compile |" in md
+    assert "| blocks | block A | bfloat16 | train step (fwd+bwd) | 1.000 | 1.500 | 1.200 | 1.50 | 1.20 |" in md
+    assert "| layers | 3x3 64->64 56^2 N256 | bfloat16 | fprop | 0.200 | 0.100 | — | 0.50 | — |" in md
+    assert "ccccccc" not in md.split("Left out")[0]
+
+
+def test_speedups_png(report: Path) -> None:
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("matplotlib is not installed: report.py writes no chart (pip install matplotlib)")
+    png = report / "speedups.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
