@@ -24,31 +24,43 @@ from .configs import APPLY_CONFIG, FINALIZE_BLOCK_C, FINALIZE_BLOCK_T, STATS_CON
 
 
 @triton.jit
+def tile_mean_m2(vals, mask, count):
+    """Per-column mean and sum of squared deviations of the masked rows of a tile (the partials
+    that :func:`bn_finalize` merges); also used by the convolution epilogue."""
+    v = tl.where(mask, vals, 0.0)
+    mean = tl.sum(v, axis=0) / count
+    d = tl.where(mask, vals - mean[None, :], 0.0)
+    return mean, tl.sum(d * d, axis=0)
+
+
+@triton.jit
+def _pixel_tile(M, H, W, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile: BLOCK_M pixels (n, h, w as int64) x BLOCK_C channels, and its mask."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    w = (offs_m % W).to(tl.int64)
+    t = offs_m // W
+    h = (t % H).to(tl.int64)
+    n = (t // H).to(tl.int64)
+    mask = (offs_m < M)[:, None] & c_ok[None, :]
+    return pid_m, offs_c, c_ok, n, h, w, offs_c.to(tl.int64)[None, :], mask
+
+
+@triton.jit
 def bn_stats_kernel(
     x_ptr, pmean_ptr, pm2_ptr, H, W, C, M,
     sxn, sxc, sxh, sxw,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Per-tile mean and M2 of each channel of x over BLOCK_M pixels."""
-    pid_m = tl.program_id(0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_ok = offs_m < M
-    c_ok = offs_c < C
-    w = offs_m % W
-    t = offs_m // W
-    h = t % H
-    n = (t // H).to(tl.int64)
-    mask = m_ok[:, None] & c_ok[None, :]
-    ptrs = x_ptr + (n * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw)[:, None] \
-        + offs_c.to(tl.int64)[None, :] * sxc
-    v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    pid_m, offs_c, c_ok, n, h, w, c64, mask = _pixel_tile(M, H, W, C, BLOCK_M, BLOCK_C)
+    v = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + c64 * sxc, mask=mask, other=0.0)
     count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-    vz = tl.where(mask, v, 0.0)
-    mean = tl.sum(vz, axis=0) / count
-    d = tl.where(mask, v - mean[None, :], 0.0)
+    mean, m2 = tile_mean_m2(v.to(tl.float32), mask, count)
     tl.store(pmean_ptr + pid_m * C + offs_c, mean, mask=c_ok)
-    tl.store(pm2_ptr + pid_m * C + offs_c, tl.sum(d * d, axis=0), mask=c_ok)
+    tl.store(pm2_ptr + pid_m * C + offs_c, m2, mask=c_ok)
 
 
 @triton.jit
@@ -148,16 +160,7 @@ def bn_bwd_apply_kernel(
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dx = w*invstd*(dz - sum(dz)/M - xhat*sum(dz*xhat)/M) in training, dz*w*invstd in eval (+ add)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_ok = offs_m < M
-    c_ok = offs_c < C
-    w = (offs_m % W).to(tl.int64)
-    t = offs_m // W
-    h = (t % H).to(tl.int64)
-    n = (t // H).to(tl.int64)
-    c64 = offs_c.to(tl.int64)[None, :]
-    mask = m_ok[:, None] & c_ok[None, :]
+    _, offs_c, c_ok, n, h, w, c64, mask = _pixel_tile(M, H, W, C, BLOCK_M, BLOCK_C)
     dz = tl.load(dz_ptr + (n * szn + h * szh + w * szw)[:, None] + c64 * szc, mask=mask, other=0.0)
     dz = dz.to(tl.float32)
     inv = tl.load(invstd_ptr + offs_c, mask=c_ok, other=0.0)
@@ -212,17 +215,7 @@ def bn_relu_pool_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dz = dpool[n, c] / (H*W) * (x*scale + shift > 0), stored, with per-tile sums of dz and dz*xhat."""
-    pid_m = tl.program_id(0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_ok = offs_m < M
-    c_ok = offs_c < C
-    w = (offs_m % W).to(tl.int64)
-    t = offs_m // W
-    h = (t % H).to(tl.int64)
-    n = (t // H).to(tl.int64)
-    c64 = offs_c.to(tl.int64)[None, :]
-    mask = m_ok[:, None] & c_ok[None, :]
+    pid_m, offs_c, c_ok, n, h, w, c64, mask = _pixel_tile(M, H, W, C, BLOCK_M, BLOCK_C)
     x = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + c64 * sxc, mask=mask, other=0.0).to(tl.float32)
     dp = tl.load(dp_ptr + (n * sdn)[:, None] + c64 * sdc, mask=mask, other=0.0).to(tl.float32)
     sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
@@ -248,16 +241,7 @@ def bn_add_relu_kernel(
     RES_BN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """out = relu(y*sy + by + r'), r' = r*sr + br (RES_BN) or r: a post-activation block's close."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_ok = offs_m < M
-    c_ok = offs_c < C
-    w = (offs_m % W).to(tl.int64)
-    t = offs_m // W
-    h = (t % H).to(tl.int64)
-    n = (t // H).to(tl.int64)
-    c64 = offs_c.to(tl.int64)[None, :]
-    mask = m_ok[:, None] & c_ok[None, :]
+    _, offs_c, c_ok, n, h, w, c64, mask = _pixel_tile(M, H, W, C, BLOCK_M, BLOCK_C)
     pre = _bn_add_pre(y_ptr, r_ptr, sy_ptr, by_ptr, sr_ptr, br_ptr, n, h, w, c64, offs_c, c_ok, mask,
                       syn, syc, syh, syw, srn, src, srh, srw, RES_BN)
     out = tl.maximum(pre, 0.0).to(out_ptr.dtype.element_ty)
@@ -294,17 +278,7 @@ def bn_add_relu_bwd_kernel(
     RES_BN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """g = dout * (pre > 0), stored, with per-tile sums of g, g*xhat_y and (RES_BN) g*xhat_r."""
-    pid_m = tl.program_id(0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_ok = offs_m < M
-    c_ok = offs_c < C
-    w = (offs_m % W).to(tl.int64)
-    t = offs_m // W
-    h = (t % H).to(tl.int64)
-    n = (t // H).to(tl.int64)
-    c64 = offs_c.to(tl.int64)[None, :]
-    mask = m_ok[:, None] & c_ok[None, :]
+    pid_m, offs_c, c_ok, n, h, w, c64, mask = _pixel_tile(M, H, W, C, BLOCK_M, BLOCK_C)
     pre = _bn_add_pre(y_ptr, r_ptr, sy_ptr, by_ptr, sr_ptr, br_ptr, n, h, w, c64, offs_c, c_ok, mask,
                       syn, syc, syh, syw, srn, src, srh, srw, RES_BN)
     d = tl.load(dout_ptr + (n * sdn + h * sdh + w * sdw)[:, None] + c64 * sdc, mask=mask, other=0.0)

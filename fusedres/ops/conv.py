@@ -22,16 +22,8 @@ import triton
 import triton.language as tl
 
 from .._runtime import launch, sm_count
+from .bn import tile_mean_m2
 from .configs import ConvConfig, dgrad_config, fprop_config, wgrad_config
-
-
-@triton.jit
-def _tile_mean_m2(vals, mask, count):
-    """Per-column mean and sum of squared deviations of the masked rows of a tile."""
-    v = tl.where(mask, vals, 0.0)
-    mean = tl.sum(v, axis=0) / count
-    d = tl.where(mask, vals - mean[None, :], 0.0)
-    return mean, tl.sum(d * d, axis=0)
 
 
 @triton.jit
@@ -111,7 +103,7 @@ def conv_fprop_kernel(
     if STATS:
         # Statistics of the stored (rounded) values: what the next BatchNorm would see.
         count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-        mean, m2 = _tile_mean_m2(y.to(tl.float32), mask, count)
+        mean, m2 = tile_mean_m2(y.to(tl.float32), mask, count)
         tl.store(pmean_ptr + pid_m * K + offs_n, mean, mask=n_ok)
         tl.store(pm2_ptr + pid_m * K + offs_n, m2, mask=n_ok)
 
