@@ -14,24 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _runtime
-from .functional import ChainSpec, StageSpec, bn_relu_conv_chain
+from ._fused import ChainSpec, bn_modes, cumulative_update, run_preact_chain
+from ._fused import autocast_dtype as _autocast_dtype
 
 
-def bn_batch_stats_and_momentum(bn: nn.BatchNorm2d) -> tuple[bool, float, torch.Tensor | None, torch.Tensor | None]:
-    """What ``nn.BatchNorm2d.forward`` would do this call: whether it normalises with batch
-    statistics, the running-average factor, and the running buffers to use (or None).
-
-    Like the module itself, it increments ``num_batches_tracked`` in training.
-    """
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    use_running = not bn.training or bn.track_running_stats
-    rm = bn.running_mean if use_running else None
-    rv = bn.running_var if use_running else None
-    return batch_stats, float(factor), rm, rv
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class _PreActBlock(nn.Module):
@@ -73,7 +60,7 @@ class _PreActBlock(nn.Module):
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False))
 
-    def _check(self, x: torch.Tensor) -> None:
+    def _check(self, x: torch.Tensor, amp: torch.dtype | None = None) -> None:
         name = type(self).__name__
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: input must be a tensor, got {type(x).__name__}")
@@ -86,11 +73,12 @@ class _PreActBlock(nn.Module):
             if p.device != x.device:
                 raise ValueError(f"{name}: parameter {pname} is on {p.device} but the input is on {x.device}")
         for bn, conv in self._stages():
-            if conv.weight.dtype != x.dtype:
+            if amp is None and conv.weight.dtype != x.dtype:
                 raise TypeError(f"{name}: input dtype {x.dtype} differs from the convolution weights' "
                                 f"dtype {conv.weight.dtype}")
-            if bn.weight is not None and bn.weight.dtype not in (torch.float32, x.dtype):
-                raise TypeError(f"{name}: BatchNorm parameters must be float32 or {x.dtype}, got {bn.weight.dtype}")
+            if bn.weight is not None and bn.weight.dtype not in (torch.float32, amp or x.dtype):
+                raise TypeError(f"{name}: BatchNorm parameters must be float32 or {amp or x.dtype}, "
+                                f"got {bn.weight.dtype}")
         if self.training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
             raise ValueError(f"{name}: expected more than 1 value per channel when training, "
                              f"got input size {tuple(x.shape)}")
@@ -107,21 +95,52 @@ class _PreActBlock(nn.Module):
         return h + shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
+        amp = _autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
+        self._check(x, amp)
         if not self.fused or not _runtime.triton_enabled(x.device):
             return self.forward_eager(x)
-        specs, tensors = [], []
-        for bn, conv in self._stages():
-            batch_stats, momentum, rm, rv = bn_batch_stats_and_momentum(bn)
-            specs.append(StageSpec(conv.stride[0], conv.padding[0], bn.eps, momentum, batch_stats))
-            tensors += [conv.weight, bn.weight, bn.bias, rm, rv]
+        if x.dtype not in _FUSED_DTYPES:
+            raise TypeError(f"{type(self).__name__}: the fused kernels compute in float32, float16 or bfloat16, "
+                            f"got {x.dtype} (fused=False runs the block in eager PyTorch)")
+        stages = self._stages()
+        modes = bn_modes([bn for bn, _ in stages])
+        if modes is None:  # SyncBatchNorm under torch.compile: the modules' own forward
+            return self.forward_eager(x)
         proj = self._projection()
+        weights = [conv.weight for _, conv in stages]
+        proj_weight = proj.weight if proj is not None else None
+        out_cl = _wants_channels_last(x, weights[-1])
+        add_outside = False
+        if amp is not None:
+            # As nn.Conv2d under autocast: convolutions in the autocast dtype; BatchNorm parameters
+            # and statistics stay as they are (fp32). An fp32 input is added to the fp32 output
+            # of eager PyTorch's promotion, so the identity shortcut is added outside then.
+            add_outside = proj is None and x.dtype != amp
+            x_in = x.to(amp)
+            weights = [w.to(dtype=amp, memory_format=torch.channels_last) for w in weights]
+            if proj_weight is not None:
+                proj_weight = proj_weight.to(dtype=amp, memory_format=torch.channels_last)
+        else:
+            x_in = x
         spec = ChainSpec(
-            tuple(specs),
-            shortcut="projection" if proj is not None else "identity",
+            tuple(m.stage(bn, conv.stride[0], conv.padding[0]) for m, (bn, conv) in zip(modes, stages)),
+            shortcut="projection" if proj is not None else ("none" if add_outside else "identity"),
             proj_stride=proj.stride[0] if proj is not None else 1,
+            out_channels_last=out_cl,
         )
-        return bn_relu_conv_chain(spec, x, tensors, proj_weight=proj.weight if proj is not None else None)
+        tensors = []
+        for m, w, (bn, _) in zip(modes, weights, stages):
+            tensors += [w, bn.weight, bn.bias, m.running_mean, m.running_var]
+        averaging = cumulative_update(modes)
+        out = run_preact_chain(spec, x_in, tensors, proj_weight)
+        averaging.finish()
+        return out + x if add_outside else out
+
+
+def _wants_channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    from .functional import _wants_channels_last as wants
+
+    return wants(x, weight)
 
 
 class PreActBasicBlock(_PreActBlock):

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _runtime
-from .blocks import PreActBasicBlock, PreActBottleneck, bn_batch_stats_and_momentum
-from .functional import StageSpec, bn_relu_avgpool
+from ._fused import Pool, autocast_dtype, bn_modes, cumulative_update, run
+from .blocks import PreActBasicBlock, PreActBottleneck
 
 _Block = type[PreActBasicBlock] | type[PreActBottleneck]
 
@@ -68,10 +68,14 @@ class PreActResNet(nn.Module):
         h = self.maxpool(self.conv1(x))
         for layer in self.layers:
             h = layer(h)
-        if self.fused and _runtime.triton_enabled(h.device):
-            batch_stats, momentum, rm, rv = bn_batch_stats_and_momentum(self.bn)
-            st = StageSpec(1, 0, self.bn.eps, momentum, batch_stats)
-            pooled = bn_relu_avgpool(st, h, self.bn.weight, self.bn.bias, rm, rv)
+        amp = autocast_dtype(h.device)
+        fused = self.fused and _runtime.triton_enabled(h.device) and (amp is None or h.dtype == amp)
+        modes = bn_modes([self.bn]) if fused else None
+        if modes is not None:
+            m = modes[0]
+            averaging = cumulative_update([m])
+            pooled = run(Pool, m.stage(self.bn), [h, self.bn.weight, self.bn.bias, m.running_mean, m.running_var])
+            averaging.finish()
         else:
             pooled = F.relu(self.bn(h)).mean((2, 3))
         return self.linear(pooled)

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from . import _runtime
-from .blocks import bn_batch_stats_and_momentum
-from .functional import PostActSpec, StageSpec, kernel_weight, post_act_block
+from ._fused import PostActSpec, autocast_dtype, bn_modes, cumulative_update, kernel_weight
+from .functional import _wants_channels_last, post_act_block
 from .ops import conv as conv_ops
 
 
@@ -66,41 +66,58 @@ class _PostActBlock(nn.Module):
         identity = self.downsample(x) if self.downsample is not None else x
         return self.relu(h + identity)
 
-    def _check(self, x: torch.Tensor) -> None:
+    def _check(self, x: torch.Tensor, amp: torch.dtype | None = None) -> None:
         name = type(self).__name__
         cin = self._pairs()[0][0].in_channels
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != cin:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"fusedres.{name}: expected a 4-D input with {cin} channels, got {shape}")
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"fusedres.{name}: the fused kernels compute in float32, float16 or bfloat16, "
+                            f"got {x.dtype} (set block.fused = False to run it in eager PyTorch)")
         for conv, _ in self._pairs():
-            if conv.weight.dtype != x.dtype:
+            if amp is None and conv.weight.dtype != x.dtype:
                 raise TypeError(f"fusedres.{name}: input dtype {x.dtype} differs from the weights' {conv.weight.dtype}")
             if conv.weight.device != x.device:
                 raise ValueError(f"fusedres.{name}: weights are on {conv.weight.device} but the input is on {x.device}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fused or not _runtime.triton_enabled(x.device):
+        amp = autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
+        if not self.fused or not _runtime.triton_enabled(x.device) or (amp is not None and x.dtype != amp):
+            # Under autocast an input in another dtype (fp32 into the first block) is promoted by
+            # eager PyTorch's final add: the modules' own forward gives exactly that.
             return self.forward_eager(x)
-        self._check(x)
+        self._check(x, amp)
         pairs = self._pairs()
         ds = self._fused_downsample()
         all_bns = [bn for _, bn in pairs] + ([ds[1]] if ds else [])
         foldable = not self.training and all(bn.running_mean is not None for bn in all_bns)
-        if foldable and not torch.is_grad_enabled():
+        if foldable and not torch.is_grad_enabled() and amp is None and not torch.compiler.is_compiling():
             return self._forward_folded(x, pairs, ds)
-        specs, tensors = [], []
-        for _, bn in pairs:
-            batch_stats, momentum, rm, rv = bn_batch_stats_and_momentum(bn)
-            specs.append(StageSpec(1, 0, bn.eps, momentum, batch_stats))
-            tensors += [bn.weight, bn.bias, rm, rv]
+        modes = bn_modes(all_bns)
+        if modes is None:  # SyncBatchNorm under torch.compile: the modules' own forward
+            return self.forward_eager(x)
+
+        def weight(conv: nn.Conv2d) -> torch.Tensor:
+            w = conv.weight
+            return w if amp is None else w.to(dtype=amp, memory_format=torch.channels_last)
+
+        tensors: list[torch.Tensor | None] = []
+        for m, (_, bn) in zip(modes, pairs):
+            tensors += [bn.weight, bn.bias, m.running_mean, m.running_var]
         ds_spec = None
         if ds is not None:
-            batch_stats, momentum, rm, rv = bn_batch_stats_and_momentum(ds[1])
-            ds_spec = (ds[0].stride[0], StageSpec(1, 0, ds[1].eps, momentum, batch_stats))
-            tensors += [ds[0].weight, ds[1].weight, ds[1].bias, rm, rv]
+            m = modes[-1]
+            ds_spec = (ds[0].stride[0], m.stage(ds[1]))
+            tensors += [weight(ds[0]), ds[1].weight, ds[1].bias, m.running_mean, m.running_var]
         shortcut = self.downsample(x) if (self.downsample is not None and ds is None) else None
-        spec = PostActSpec(tuple((c.stride[0], c.padding[0]) for c, _ in pairs), tuple(specs), ds_spec)
-        return post_act_block(spec, x, [c.weight for c, _ in pairs] + tensors, shortcut=shortcut)
+        spec = PostActSpec(tuple((c.stride[0], c.padding[0]) for c, _ in pairs),
+                           tuple(m.stage(bn) for m, (_, bn) in zip(modes, pairs)), ds_spec,
+                           out_channels_last=_wants_channels_last(x, pairs[-1][0].weight))
+        averaging = cumulative_update(modes)
+        out = post_act_block(spec, x, [weight(c) for c, _ in pairs] + tensors, shortcut=shortcut)
+        averaging.finish()
+        return out
 
     def _folded(self, pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(conv weight * bn scale in channels_last, bn shift in fp32) per pair, cached by version."""

@@ -66,7 +66,7 @@ def bn_stats_kernel(
 @triton.jit
 def bn_finalize_kernel(
     pmean_ptr, pm2_ptr, T, C, M, TILE_ROWS,
-    weight_ptr, bias_ptr, rmean_ptr, rvar_ptr,
+    weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr,
     mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
     momentum, eps,
     TRAINING: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
@@ -76,7 +76,8 @@ def bn_finalize_kernel(
     """mean, invstd and the prologue's scale/shift per channel; running-stat update in training.
 
     Training merges the tile partials chunk by chunk (Chan et al.); eval reads the running
-    statistics instead.
+    statistics instead. The updated running statistics go to ``r*_out_ptr`` (the running
+    statistics themselves for an in-place update).
     """
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
@@ -109,8 +110,8 @@ def bn_finalize_kernel(
             unbiased = m2_a / (n_a - 1.0)
             new_rm = (1.0 - momentum) * rm.to(tl.float32) + momentum * mean
             new_rv = (1.0 - momentum) * rv.to(tl.float32) + momentum * unbiased
-            tl.store(rmean_ptr + offs_c, new_rm.to(rm.dtype), mask=c_ok)
-            tl.store(rvar_ptr + offs_c, new_rv.to(rv.dtype), mask=c_ok)
+            tl.store(rmean_out_ptr + offs_c, new_rm.to(rm.dtype), mask=c_ok)
+            tl.store(rvar_out_ptr + offs_c, new_rv.to(rv.dtype), mask=c_ok)
     else:
         mean = tl.load(rmean_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
         var = tl.load(rvar_ptr + offs_c, mask=c_ok, other=1.0).to(tl.float32)
@@ -328,15 +329,20 @@ def bn_finalize(
     eps: float,
     channels: int,
     device: torch.device,
+    out: torch.Tensor | None = None,
+    running_out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(mean, invstd, scale, shift)``, each fp32 of length C.
+    """``(mean, invstd, scale, shift)``, each fp32 of length C (rows of ``out``, a (4, C) fp32
+    buffer, when given).
 
     Training merges ``partials`` (over ``count`` pixels) and, when running statistics are
-    given, updates them in place; eval reads the running statistics.
+    given, updates them — in place, or into ``running_out`` (new mean, new var) when given;
+    eval reads the running statistics.
     """
     C = channels
-    out = torch.empty((4, C), device=device, dtype=torch.float32)
-    mean, invstd, scale, shift = out.unbind(0)
+    if out is None:
+        out = torch.empty((4, C), device=device, dtype=torch.float32)
+    mean, invstd, scale, shift = out.unbind(0)[:4]
     if training:
         pmean, pm2, tile_rows = partials
         T = pmean.shape[0]
@@ -345,11 +351,13 @@ def bn_finalize(
         tile_rows, T = 1, 0
     update = training and running_mean is not None
     dummy = out
+    rm_out, rv_out = running_out if running_out is not None else (running_mean, running_var)
     launch(
         bn_finalize_kernel, (triton.cdiv(C, FINALIZE_BLOCK_C),),
         pmean, pm2, T, C, count, tile_rows,
         weight if weight is not None else dummy, bias if bias is not None else dummy,
         running_mean if running_mean is not None else dummy, running_var if running_var is not None else dummy,
+        rm_out if rm_out is not None else dummy, rv_out if rv_out is not None else dummy,
         mean, invstd, scale, shift,
         float(momentum), float(eps),
         TRAINING=training, UPDATE_RUNNING=update,
@@ -362,8 +370,8 @@ def bn_finalize(
 def bn_bwd_reduce(psum: torch.Tensor, psumx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum dz, sum dz*xhat)`` per channel from the dgrad epilogue's per-tile partials."""
     T, C = psum.shape
-    out = torch.empty((2, C), device=psum.device, dtype=torch.float32)
-    s, sx = out.unbind(0)
+    s = torch.empty(C, device=psum.device, dtype=torch.float32)  # two allocations: returned as
+    sx = torch.empty_like(s)  # separate gradients, they must not share storage
     launch(
         bn_bwd_reduce_kernel, (triton.cdiv(C, FINALIZE_BLOCK_C),),
         psum, psumx, s, sx, T, C, BLOCK_T=FINALIZE_BLOCK_T, BLOCK_C=FINALIZE_BLOCK_C,

@@ -1,0 +1,77 @@
+"""Autocast: the fused blocks compute in the autocast dtype as nn.Conv2d would, the output dtype
+is what eager PyTorch gives for the same block, and BatchNorm parameters and statistics stay
+fp32."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _helpers import launched
+from torch import nn
+
+import fusedres
+from fusedres.models import preact_resnet
+from fusedres.testing import rel_error, set_fused
+
+
+def _cases() -> dict[str, tuple]:
+    from torchvision.models.resnet import BasicBlock as TvBasic
+
+    return {
+        "PreActBasicBlock identity": (lambda: fusedres.PreActBasicBlock(8, 8), (2, 8, 6, 6)),
+        "PreActBasicBlock projection s2": (lambda: fusedres.PreActBasicBlock(8, 12, 2), (2, 8, 6, 6)),
+        "PreActBottleneck": (lambda: fusedres.PreActBottleneck(16, 4), (2, 16, 5, 5)),
+        "preact_resnet(11)": (lambda: preact_resnet(11, block="bottleneck"), (2, 3, 8, 8)),
+        "torchvision BasicBlock converted": (lambda: fusedres.convert(nn.Sequential(TvBasic(8, 8))), (2, 8, 6, 6)),
+    }
+
+
+def _twin(model: nn.Module) -> nn.Module:
+    return set_fused(copy.deepcopy(model), False)
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16], ids=["fp32-input", "bf16-input"])
+@pytest.mark.parametrize("name", list(_cases()))
+def test_cpu_autocast_bf16(name: str, input_dtype: torch.dtype) -> None:
+    build, shape = _cases()[name]
+    torch.manual_seed(0)
+    model = build()
+    eager = _twin(model)
+    x = torch.randn(*shape).to(input_dtype)
+    runs = {}
+    for label, m in (("fused", model), ("eager", eager)):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if label == "fused" and not (name.startswith("torchvision") and input_dtype == torch.float32):
+                with launched():
+                    out = m(xi)
+            else:
+                out = m(xi)
+        out.float().square().mean().backward()
+        runs[label] = (out, xi.grad, {n: p.grad for n, p in m.named_parameters()})
+    (out, dx, grads), (e_out, e_dx, e_grads) = runs["fused"], runs["eager"]
+    assert out.dtype == e_out.dtype, f"output dtype {out.dtype}, eager PyTorch gives {e_out.dtype}"
+    assert dx.dtype == e_dx.dtype == input_dtype
+    for n, p in model.named_parameters():
+        assert p.dtype == torch.float32 and grads[n].dtype == torch.float32, n
+    for n, b in model.named_buffers():
+        if "running" in n:
+            assert b.dtype == torch.float32, n
+    # Same computation in bf16: errors of the order of bf16 rounding, compared with eager's own.
+    assert rel_error(out, e_out) < 0.05, rel_error(out, e_out)
+    # Input gradients through two or three bf16 BatchNorm backwards differ from eager's by ReLU
+    # masks flipping on bf16 rounding (heavy-tailed); only their dtype and finiteness are checked.
+    assert torch.isfinite(dx.float()).all()
+    for (n, b), (_, eb) in zip(model.named_buffers(), eager.named_buffers()):
+        if "running" in n:
+            assert rel_error(b, eb) < 0.05, n
+
+
+def test_autocast_disabled_region_runs_full_precision() -> None:
+    """Inside ``autocast(enabled=False)`` nothing is cast: an fp32 block stays fp32."""
+    block = fusedres.PreActBasicBlock(8, 8)
+    x = torch.randn(2, 8, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autocast("cpu", enabled=False):
+        assert block(x).dtype == torch.float32

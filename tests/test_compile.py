@@ -1,0 +1,172 @@
+"""torch.compile: the fused blocks trace through the ``fusedres::`` custom ops with no graph break,
+forward and backward, and compute what the eager fused path computes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fusedres
+import fusedres.testing
+from fusedres import _fused
+from fusedres.models import PreActResNet, preact_resnet
+
+from _helpers import launched
+
+
+def _graph_recorder():
+    """An ``aot_eager``-like backend that also records the forward and backward graphs' ops."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    ops: list[str] = []
+
+    def record(gm: torch.fx.GraphModule, _inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=record, bw_compiler=record), ops
+
+
+def _run(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    x = x.detach().clone().requires_grad_(True)
+    out = model(x)
+    out.float().square().sum().backward()
+    grads = {n.removeprefix("_orig_mod."): p.grad.detach().clone() for n, p in model.named_parameters()}
+    return out.detach(), x.grad.detach(), grads
+
+
+def _assert_same(a, b, tol: float) -> None:
+    (out_a, dx_a, g_a), (out_b, dx_b, g_b) = a, b
+    torch.testing.assert_close(out_a, out_b, rtol=tol, atol=tol)
+    torch.testing.assert_close(dx_a, dx_b, rtol=tol, atol=tol)
+    assert g_a.keys() == g_b.keys()
+    for k in g_a:
+        torch.testing.assert_close(g_a[k], g_b[k], rtol=tol, atol=tol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def _buffers_same(a: nn.Module, b: nn.Module) -> None:
+    for (name, ba), (_, bb) in zip(a.named_buffers(), b.named_buffers()):
+        torch.testing.assert_close(ba, bb, rtol=1e-6, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _tiny_models() -> dict[str, callable]:
+    from torchvision.models.resnet import BasicBlock as TvBasic
+    from torchvision.models.resnet import Bottleneck as TvBottleneck
+
+    return {
+        "preact-blocks": lambda: nn.Sequential(fusedres.PreActBasicBlock(8, 8), fusedres.PreActBasicBlock(8, 12, 2),
+                                               fusedres.PreActBottleneck(12, 4)),
+        "preact_resnet(11)": lambda: preact_resnet(11, block="bottleneck"),
+        "momentum=None": lambda: _momentum_none(nn.Sequential(fusedres.PreActBottleneck(8, 2),
+                                                              fusedres.PreActBasicBlock(8, 8))),
+        "torchvision-converted": lambda: fusedres.convert(nn.Sequential(
+            TvBasic(8, 8), TvBottleneck(8, 4, 2, downsample=nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False),
+                                                                          nn.BatchNorm2d(16))))),
+    }
+
+
+def _momentum_none(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    return model
+
+
+@pytest.mark.parametrize("name", list(_tiny_models()))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fullgraph_compile_matches_eager(name: str, training: bool) -> None:
+    torch.manual_seed(0)
+    eager = _tiny_models()[name]()
+    if name == "preact_resnet(11)":
+        x = torch.randn(2, 3, 8, 8, dtype=torch.float32)
+    else:
+        x = torch.randn(2, 8, 6, 6, dtype=torch.float32)
+    for m in eager.modules():  # non-trivial running statistics for eval
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    eager.train(training)
+    compiled_model = copy.deepcopy(eager)
+    backend, ops = _graph_recorder()
+    torch._dynamo.reset()
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=backend)
+    for step in range(2):  # the second step sees updated running statistics
+        want = _run(eager, x)
+        with launched():
+            got = _run(compiled, x)
+        _assert_same(got, want, 1e-6)
+        _buffers_same(compiled_model, eager)
+        eager.zero_grad(set_to_none=True)
+        compiled_model.zero_grad(set_to_none=True)
+    fused_ops = {op for op in ops if op.startswith("fusedres.")}
+    backward_ops = {op for op in fused_ops if "_backward" in op}
+    assert fused_ops, f"no fusedres op in the compiled graphs: {sorted(set(ops))}"
+    assert backward_ops, f"the backward graph does not call a fusedres backward op: {sorted(fused_ops)}"
+
+
+def test_compiled_running_stats_and_counter() -> None:
+    """Running statistics and num_batches_tracked advance exactly as in eager mode, per step."""
+    torch.manual_seed(1)
+    eager = nn.Sequential(fusedres.PreActBottleneck(8, 2), fusedres.PreActBasicBlock(8, 8))
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float32)
+    for _ in range(3):
+        eager(x)
+        compiled(x)
+    _buffers_same(compiled_model, eager)
+    assert int(compiled_model[0].bn1.num_batches_tracked) == 3
+
+
+def test_opcheck_custom_ops() -> None:
+    """torch.library.opcheck: schema, fake (shapes and strides of the real outputs), autograd
+    registration, and AOT dispatch of the forward ops on a small chain and a head."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float32, requires_grad=True)
+    w1 = torch.randn(8, 8, 3, 3, dtype=torch.float32, requires_grad=True).contiguous(memory_format=torch.channels_last)
+    w2 = torch.randn(8, 8, 1, 1, dtype=torch.float32, requires_grad=True)
+    g = torch.rand(8, dtype=torch.float32, requires_grad=True)
+    b = torch.randn(8, dtype=torch.float32, requires_grad=True)
+    spec = _fused.ChainSpec((_fused.StageSpec(1, 1, 1e-5, 0.1, True), _fused.StageSpec(1, 0, 1e-5, 0.1, False)),
+                            shortcut="identity", out_channels_last=False)
+    rm, rv = torch.zeros(8, dtype=torch.float32), torch.ones(8, dtype=torch.float32)
+    ints, floats = _fused.Chain.encode(spec)
+    none = torch.empty(0)  # an absent tensor travels as an empty placeholder
+    tensors = [x, none, none, w1, g, b, none, none, w2, g, none, rm, rv]
+    torch.library.opcheck(torch.ops.fusedres.preact_chain.default, (ints, floats, tensors),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    pst = _fused.StageSpec(1, 0, 1e-5, 0.1, True)
+    pints, pfloats = _fused.Pool.encode(pst)
+    torch.library.opcheck(torch.ops.fusedres.bn_relu_pool.default, (pints, pfloats, [x, g, b, rm, rv]),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_compile_uses_fresh_weights_after_an_update() -> None:
+    """A weight updated in place between compiled calls (an optimizer step) is seen by the next
+    call: under torch.compile the channels_last weight copy is made in the graph, not cached."""
+    torch.manual_seed(3)
+    block = fusedres.PreActBasicBlock(8, 8)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float32)
+    compiled(x)
+    with torch.no_grad():
+        block.conv1.weight.mul_(-1.5)
+    got = compiled(x)
+    eager_twin = fusedres.testing.set_fused(copy.deepcopy(block), False)
+    eager_twin.load_state_dict(block.state_dict())
+    want = eager_twin(x)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_network_compiles_without_graph_break() -> None:
+    """An ImageNet-stem pre-activation network (max pool, projection shortcuts, head)."""
+    model = PreActResNet(fusedres.PreActBottleneck, [1, 1], [4, 4], num_classes=5, stem="imagenet",
+                         stem_channels=8)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float32)
+    with launched():
+        compiled(x).sum().backward()

@@ -1,0 +1,70 @@
+"""SyncBatchNorm: two gloo processes, each with part of a batch (unequal sizes), match one
+process on the whole batch — outputs, input and parameter gradients, running statistics."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import fusedres
+from fusedres.testing import set_fused
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import _syncbn_worker as worker  # noqa: E402
+
+
+def test_syncbn_two_processes_match_one_process_on_the_global_batch(tmp_path: Path) -> None:
+    world = len(worker.SIZES)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(HERE.parent))
+    procs = [subprocess.Popen([sys.executable, str(HERE / "_syncbn_worker.py"), str(r), str(world),
+                               str(tmp_path / "init"), str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    assert all(r["launches"] > 0 for r in ranks), "the fused kernels did not run"
+
+    # One process, the whole batch, plain BatchNorm in float64.
+    ref = set_fused(worker.build(), False).double()
+    x, w = worker.data()
+    x = x.double().requires_grad_(True)
+    for _ in range(2):
+        ref.zero_grad(set_to_none=True)
+        x.grad = None
+        out = ref(x)
+        (out * w.double()).sum().backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    ref.eval()
+    with torch.no_grad():
+        ref_eval = ref(x)
+
+    tol = dict(rtol=2e-4, atol=2e-4)
+    lo = 0
+    for r, size in enumerate(worker.SIZES):
+        res = ranks[r]
+        torch.testing.assert_close(res["out"].double(), out[lo : lo + size].detach(), **tol)
+        torch.testing.assert_close(res["dx"].double(), x.grad[lo : lo + size], **tol)
+        torch.testing.assert_close(res["eval_out"].double(), ref_eval, **tol)
+        for n, g in ref_grads.items():
+            torch.testing.assert_close(res["grads"][n].double(), g, **tol, msg=lambda m, n=n: f"grad {n}: {m}")
+        for n, b in ref.named_buffers():
+            torch.testing.assert_close(res["buffers"][n].double(), b.double(), **tol,
+                                       msg=lambda m, n=n: f"buffer {n}: {m}")
+        lo += size
+
+
+def test_syncbn_without_process_group_is_plain_batchnorm() -> None:
+    """A SyncBatchNorm outside torch.distributed (or in eval) is ordinary BatchNorm, fused."""
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(fusedres.PreActBasicBlock(8, 8))
+    twin = set_fused(worker.build(), False)  # noqa: F841 - builds without a process group
+    plain = fusedres.PreActBasicBlock(8, 8)
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(model(x), plain(x), rtol=1e-6, atol=1e-6)
