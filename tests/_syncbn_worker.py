@@ -43,7 +43,7 @@ def main() -> None:
     lo, hi = sum(SIZES[:rank]), sum(SIZES[: rank + 1])
     xs = x[lo:hi].clone().requires_grad_(True)
     before = sum(fusedres.launch_counts.values())
-    for step in range(2):  # the second step normalises with batch stats again and updates running stats
+    for _ in range(2):  # the second step normalises with batch stats again and updates running stats
         model.zero_grad(set_to_none=True)
         xs.grad = None
         out = model(xs)

@@ -20,6 +20,7 @@ def _cases() -> dict[str, tuple]:
     from torchvision.models.resnet import BasicBlock as TvBasic
 
     return {
+        # (fp16 autocast behaves the same; bf16 is what both cpu and cuda autocast support)
         "PreActBasicBlock identity": (lambda: fusedres.PreActBasicBlock(8, 8), (2, 8, 6, 6)),
         "PreActBasicBlock projection s2": (lambda: fusedres.PreActBasicBlock(8, 12, 2), (2, 8, 6, 6)),
         "PreActBottleneck": (lambda: fusedres.PreActBottleneck(16, 4), (2, 16, 5, 5)),
@@ -34,16 +35,17 @@ def _twin(model: nn.Module) -> nn.Module:
 
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16], ids=["fp32-input", "bf16-input"])
 @pytest.mark.parametrize("name", list(_cases()))
-def test_cpu_autocast_bf16(name: str, input_dtype: torch.dtype) -> None:
+def test_autocast_bf16(name: str, input_dtype: torch.dtype, device: torch.device) -> None:
+    """cpu autocast under the interpreter; cuda autocast on a GPU."""
     build, shape = _cases()[name]
     torch.manual_seed(0)
-    model = build()
+    model = build().to(device)
     eager = _twin(model)
-    x = torch.randn(*shape).to(input_dtype)
+    x = torch.randn(*shape, device=device).to(input_dtype)
     runs = {}
     for label, m in (("fused", model), ("eager", eager)):
         xi = x.clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             if label == "fused" and not (name.startswith("torchvision") and input_dtype == torch.float32):
                 with launched():
                     out = m(xi)
@@ -51,7 +53,7 @@ def test_cpu_autocast_bf16(name: str, input_dtype: torch.dtype) -> None:
                 out = m(xi)
         out.float().square().mean().backward()
         runs[label] = (out, xi.grad, {n: p.grad for n, p in m.named_parameters()})
-    (out, dx, grads), (e_out, e_dx, e_grads) = runs["fused"], runs["eager"]
+    (out, dx, grads), (e_out, e_dx, _) = runs["fused"], runs["eager"]
     assert out.dtype == e_out.dtype, f"output dtype {out.dtype}, eager PyTorch gives {e_out.dtype}"
     assert dx.dtype == e_dx.dtype == input_dtype
     for n, p in model.named_parameters():
@@ -69,9 +71,9 @@ def test_cpu_autocast_bf16(name: str, input_dtype: torch.dtype) -> None:
             assert rel_error(b, eb) < 0.05, n
 
 
-def test_autocast_disabled_region_runs_full_precision() -> None:
+def test_autocast_disabled_region_runs_full_precision(device: torch.device) -> None:
     """Inside ``autocast(enabled=False)`` nothing is cast: an fp32 block stays fp32."""
-    block = fusedres.PreActBasicBlock(8, 8)
-    x = torch.randn(2, 8, 5, 5)
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autocast("cpu", enabled=False):
+    block = fusedres.PreActBasicBlock(8, 8).to(device)
+    x = torch.randn(2, 8, 5, 5, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16), torch.autocast(device.type, enabled=False):
         assert block(x).dtype == torch.float32

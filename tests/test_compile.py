@@ -7,14 +7,13 @@ import copy
 
 import pytest
 import torch
+from _helpers import launched
 from torch import nn
 
 import fusedres
 import fusedres.testing
 from fusedres import _fused
 from fusedres.models import PreActResNet, preact_resnet
-
-from _helpers import launched
 
 
 def _graph_recorder():
@@ -50,7 +49,7 @@ def _assert_same(a, b, tol: float) -> None:
 
 def _buffers_same(a: nn.Module, b: nn.Module) -> None:
     for (name, ba), (_, bb) in zip(a.named_buffers(), b.named_buffers()):
-        torch.testing.assert_close(ba, bb, rtol=1e-6, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(ba, bb, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def _tiny_models() -> dict[str, callable]:
@@ -78,13 +77,13 @@ def _momentum_none(model: nn.Module) -> nn.Module:
 
 @pytest.mark.parametrize("name", list(_tiny_models()))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_fullgraph_compile_matches_eager(name: str, training: bool) -> None:
+def test_fullgraph_compile_matches_eager(name: str, training: bool, device: torch.device, no_tf32: None) -> None:
     torch.manual_seed(0)
-    eager = _tiny_models()[name]()
+    eager = _tiny_models()[name]().to(device)
     if name == "preact_resnet(11)":
-        x = torch.randn(2, 3, 8, 8, dtype=torch.float32)
+        x = torch.randn(2, 3, 8, 8, dtype=torch.float32, device=device)
     else:
-        x = torch.randn(2, 8, 6, 6, dtype=torch.float32)
+        x = torch.randn(2, 8, 6, 6, dtype=torch.float32, device=device)
     for m in eager.modules():  # non-trivial running statistics for eval
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
@@ -94,7 +93,7 @@ def test_fullgraph_compile_matches_eager(name: str, training: bool) -> None:
     backend, ops = _graph_recorder()
     torch._dynamo.reset()
     compiled = torch.compile(compiled_model, fullgraph=True, backend=backend)
-    for step in range(2):  # the second step sees updated running statistics
+    for _ in range(2):  # the second step sees updated running statistics
         want = _run(eager, x)
         with launched():
             got = _run(compiled, x)
@@ -108,13 +107,13 @@ def test_fullgraph_compile_matches_eager(name: str, training: bool) -> None:
     assert backward_ops, f"the backward graph does not call a fusedres backward op: {sorted(fused_ops)}"
 
 
-def test_compiled_running_stats_and_counter() -> None:
+def test_compiled_running_stats_and_counter(device: torch.device, no_tf32: None) -> None:
     """Running statistics and num_batches_tracked advance exactly as in eager mode, per step."""
     torch.manual_seed(1)
-    eager = nn.Sequential(fusedres.PreActBottleneck(8, 2), fusedres.PreActBasicBlock(8, 8))
+    eager = nn.Sequential(fusedres.PreActBottleneck(8, 2), fusedres.PreActBasicBlock(8, 8)).to(device)
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 8, 5, 5, dtype=torch.float32)
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float32, device=device)
     for _ in range(3):
         eager(x)
         compiled(x)
@@ -122,20 +121,21 @@ def test_compiled_running_stats_and_counter() -> None:
     assert int(compiled_model[0].bn1.num_batches_tracked) == 3
 
 
-def test_opcheck_custom_ops() -> None:
+def test_opcheck_custom_ops(device: torch.device, no_tf32: None) -> None:
     """torch.library.opcheck: schema, fake (shapes and strides of the real outputs), autograd
     registration, and AOT dispatch of the forward ops on a small chain and a head."""
     torch.manual_seed(2)
-    x = torch.randn(2, 8, 5, 5, dtype=torch.float32, requires_grad=True)
-    w1 = torch.randn(8, 8, 3, 3, dtype=torch.float32, requires_grad=True).contiguous(memory_format=torch.channels_last)
-    w2 = torch.randn(8, 8, 1, 1, dtype=torch.float32, requires_grad=True)
-    g = torch.rand(8, dtype=torch.float32, requires_grad=True)
-    b = torch.randn(8, dtype=torch.float32, requires_grad=True)
+    kw = dict(dtype=torch.float32, device=device)
+    x = torch.randn(2, 8, 5, 5, **kw).requires_grad_(True)
+    w1 = torch.randn(8, 8, 3, 3, **kw).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    w2 = torch.randn(8, 8, 1, 1, **kw).requires_grad_(True)
+    g = torch.rand(8, **kw).requires_grad_(True)
+    b = torch.randn(8, **kw).requires_grad_(True)
     spec = _fused.ChainSpec((_fused.StageSpec(1, 1, 1e-5, 0.1, True), _fused.StageSpec(1, 0, 1e-5, 0.1, False)),
                             shortcut="identity", out_channels_last=False)
-    rm, rv = torch.zeros(8, dtype=torch.float32), torch.ones(8, dtype=torch.float32)
+    rm, rv = torch.zeros(8, **kw), torch.ones(8, **kw)
     ints, floats = _fused.Chain.encode(spec)
-    none = torch.empty(0)  # an absent tensor travels as an empty placeholder
+    none = torch.empty(0, **kw)  # an absent tensor travels as an empty placeholder
     tensors = [x, none, none, w1, g, b, none, none, w2, g, none, rm, rv]
     torch.library.opcheck(torch.ops.fusedres.preact_chain.default, (ints, floats, tensors),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
@@ -145,13 +145,13 @@ def test_opcheck_custom_ops() -> None:
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
-def test_compile_uses_fresh_weights_after_an_update() -> None:
+def test_compile_uses_fresh_weights_after_an_update(device: torch.device, no_tf32: None) -> None:
     """A weight updated in place between compiled calls (an optimizer step) is seen by the next
     call: under torch.compile the channels_last weight copy is made in the graph, not cached."""
     torch.manual_seed(3)
-    block = fusedres.PreActBasicBlock(8, 8)
+    block = fusedres.PreActBasicBlock(8, 8).to(device)
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 8, 5, 5, dtype=torch.float32)
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float32, device=device)
     compiled(x)
     with torch.no_grad():
         block.conv1.weight.mul_(-1.5)
@@ -162,11 +162,51 @@ def test_compile_uses_fresh_weights_after_an_update() -> None:
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
-def test_network_compiles_without_graph_break() -> None:
+def test_network_compiles_without_graph_break(device: torch.device) -> None:
     """An ImageNet-stem pre-activation network (max pool, projection shortcuts, head)."""
     model = PreActResNet(fusedres.PreActBottleneck, [1, 1], [4, 4], num_classes=5, stem="imagenet",
-                         stem_channels=8)
+                         stem_channels=8).to(device)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 3, 16, 16, dtype=torch.float32)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float32, device=device)
     with launched():
         compiled(x).sum().backward()
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and sync checks need a GPU")
+
+
+@needs_cuda
+def test_no_host_sync_in_fused_training_step(no_tf32: None) -> None:
+    """Forward and backward of a fused network make no host synchronisation (momentum=None
+    included), so CUDA graphs can capture them."""
+    model = _momentum_none(preact_resnet(11, block="bottleneck")).cuda()
+    x = torch.randn(4, 3, 8, 8, device="cuda")
+    model(x).sum().backward()  # compile the kernels first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(x).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+def test_reduce_overhead_training_matches_eager(no_tf32: None) -> None:
+    """torch.compile(mode="reduce-overhead") (CUDA graphs) over several optimizer steps: the
+    replayed graphs see the updated weights and buffers."""
+    torch.manual_seed(4)
+    eager = preact_resnet(11, block="bottleneck").cuda()
+    graphed_model = copy.deepcopy(eager)
+    compiled = torch.compile(graphed_model, mode="reduce-overhead", fullgraph=True)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (eager, graphed_model)]
+    x = torch.randn(8, 3, 8, 8, device="cuda")
+    for _ in range(4):
+        losses = []
+        for m, opt in ((eager, opts[0]), (compiled, opts[1])):
+            opt.zero_grad(set_to_none=True)
+            loss = m(x).float().square().mean()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach().clone())
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
+    _buffers_same(graphed_model, eager)
