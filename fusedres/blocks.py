@@ -17,7 +17,6 @@ from . import _runtime
 from ._fused import ChainSpec, bn_modes, cumulative_update, run_preact_chain
 from ._fused import autocast_dtype as _autocast_dtype
 
-
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
