@@ -34,6 +34,7 @@ from torch.autograd.function import once_differentiable
 
 from .ops import bn as bn_ops
 from .ops import conv as conv_ops
+from .ops import route
 
 Tensors = Sequence[Optional[torch.Tensor]]
 
@@ -344,7 +345,7 @@ class Chain(_Impl):
             all_stats.append(stats)
             if i == 0:
                 if spec.shortcut == "projection":
-                    shortcut, _ = conv_ops.conv_fprop(
+                    shortcut, _ = route.conv_fprop(
                         x, kernel_weight(proj_weight), stride=spec.proj_stride, padding=0, scale=scale, shift=shift,
                     )
                 elif spec.shortcut == "identity":
@@ -355,7 +356,7 @@ class Chain(_Impl):
                 inner.append(h)
             last = i == n_stages - 1
             next_batch_stats = not last and spec.stages[i + 1].batch_stats
-            h, partials = conv_ops.conv_fprop(
+            h, partials = route.conv_fprop(
                 h, kernel_weight(w), stride=st.stride, padding=st.padding, scale=scale, shift=shift,
                 residual=shortcut if last else None, stats=next_batch_stats,
             )
@@ -397,11 +398,11 @@ class Chain(_Impl):
             h = inputs[i]
             need_w, need_g, need_b = stage_needs[i][:3]
             if need_w:
-                grads[3 + _PER_STAGE * i] = conv_ops.conv_wgrad(
+                grads[3 + _PER_STAGE * i] = route.conv_wgrad(
                     dh, h, w, stride=st.stride, padding=st.padding, scale=scale, shift=shift,
                 )
             if i == 0 and spec.shortcut == "projection" and needs[2]:
-                grads[2] = conv_ops.conv_wgrad(
+                grads[2] = route.conv_wgrad(
                     dout, h, proj_weight, stride=spec.proj_stride, padding=0, scale=scale, shift=shift,
                 )
             below = need_x or need_g or need_b or any(any(n[:3]) for n in stage_needs[:i])
@@ -409,9 +410,9 @@ class Chain(_Impl):
                 break
             add = None
             if i == 0 and spec.shortcut == "projection":
-                add, _ = conv_ops.conv_dgrad(dout, kernel_weight(proj_weight), tuple(h.shape),
+                add, _ = route.conv_dgrad(dout, kernel_weight(proj_weight), tuple(h.shape),
                                              stride=spec.proj_stride, padding=0)
-            dz, (psum, psumx) = conv_ops.conv_dgrad(
+            dz, (psum, psumx) = route.conv_dgrad(
                 dh, kernel_weight(w), tuple(h.shape), stride=st.stride, padding=st.padding,
                 bn=(h, scale, shift, mean, invstd), add=add,
             )
@@ -572,7 +573,7 @@ class PostAct(_Impl):
         ys: list[torch.Tensor] = []
         h, scale, shift = x, None, None
         for i, (stride, pad) in enumerate(spec.convs):
-            h, partials = conv_ops.conv_fprop(
+            h, partials = route.conv_fprop(
                 h, kernel_weight(weights[i]), stride=stride, padding=pad, scale=scale, shift=shift,
                 stats=spec.bns[i].batch_stats,
             )
@@ -583,7 +584,7 @@ class PostAct(_Impl):
         if spec.downsample is not None:
             ds_stride, ds_st = spec.downsample
             ds_w = t[2 + n + _PER_BN * n]
-            r, ds_partials = conv_ops.conv_fprop(x, kernel_weight(ds_w), stride=ds_stride, padding=0,
+            r, ds_partials = route.conv_fprop(x, kernel_weight(ds_w), stride=ds_stride, padding=0,
                                                  stats=ds_st.batch_stats)
             r_affine = finalize(ds_partials, r, n)[2:]
             extra = [r]
@@ -648,9 +649,9 @@ class PostAct(_Impl):
             ds_w = t[2 + n + _PER_BN * n]
             dd = bn_backward(n, g, r_saved, psum, psumr)
             if needs[2 + n + _PER_BN * n]:
-                grads[2 + n + _PER_BN * n] = conv_ops.conv_wgrad(dd, x, ds_w, stride=ds_stride, padding=0)
+                grads[2 + n + _PER_BN * n] = route.conv_wgrad(dd, x, ds_w, stride=ds_stride, padding=0)
             if needs[0]:
-                dx_add, _ = conv_ops.conv_dgrad(dd, kernel_weight(ds_w), tuple(x.shape), stride=ds_stride,
+                dx_add, _ = route.conv_dgrad(dd, kernel_weight(ds_w), tuple(x.shape), stride=ds_stride,
                                                 padding=0)
         elif needs[0] and shortcut is None:
             dx_add = g  # identity shortcut
@@ -659,16 +660,16 @@ class PostAct(_Impl):
             h_in = x if i == 0 else ys[i - 1]
             scale, shift = (fins[i - 1][2], fins[i - 1][3]) if i > 0 else (None, None)
             if needs[2 + i]:
-                grads[2 + i] = conv_ops.conv_wgrad(dh, h_in, weights[i], stride=stride, padding=pad,
+                grads[2 + i] = route.conv_wgrad(dh, h_in, weights[i], stride=stride, padding=pad,
                                                    scale=scale, shift=shift)
             if i > 0:
-                dz, (ps, psx) = conv_ops.conv_dgrad(
+                dz, (ps, psx) = route.conv_dgrad(
                     dh, kernel_weight(weights[i]), tuple(h_in.shape), stride=stride, padding=pad,
                     bn=(h_in, scale, shift, fins[i - 1][0], fins[i - 1][1]),
                 )
                 dh = bn_backward(i - 1, dz, h_in, ps, psx)
             elif needs[0]:
-                dh, _ = conv_ops.conv_dgrad(dh, kernel_weight(weights[0]), tuple(x.shape), stride=stride,
+                dh, _ = route.conv_dgrad(dh, kernel_weight(weights[0]), tuple(x.shape), stride=stride,
                                             padding=pad, add=dx_add)
         if needs[0]:
             grads[0] = dh

@@ -19,7 +19,7 @@ from torch import nn
 from . import _runtime
 from ._fused import PostActSpec, autocast_dtype, bn_modes, cumulative_update, kernel_weight
 from .functional import _wants_channels_last, post_act_block
-from .ops import conv as conv_ops
+from .ops import route
 
 
 def _conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -144,16 +144,16 @@ class _PostActBlock(nn.Module):
         folded = self._folded(pairs + ([ds] if ds else []))
         h = x
         for (conv, _), (w, shift) in zip(pairs[:-1], folded):
-            h, _ = conv_ops.conv_fprop(h, w, stride=conv.stride[0], padding=conv.padding[0],
+            h, _ = route.conv_fprop(h, w, stride=conv.stride[0], padding=conv.padding[0],
                                        out_shift=shift, out_relu=True)
         if ds is not None:
             w, shift = folded[-1]
-            identity, _ = conv_ops.conv_fprop(x, w, stride=ds[0].stride[0], padding=0, out_shift=shift)
+            identity, _ = route.conv_fprop(x, w, stride=ds[0].stride[0], padding=0, out_shift=shift)
         else:
             identity = self.downsample(x) if self.downsample is not None else x
         conv = pairs[-1][0]
         w, shift = folded[len(pairs) - 1]
-        out, _ = conv_ops.conv_fprop(h, w, stride=conv.stride[0], padding=conv.padding[0], residual=identity,
+        out, _ = route.conv_fprop(h, w, stride=conv.stride[0], padding=conv.padding[0], residual=identity,
                                      out_shift=shift, out_relu=True)
         return out
 

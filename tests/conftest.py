@@ -53,3 +53,13 @@ def no_tf32() -> Iterator[None]:
     torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.fixture(autouse=True)
+def _triton_convolutions(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tests exercise our Triton convolutions even where the measured dispatch table would send a
+    convolution to cuDNN (tests/test_route.py covers that route and forces it itself)."""
+    from fusedres.ops import route
+
+    with route.force("triton"):
+        yield

@@ -300,6 +300,48 @@ def bn_add_relu_bwd_kernel(
         tl.store(psumr_ptr + pid_m * C + offs_c, tl.sum(gr, axis=0), mask=c_ok)
 
 
+@triton.jit
+def bn_relu_apply_kernel(
+    x_ptr, scale_ptr, shift_ptr, out_ptr, H, W, C, M,
+    sxn, sxc, sxh, sxw,
+    son, soc, soh, sow,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out = relu(x*scale + shift): the activation a convolution routed to cuDNN reads."""
+    _, offs_c, c_ok, n, h, w, c64, mask = _pixel_tile(M, H, W, C, BLOCK_M, BLOCK_C)
+    x = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + c64 * sxc, mask=mask, other=0.0)
+    sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
+    sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
+    a = tl.maximum(x.to(tl.float32) * sc[None, :] + sh[None, :], 0.0)
+    tl.store(out_ptr + (n * son + h * soh + w * sow)[:, None] + c64 * soc, a.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def relu_bn_bwd_partials_kernel(
+    da_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, dz_ptr, psum_ptr, psumx_ptr, H, W, C, M,
+    sdn, sdc, sdh, sdw,
+    sxn, sxc, sxh, sxw,
+    szn, szc, szh, szw,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dz = da * (x*scale + shift > 0) and per-tile sums of dz and dz * xhat: the dgrad
+    epilogue's BatchNorm-ReLU backward, for a dgrad computed by cuDNN."""
+    pid_m, offs_c, c_ok, n, h, w, c64, mask = _pixel_tile(M, H, W, C, BLOCK_M, BLOCK_C)
+    da = tl.load(da_ptr + (n * sdn + h * sdh + w * sdw)[:, None] + c64 * sdc, mask=mask, other=0.0)
+    xv = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + c64 * sxc, mask=mask, other=0.0).to(tl.float32)
+    sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
+    sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
+    keep = mask & (xv * sc[None, :] + sh[None, :] > 0.0)
+    dz = tl.where(keep, da.to(tl.float32), 0.0).to(dz_ptr.dtype.element_ty)
+    tl.store(dz_ptr + (n * szn + h * szh + w * szw)[:, None] + c64 * szc, dz, mask=mask)
+    dzf = dz.to(tl.float32)  # the sums use the stored (rounded) dz, as the dgrad epilogue does
+    mu = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
+    inv = tl.load(invstd_ptr + offs_c, mask=c_ok, other=0.0)
+    xhat = (xv - mu[None, :]) * inv[None, :]
+    tl.store(psum_ptr + pid_m * C + offs_c, tl.sum(dzf, axis=0), mask=c_ok)
+    tl.store(psumx_ptr + pid_m * C + offs_c, tl.sum(tl.where(mask, dzf * xhat, 0.0), axis=0), mask=c_ok)
+
+
 def bn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-tile statistics partials of each channel of ``x`` (see the module docstring)."""
     N, C, H, W = x.shape
@@ -508,3 +550,43 @@ def bn_add_relu_bwd(
         RES_BN=r_bn is not None, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
     )
     return g, psum, psumy, psumr
+
+
+def bn_relu_apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``relu(x*scale + shift)`` per channel, channels_last, in x's dtype."""
+    N, C, H, W = x.shape
+    out = torch.empty((N, C, H, W), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    cfg = APPLY_CONFIG
+    M = N * H * W
+    launch(
+        bn_relu_apply_kernel, (triton.cdiv(M, cfg.block_m), triton.cdiv(C, cfg.block_c)),
+        x, scale, shift, out, H, W, C, M,
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+    )
+    return out
+
+
+def relu_bn_bwd_partials(
+    da: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor,
+    invstd: torch.Tensor,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """``(dz, (psum, psumx))`` as :func:`fusedres.ops.conv.conv_dgrad` returns them with its
+    BatchNorm-ReLU epilogue, from a gradient ``da`` computed elsewhere (dz channels_last)."""
+    N, C, H, W = x.shape
+    dz = torch.empty((N, C, H, W), device=x.device, dtype=da.dtype, memory_format=torch.channels_last)
+    cfg = APPLY_CONFIG
+    M = N * H * W
+    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(C, cfg.block_c))
+    psum = torch.empty((grid[0], C), device=x.device, dtype=torch.float32)
+    psumx = torch.empty_like(psum)
+    launch(
+        relu_bn_bwd_partials_kernel, grid,
+        da, x, scale, shift, mean, invstd, dz, psum, psumx, H, W, C, M,
+        da.stride(0), da.stride(1), da.stride(2), da.stride(3),
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        dz.stride(0), dz.stride(1), dz.stride(2), dz.stride(3),
+        BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+    )
+    return dz, (psum, psumx)

@@ -1,0 +1,167 @@
+"""Which engine runs each convolution: our Triton implicit GEMM, or cuDNN with the fusions kept
+around it.
+
+:func:`conv_fprop`, :func:`conv_dgrad` and :func:`conv_wgrad` have the signatures and results
+of the Triton launchers in :mod:`fusedres.ops.conv`. Routed to cuDNN they keep what the fused
+path keeps: the BatchNorm-apply + ReLU becomes one elementwise pass whose output cuDNN reads
+(recomputed in the backward, never saved), the statistics of the output come from the stats
+kernel, the dgrad's BatchNorm-ReLU backward from one elementwise pass over (da, x).
+
+The choice is a table measured per architecture (``dispatch/sm_XX.json``, made by
+``benchmarks/make_dispatch.py`` from a layer benchmark run on that card): for each measured
+layer and role, the Triton kernel's time against cuDNN's plus the extra elementwise pass.
+A call uses the nearest measured layer of the same role, kernel size and stride. Without a
+table for the GPU's architecture every convolution stays on Triton (nothing is guessed), and
+``FUSEDRES_CONV_BACKEND=triton|cudnn`` or :func:`force` overrides the table (tests use it to
+run the cuDNN route on the CPU, where PyTorch's own convolution stands in for cuDNN).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import bn as bn_ops
+from . import conv as conv_ops
+
+_TABLES = Path(__file__).resolve().parent / "dispatch"
+_FORCED: list[str] = []
+ROLES = ("fprop", "dgrad", "wgrad")
+
+
+@contextlib.contextmanager
+def force(backend: str) -> Iterator[None]:
+    """Route every convolution to ``backend`` ("triton" or "cudnn") inside the block."""
+    if backend not in ("triton", "cudnn"):
+        raise ValueError(f"backend must be 'triton' or 'cudnn', got {backend!r}")
+    _FORCED.append(backend)
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+
+
+@functools.cache
+def _table(arch: str) -> list[dict]:
+    path = _TABLES / f"{arch}.json"
+    if not path.exists():
+        return []
+    return json.loads(path.read_text())["layers"]
+
+
+def _arch(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def choose(role: str, device: torch.device, cin: int, cout: int, ksize: int, stride: int, pixels: int) -> str:
+    """"triton" or "cudnn" for one convolution (see the module docstring)."""
+    if _FORCED:
+        return _FORCED[-1]
+    env = os.environ.get("FUSEDRES_CONV_BACKEND", "auto")
+    if env in ("triton", "cudnn"):
+        return env
+    arch = _arch(device)
+    rows = [r for r in _table(arch) if r["role"] == role and r["ksize"] == ksize] if arch else []
+    if not rows:
+        return "triton"
+    same_stride = [r for r in rows if r["stride"] == stride]
+    rows = same_stride or rows
+
+    def distance(r: dict) -> float:
+        return (abs(math.log2(r["cin"] / cin)) + abs(math.log2(r["cout"] / cout))
+                + 0.5 * abs(math.log2(r["pixels"] / max(pixels, 1))))
+
+    return min(rows, key=distance)["backend"]
+
+
+def _cl(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def conv_fprop(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    stride: int,
+    padding: int,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    stats: bool = False,
+    out_shift: torch.Tensor | None = None,
+    out_relu: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, int] | None]:
+    """:func:`fusedres.ops.conv.conv_fprop` on the chosen engine."""
+    N, C, H, W = x.shape
+    K, _, R, _ = weight.shape
+    OH = conv_ops.conv_out_size(H, R, stride, padding)
+    OW = conv_ops.conv_out_size(W, R, stride, padding)
+    if choose("fprop", x.device, C, K, R, stride, N * OH * OW) == "triton":
+        return conv_ops.conv_fprop(x, weight, stride=stride, padding=padding, scale=scale, shift=shift,
+                                   residual=residual, stats=stats, out_shift=out_shift, out_relu=out_relu)
+    a = bn_ops.bn_relu_apply(x, scale, shift) if scale is not None else _cl(x)
+    y = _cl(F.conv2d(a, weight, None, stride, padding))
+    if residual is not None:
+        y.add_(residual)
+    if out_shift is not None:
+        y.add_(out_shift.to(y.dtype)[:, None, None])
+    if out_relu:
+        y.relu_()
+    return y, (bn_ops.bn_stats(y) if stats else None)
+
+
+def conv_dgrad(
+    dy: torch.Tensor,
+    weight: torch.Tensor,
+    input_shape: tuple[int, int, int, int],
+    *,
+    stride: int,
+    padding: int,
+    bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    add: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """:func:`fusedres.ops.conv.conv_dgrad` on the chosen engine."""
+    N, C, H, W = input_shape
+    K, _, R, _ = weight.shape
+    if choose("dgrad", dy.device, C, K, R, stride, N * H * W) == "triton":
+        return conv_ops.conv_dgrad(dy, weight, input_shape, stride=stride, padding=padding, bn=bn, add=add)
+    da = _cl(torch.nn.grad.conv2d_input(input_shape, weight, dy, stride, padding))
+    if add is not None:
+        da.add_(add)
+    if bn is None:
+        return da, None
+    return bn_ops.relu_bn_bwd_partials(da, *bn)
+
+
+def conv_wgrad(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight_like: torch.Tensor,
+    *,
+    stride: int,
+    padding: int,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`fusedres.ops.conv.conv_wgrad` on the chosen engine."""
+    N, C, H, W = x.shape
+    K, _, R, _ = weight_like.shape
+    _, _, OH, OW = dy.shape
+    if choose("wgrad", x.device, C, K, R, stride, N * OH * OW) == "triton":
+        return conv_ops.conv_wgrad(dy, x, weight_like, stride=stride, padding=padding, scale=scale, shift=shift)
+    a = bn_ops.bn_relu_apply(x, scale, shift) if scale is not None else x
+    dw = torch.nn.grad.conv2d_weight(a, tuple(weight_like.shape), dy, stride, padding)
+    if dw.stride() != weight_like.stride():
+        dw = torch.empty_like(weight_like).copy_(dw)
+    return dw

@@ -1,0 +1,145 @@
+"""The cuDNN route of the convolutions (fusedres.ops.route): same results as the Triton kernels
+and as eager PyTorch, the fusions around it kept, and the measured dispatch table's lookup."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _helpers import launched
+from torch import nn
+
+import fusedres
+from fusedres import launch_counts
+from fusedres.ops import bn as bn_ops
+from fusedres.ops import conv as conv_ops
+from fusedres.ops import route
+from fusedres.testing import check_module
+
+ROUTE_KERNELS = ("bn_relu_apply_kernel", "relu_bn_bwd_partials_kernel", "bn_stats_kernel")
+TRITON_CONVS = ("conv_fprop_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel")
+
+
+def _randomize_bn(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data = torch.rand(m.weight.shape, generator=g) + 0.5
+            m.bias.data = torch.randn(m.bias.shape, generator=g) * 0.2
+            m.running_mean.data = torch.randn(m.running_mean.shape, generator=g) * 0.2
+            m.running_var.data = torch.rand(m.running_var.shape, generator=g) + 0.5
+    return model
+
+
+def _torchvision(kind: str) -> nn.Module:
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    if kind == "tv-basic":
+        return fusedres.convert(nn.Sequential(BasicBlock(8, 8)))
+    ds = nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
+    return fusedres.convert(nn.Sequential(Bottleneck(8, 4, 2, downsample=ds)))
+
+
+CASES = {
+    "basic-identity": lambda: fusedres.PreActBasicBlock(12, 12),
+    "basic-proj-s2": lambda: fusedres.PreActBasicBlock(6, 10, 2),
+    "bottleneck-proj-s2": lambda: fusedres.PreActBottleneck(8, 3, 2),
+    "tv-basic": lambda: _torchvision("tv-basic"),
+    "tv-bottleneck-downsample": lambda: _torchvision("tv-bottleneck"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_blocks_on_the_cudnn_route_match_eager(poison, device, no_tf32, name):
+    block = _randomize_bn(CASES[name]())
+    cin = next(m for m in block.modules() if isinstance(m, nn.Conv2d)).in_channels
+    before = {k: launch_counts[k] for k in TRITON_CONVS}
+    with route.force("cudnn"), launched("bn_relu_apply_kernel", "relu_bn_bwd_partials_kernel"):
+        r = check_module(block, (2, cin, 9, 7), dtype=torch.float32, device=device, steps=2)
+    bad = r.failures(torch.float32)
+    assert not bad, "; ".join(bad)
+    assert {k: launch_counts[k] for k in TRITON_CONVS} == before, "a Triton convolution ran on the cuDNN route"
+
+
+@pytest.mark.parametrize("stride,ksize", [(1, 3), (2, 3), (2, 1)])
+def test_route_roles_match_triton_kernels(poison, device, no_tf32, stride, ksize):
+    """Each role on the cuDNN route against the Triton kernel with the same fusion."""
+    torch.manual_seed(1)
+    cl = torch.channels_last
+    x = torch.randn(2, 6, 7, 9, device=device).contiguous(memory_format=cl)
+    w = torch.randn(5, 6, ksize, ksize, device=device).contiguous(memory_format=cl)
+    scale, shift = torch.rand(6, device=device) + 0.5, torch.randn(6, device=device) * 0.3
+    mean, invstd = torch.randn(6, device=device) * 0.1, torch.rand(6, device=device) + 0.5
+    pad = ksize // 2
+    res_shape = (2, 5, conv_ops.conv_out_size(7, ksize, stride, pad), conv_ops.conv_out_size(9, ksize, stride, pad))
+    residual = torch.randn(res_shape, device=device).contiguous(memory_format=cl)
+    dy = torch.randn(res_shape, device=device).contiguous(memory_format=cl)
+    add = torch.randn(x.shape, device=device).contiguous(memory_format=cl)
+    results = {}
+    for backend in ("triton", "cudnn"):
+        with route.force(backend):
+            y, partials = route.conv_fprop(x, w, stride=stride, padding=pad, scale=scale, shift=shift,
+                                           residual=residual, stats=True)
+            stats = bn_ops.bn_finalize(partials, y.shape[0] * y.shape[2] * y.shape[3], None, None, None, None,
+                                       training=True, momentum=0.1, eps=1e-5, channels=5, device=y.device)
+            dz, (ps, psx) = route.conv_dgrad(dy, w, tuple(x.shape), stride=stride, padding=pad,
+                                             bn=(x, scale, shift, mean, invstd), add=add)
+            sums = bn_ops.bn_bwd_reduce(ps, psx)
+            dw = route.conv_wgrad(dy, x, w, stride=stride, padding=pad, scale=scale, shift=shift)
+        results[backend] = {"y": y, "mean": stats[0], "invstd": stats[1], "dz": dz, "sum_dz": sums[0],
+                            "sum_dzx": sums[1], "dw": dw}
+    for k, v in results["triton"].items():
+        got = results["cudnn"][k]
+        assert got.shape == v.shape and got.stride() == v.stride(), k
+        torch.testing.assert_close(got, v, rtol=1e-4, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_dispatch_table_lookup(monkeypatch):
+    table = [
+        {"role": "fprop", "ksize": 3, "stride": 1, "cin": 64, "cout": 64, "pixels": 802816, "backend": "cudnn"},
+        {"role": "fprop", "ksize": 3, "stride": 1, "cin": 16, "cout": 16, "pixels": 131072, "backend": "triton"},
+        {"role": "fprop", "ksize": 3, "stride": 2, "cin": 64, "cout": 128, "pixels": 200704, "backend": "cudnn"},
+    ]
+    monkeypatch.setattr(route, "_table", lambda arch: table if arch == "sm_90" else [])
+    monkeypatch.setattr(route, "_arch", lambda device: "sm_90")
+    monkeypatch.delenv("FUSEDRES_CONV_BACKEND", raising=False)
+    with monkeypatch.context() as m:
+        m.setattr(route, "_FORCED", [])
+        dev = torch.device("cpu")
+        assert route.choose("fprop", dev, 64, 64, 3, 1, 800000) == "cudnn"
+        assert route.choose("fprop", dev, 16, 32, 3, 1, 100000) == "triton"  # nearest: the 16-channel row
+        assert route.choose("fprop", dev, 32, 64, 3, 2, 100000) == "cudnn"  # same stride preferred
+        assert route.choose("dgrad", dev, 64, 64, 3, 1, 800000) == "triton"  # no row for the role
+        assert route.choose("fprop", dev, 64, 64, 5, 1, 800000) == "triton"  # no row for the kernel size
+        m.setenv("FUSEDRES_CONV_BACKEND", "cudnn")
+        assert route.choose("fprop", dev, 16, 16, 3, 1, 131072) == "cudnn"
+        m.setattr(route, "_arch", lambda device: "sm_75")
+        m.delenv("FUSEDRES_CONV_BACKEND")
+        assert route.choose("fprop", dev, 64, 64, 3, 1, 800000) == "triton"  # no table: nothing guessed
+
+
+def test_committed_sm90_table_is_consistent():
+    """The committed table's decisions follow from its own measured times."""
+    rows = route._table("sm_90")
+    assert rows, "fusedres/ops/dispatch/sm_90.json is missing"
+    for r in rows:
+        assert r["backend"] == ("triton" if r["triton_ms"] <= r["cudnn_ms"] else "cudnn"), r
+    assert {r["role"] for r in rows} == set(route.ROLES)
+
+
+def test_force_rejects_unknown_backend():
+    with pytest.raises(ValueError, match="backend"):
+        with route.force("cublas"):
+            pass
+
+
+def test_routes_agree_on_a_block_forward(device):
+    """The same block forward on either route (a deep copy, so no state is shared)."""
+    block = fusedres.PreActBasicBlock(8, 8).to(device)
+    x = torch.randn(2, 8, 5, 5, device=device)
+    with route.force("cudnn"):
+        a = block(x)
+    with route.force("triton"):
+        b = copy.deepcopy(block)(x)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
