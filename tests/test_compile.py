@@ -97,7 +97,9 @@ def test_fullgraph_compile_matches_eager(name: str, training: bool, device: torc
         want = _run(eager, x)
         with launched():
             got = _run(compiled, x)
-        _assert_same(got, want, 1e-6)
+        # 1e-5: a compiled graph may add a weight's gradient contributions (x feeds conv1 and the
+        # downsample) in another order than eager autograd (seen on the H200: 5e-6 relative).
+        _assert_same(got, want, 1e-5)
         _buffers_same(compiled_model, eager)
         eager.zero_grad(set_to_none=True)
         compiled_model.zero_grad(set_to_none=True)

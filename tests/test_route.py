@@ -124,8 +124,17 @@ def test_committed_sm90_table_is_consistent():
     rows = route._table("sm_90")
     assert rows, "fusedres/ops/dispatch/sm_90.json is missing"
     for r in rows:
-        assert r["backend"] == ("triton" if r["triton_ms"] <= r["cudnn_ms"] else "cudnn"), r
+        t, c = (r["triton_ms"], r["cudnn_ms"]) if "triton_ms" in r else (r["block_triton_graph_ms"],
+                                                                         r["block_cudnn_graph_ms"])
+        assert r["backend"] == ("triton" if t <= c else "cudnn"), r
     assert {r["role"] for r in rows} == set(route.ROLES)
+    dev = torch.device("cuda")
+    with pytest.MonkeyPatch.context() as m:  # what the H100/H200 route today, from the table alone
+        m.setattr(route, "_arch", lambda device: "sm_90")
+        m.setattr(route, "_FORCED", [])
+        m.delenv("FUSEDRES_CONV_BACKEND", raising=False)
+        assert route.choose("fprop", dev, 16, 16, 3, 1, 131072) == "triton"  # CIFAR-164 stage 1: Triton
+        assert route.choose("wgrad", dev, 64, 64, 3, 1, 802816) == "cudnn"  # ImageNet 56^2: cuDNN
 
 
 def test_force_rejects_unknown_backend():
@@ -134,7 +143,7 @@ def test_force_rejects_unknown_backend():
             pass
 
 
-def test_routes_agree_on_a_block_forward(device):
+def test_routes_agree_on_a_block_forward(device, no_tf32):
     """The same block forward on either route (a deep copy, so no state is shared)."""
     block = fusedres.PreActBasicBlock(8, 8).to(device)
     x = torch.randn(2, 8, 5, 5, device=device)
