@@ -78,3 +78,41 @@ def test_every_kernel_compiles_within_shared_memory(tmp_path: Path) -> None:
         f"of {SMEM_LIMITS[r['arch']]}, {r['status']} {r['error'] or ''}"
         for r in bad
     )
+
+
+def test_sass_profile_reads_the_main_loop() -> None:
+    # A hand-written cuobjdump-style listing: one loop (0x20-0x80) around one wgmma, an
+    # instruction that never runs (@!PT), and a self-branch after EXIT that is no loop body.
+    from fusedres.ops.offline import format_sass, sass_profile
+
+    sass = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR4][R4.64], P0 ;
+        /*0030*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0040*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8].tnspB, R24, gsb0 ;
+        /*0050*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0060*/                   STS.128 [R5], R8 ;
+        /*0070*/              @!PT LDS RZ, [RZ] ;
+        /*0080*/               @P0 BRA 0x20 ;
+        /*0090*/                   LDGSTS.E [R3], desc[UR4][R4.64], P0 ;
+        /*00a0*/                   EXIT ;
+        /*00b0*/                   BRA 0xb0;
+    """
+    ttgir = "%a = ttg.local_alloc : () -> !ttg.memdesc<3x128x64xbf16, #shared, #smem, mutable>"
+    p = sass_profile(sass, ttgir)
+    assert p == {
+        "mma": "HGMMA.64x64x16",
+        "mma_per_iter": 1,
+        "loop_insns": 6,
+        "insns_per_mma": 6.0,
+        "loop_bar": 1,
+        "loop_wgmma_drain": 1,
+        "loop_sts": 1,
+        "ldgsts": {16: 1, 4: 1},
+        "ldg": {16: 1},
+        "tma": 0,
+        "buffers": ["3x128x64xbf16"],
+    }
+    assert "HGMMA.64x64x16 1/iter" in format_sass(p)
+    assert sass_profile("")["mma"] == "none"

@@ -1,6 +1,7 @@
 """Compile every Triton kernel of fusedres ahead of time, without a GPU, and report its resources.
 
-``python -m fusedres.ops.offline [--arch 80,86,89,90] [--amd] [--json PATH] [--jobs N]``
+``python -m fusedres.ops.offline [--arch 80,86,89,90] [--amd] [--json PATH] [--jobs N]
+[--sass] [--plain] [--ksize 1|3] [--only REGEX]``
 
 For every GPU architecture asked for, this builds each convolution kernel role (fprop, dgrad,
 wgrad) for every ``(ConvConfig, dtype)`` of :func:`fusedres.ops.configs.all_conv_configs`
@@ -28,6 +29,17 @@ resource usage gives registers, stack frame and static shared memory; the SASS g
 bytes of spill stores and loads per thread (the sizes of its STL and LDL instructions, which
 is what ``ptxas -v`` reports). For gfx942 they come from the AMDGCN assembly's metadata.
 
+``--sass`` adds, per CUDA build, what the disassembly says about the main loop (the backward
+branch around the most matrix instructions): which matrix instruction it issues (``HGMMA`` =
+Hopper wgmma, ``HMMA`` = mma.sync) and how many per iteration, how many instructions one
+iteration takes per matrix instruction, its CTA barriers, wgmma waits that drain the tensor
+cores (``WARPGROUP.DEPBAR.LE gsb0, 0x0``), shared-memory stores of operands, and over the whole
+kernel the widths of the global loads (``LDG``) and asynchronous copies (``LDGSTS`` = cp.async)
+and the bulk tensor copies (``UTMALDG``). ``--plain`` also builds each conv role with no fusion
+(what the layer benchmarks' plain fprop/dgrad rows time), ``--ksize 1`` builds 1x1 convolutions
+(padding 0) instead of 3x3, and ``--only`` keeps the builds whose label ("role dtype tile",
+e.g. "fprop bfloat16 M128 N64 K64 w8 s3") matches a regular expression.
+
 The Triton interpreter (``TRITON_INTERPRET=1``) must be off: under it ``@triton.jit`` gives
 functions that cannot be compiled.
 """
@@ -37,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import importlib
 import json
 import multiprocessing
@@ -78,7 +91,7 @@ _CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia"
 # The representative launch: channels_last, every channel stride 1, every other stride and size
 # a multiple of 16 (see the module docstring). The weight gradient is split in _SPLITS parts as
 # on a GPU (splits = 1 would turn the reduce kernel's loop count into a constant).
-_N, _C, _HW, _KSIZE, _PAD, _SPLITS = 2, 64, 16, 3, 1, 4
+_N, _C, _HW, _SPLITS = 2, 64, 16, 4
 
 
 class InterpreterActiveError(RuntimeError):
@@ -123,6 +136,7 @@ class Row:
     local: int | None = None  # stack frame (NVIDIA) or scratch (AMD)
     seconds: float = 0.0  # build and measurement time (near 0 when Triton's cache had the build)
     error: str | None = None
+    sass: dict[str, Any] | None = None  # --sass: see sass_profile
 
 
 # --------------------------------------------------------------------------- what to compile
@@ -150,14 +164,23 @@ def _vec() -> torch.Tensor:
     return torch.empty(_C, dtype=torch.float32)
 
 
-def _conv_launchers(dtype: torch.dtype, cfg: ConvConfig, stride: int) -> dict[str, Callable[[], object]]:
-    """Per conv role, a call of its launcher with every fusion on."""
-    ohw = conv.conv_out_size(_HW, _KSIZE, stride, _PAD)
+def _conv_launchers(
+    dtype: torch.dtype, cfg: ConvConfig, stride: int, ksize: int = 3, fused: bool = True
+) -> dict[str, Callable[[], object]]:
+    """Per conv role, a call of its launcher with every fusion on (or, with ``fused=False``, none)."""
+    pad = ksize // 2
+    ohw = conv.conv_out_size(_HW, ksize, stride, pad)
     x, dy, res = _act(_C, _HW, dtype), _act(_C, ohw, dtype), _act(_C, ohw, dtype)
     res_in = _act(_C, _HW, dtype)  # the projection shortcut's gradient, added in dgrad's epilogue
-    w = torch.empty((_C, _C, _KSIZE, _KSIZE), dtype=dtype).to(memory_format=torch.channels_last)
+    w = torch.empty((_C, _C, ksize, ksize), dtype=dtype).to(memory_format=torch.channels_last)
     scale, shift, mean, invstd = _vec(), _vec(), _vec(), _vec()
-    geom: dict[str, Any] = {"stride": stride, "padding": _PAD, "config": cfg}
+    geom: dict[str, Any] = {"stride": stride, "padding": pad, "config": cfg}
+    if not fused:
+        return {
+            "fprop": lambda: conv.conv_fprop(x, w, **geom),
+            "dgrad": lambda: conv.conv_dgrad(dy, w, tuple(x.shape), **geom),
+            "wgrad": lambda: conv.conv_wgrad(dy, x, w, splits=_SPLITS, **geom),
+        }
     return {
         "fprop": lambda: conv.conv_fprop(
             x, w, scale=scale, shift=shift, residual=res, stats=True, out_shift=mean, out_relu=True, **geom
@@ -246,8 +269,13 @@ def _target(arch: str) -> GPUTarget:
     return GPUTarget("hip", arch, 64)
 
 
-def plan_jobs(archs: list[str]) -> list[Job]:
-    """Every build, for each of ``archs`` ("sm_90", "gfx942", ...), without duplicates."""
+def plan_jobs(archs: list[str], *, plain: bool = False, ksize: int = 3, only: str | None = None) -> list[Job]:
+    """Every build, for each of ``archs`` ("sm_90", "gfx942", ...), without duplicates.
+
+    ``plain`` adds the conv roles without fusion (labelled "fprop-plain", ...); ``ksize`` is the
+    conv kernel size (padding ksize // 2); ``only`` keeps the builds whose "role dtype tile"
+    label matches this regular expression.
+    """
     if _runtime.INTERPRET:
         raise InterpreterActiveError(
             "fusedres.ops.offline: TRITON_INTERPRET=1 is set, so @triton.jit gives interpreter "
@@ -259,7 +287,10 @@ def plan_jobs(archs: list[str]) -> list[Job]:
         for cfg, dtype in sorted(items, key=lambda item: (str(item[1]), dataclasses.astuple(item[0]))):
             strides = (1, 2) if dtype == torch.bfloat16 and role in ("fprop", "dgrad") else (1,)
             for stride in strides:
-                launches.append((role, dtype, cfg, stride, _conv_launchers(dtype, cfg, stride)[role]))
+                launches.append((role, dtype, cfg, stride, _conv_launchers(dtype, cfg, stride, ksize)[role]))
+                if plain:
+                    call = _conv_launchers(dtype, cfg, stride, ksize, fused=False)[role]
+                    launches.append((f"{role}-plain", dtype, cfg, stride, call))
     for dtype in DTYPES:
         launches.extend((None, dtype, None, None, call) for call in _bn_launchers(dtype))
 
@@ -288,6 +319,9 @@ def plan_jobs(archs: list[str]) -> list[Job]:
                 )
                 # Identical builds (the reduce kernels of equal dtypes, dtype-free kernels) are done once.
                 key = repr((job.kernel, arch, sorted(sig.items()), sorted(constexprs.items()), attrs, options))
+                label = f"{job.role} {job.dtype} {job.tile}"
+                if only is not None and not re.search(only, label):
+                    continue
                 if key not in seen:
                     seen.add(key)
                     jobs.append(job)
@@ -297,8 +331,9 @@ def plan_jobs(archs: list[str]) -> list[Job]:
 # --------------------------------------------------------------------------- compiling
 
 
-def _cuda_usage(cubin: bytes) -> dict[str, int]:
-    """Registers, stack, static shared memory and spill bytes of the one function in ``cubin``."""
+def _cuda_usage(cubin: bytes, sass: bool = False, ttgir: str = "") -> dict[str, Any]:
+    """Registers, stack, static shared memory and spill bytes of the one function in ``cubin``;
+    with ``sass``, also its :func:`sass_profile` (``ttgir``: the kernel's TritonGPU IR)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -310,15 +345,88 @@ def _cuda_usage(cubin: bytes) -> dict[str, int]:
         usage = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", resources)}
         spill = {"STL": 0, "LDL": 0}
         # Spills live in the stack frame; without one there are none, and the SASS dump is the slow part.
+        text = cuobjdump("--dump-sass") if usage["STACK"] or sass else ""
         if usage["STACK"]:
-            for op, modifiers in re.findall(r"\b(STL|LDL)((?:\.\w+)*)\s", cuobjdump("--dump-sass")):
+            for op, modifiers in re.findall(r"\b(STL|LDL)((?:\.\w+)*)\s", text):
                 spill[op] += _access_bytes(modifiers)
-    return {
+    out: dict[str, Any] = {
         "regs": usage["REG"],
         "local": usage["STACK"] + usage["LOCAL"],
         "static_shared": usage["SHARED"],
         "spill_stores": spill["STL"],
         "spill_loads": spill["LDL"],
+    }
+    if sass:
+        out["sass"] = sass_profile(text, ttgir)
+    return out
+
+
+# One SASS instruction as cuobjdump prints it, e.g. "/*1cd0*/  @!P4 LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64], P0 ;"
+# (opcodes are upper case but for the "x" of matrix shapes: HGMMA.64x64x16.F32.BF16).
+_SASS_INSN = re.compile(r"/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.x]*)([^;]*);")
+_MMA_OPS = ("HGMMA", "HMMA")
+
+
+def sass_profile(sass: str, ttgir: str = "") -> dict[str, Any]:
+    """What the disassembly of one kernel says about its main loop and its memory instructions.
+
+    The main loop is the backward branch whose body holds the most matrix instructions
+    (``HGMMA``: Hopper warpgroup MMA, operands from shared memory or registers; ``HMMA``:
+    warp-level mma.sync). Keys: ``mma`` (the matrix instruction shapes, "+"-joined, or "none"),
+    ``mma_per_iter``, ``loop_insns`` (instructions in one iteration of one thread),
+    ``insns_per_mma``, ``loop_bar`` (CTA barriers per iteration), ``loop_wgmma_drain``
+    (``WARPGROUP.DEPBAR.LE gsb0, 0x0``: waits until no wgmma is in flight), ``loop_sts``
+    (shared-memory stores from registers, STS/STSM: operands staged by the threads rather than
+    copied asynchronously), and over the whole kernel ``ldgsts`` / ``ldg`` (asynchronous copies
+    and global loads, as {bytes per thread: count}) and ``tma`` (UTMALDG bulk tensor loads).
+    Instructions predicated on ``!PT`` (never executed) are left out. From ``ttgir``, ``buffers``
+    lists the shared-memory buffers the software pipeliner allocated (leading dimension = stages,
+    e.g. "3x128x64xbf16").
+    """
+    insns = []
+    for pc, pred, op, operands in _SASS_INSN.findall(sass):
+        if pred.strip() == "@!PT":
+            continue
+        insns.append((int(pc, 16), op, operands))
+    loops = []
+    for pc, op, operands in insns:
+        target = re.search(r"0x([0-9a-f]+)", operands)
+        if op.startswith("BRA") and target and int(target.group(1), 16) <= pc:
+            loops.append((int(target.group(1), 16), pc))
+
+    def mma_count(lo: int, hi: int) -> int:
+        return sum(lo <= pc <= hi and op.startswith(_MMA_OPS) for pc, op, _ in insns)
+
+    body: list[tuple[int, str, str]] = []
+    if loops:
+        lo, hi = max(loops, key=lambda span: (mma_count(*span), -(span[1] - span[0])))
+        if mma_count(lo, hi):
+            body = [i for i in insns if lo <= i[0] <= hi and i[1] != "NOP"]
+
+    def widths(prefix: str) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for _, op, _ in insns:
+            if op.split(".")[0] == prefix:
+                size = _access_bytes(op[len(prefix) :])
+                out[size] = out.get(size, 0) + 1
+        return dict(sorted(out.items(), reverse=True))
+
+    shapes = sorted({".".join(op.split(".")[:2]) for _, op, _ in insns if op.startswith(_MMA_OPS)})
+    mmas = sum(op.startswith(_MMA_OPS) for _, op, _ in body)
+    return {
+        "mma": "+".join(shapes) or "none",
+        "mma_per_iter": mmas,
+        "loop_insns": len(body),
+        "insns_per_mma": round(len(body) / mmas, 1) if mmas else None,
+        "loop_bar": sum(op.startswith("BAR.SYNC") for _, op, _ in body),
+        "loop_wgmma_drain": sum(
+            op == "WARPGROUP.DEPBAR.LE" and re.fullmatch(r"\s*gsb0,\s*0x0\s*", ops) is not None for _, op, ops in body
+        ),
+        "loop_sts": sum(op.split(".")[0] in ("STS", "STSM") for _, op, _ in body),
+        "ldgsts": widths("LDGSTS"),
+        "ldg": widths("LDG"),
+        "tma": sum(op.startswith("UTMALDG") for _, op, _ in insns),
+        "buffers": re.findall(r"ttg\.local_alloc : \(\) -> !ttg\.memdesc<(\d+(?:x\d+)+x\w+)", ttgir),
     }
 
 
@@ -338,8 +446,9 @@ def _amd_usage(amdgcn: str) -> dict[str, int]:
     return {"regs": field(r"\.vgpr_count:\s+(\d+)"), "local": field(r"; ScratchSize: (\d+)")}
 
 
-def compile_job(job: Job) -> Row:
-    """Build one kernel and measure it; a failed build comes back as a row, not an exception."""
+def compile_job(job: Job, sass: bool = False) -> Row:
+    """Build one kernel and measure it (with ``sass``, also profile its disassembly); a failed
+    build comes back as a row, not an exception."""
     module, name = job.kernel.split(":")
     kernel = getattr(importlib.import_module(module), name)
     labels = {f.name: getattr(job, f.name) for f in dataclasses.fields(Row) if hasattr(job, f.name)}
@@ -349,7 +458,10 @@ def compile_job(job: Job) -> Row:
         src = ASTSource(fn=kernel, signature=job.signature, constexprs=job.constexprs, attrs=job.attrs)
         compiled = triton.compile(src, target=_target(job.arch), options=job.options)
         row.shared = int(compiled.metadata.shared)
-        usage = _cuda_usage(compiled.asm["cubin"]) if "cubin" in compiled.asm else _amd_usage(compiled.asm["amdgcn"])
+        if "cubin" in compiled.asm:
+            usage = _cuda_usage(compiled.asm["cubin"], sass, compiled.asm.get("ttgir", ""))
+        else:
+            usage = _amd_usage(compiled.asm["amdgcn"])
     except Exception as e:  # every failure becomes a reported row
         row.status = "skipped" if job.arch == AMD_ARCH else "ERROR"
         row.error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
@@ -375,16 +487,47 @@ def format_row(row: Row) -> str:
         f"shared {_fmt(row.shared):>6}/{row.limit:<6} regs {_fmt(row.regs):>3} "
         f"spill st/ld {spills:>9} local {_fmt(row.local):>5}  {row.status}"
     )
-    return line + (f"  {row.error}" if row.error else "")
+    line += f"  {row.error}" if row.error else ""
+    if row.sass is not None:
+        line += "\n" + format_sass(row.sass)
+    return line
 
 
-def run(archs: list[str], jobs: int) -> list[Row]:
-    """Compile everything for ``archs`` with ``jobs`` processes, printing each row as it arrives."""
-    planned = plan_jobs(archs)
+def format_sass(p: dict[str, Any]) -> str:
+    """One indented line of a :func:`sass_profile`."""
+
+    def sizes(d: dict[int, int]) -> str:
+        return " ".join(f"{n}x{b * 8}b" for b, n in d.items()) or "-"
+
+    loop = (
+        f"loop {p['loop_insns']} insns = {p['insns_per_mma']}/mma, bar {p['loop_bar']}, "
+        f"wgmma drains {p['loop_wgmma_drain']}, sts {p['loop_sts']}"
+        if p["mma_per_iter"]
+        else "no mma loop"
+    )
+    return (
+        f"    sass: {p['mma']} {p['mma_per_iter']}/iter; {loop}; "
+        f"ldgsts {sizes(p['ldgsts'])}; ldg {sizes(p['ldg'])}; tma {p['tma']}; "
+        f"smem buffers {' '.join(p['buffers']) or '-'}"
+    )
+
+
+def run(
+    archs: list[str],
+    jobs: int,
+    *,
+    sass: bool = False,
+    plain: bool = False,
+    ksize: int = 3,
+    only: str | None = None,
+) -> list[Row]:
+    """Compile everything for ``archs`` with ``jobs`` processes, printing each row as it arrives
+    (the other arguments: see :func:`plan_jobs` and :func:`sass_profile`)."""
+    planned = plan_jobs(archs, plain=plain, ksize=ksize, only=only)
     # Spawned workers: forking a process that has imported torch can deadlock.
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         rows = []
-        for row in pool.map(compile_job, planned):
+        for row in pool.map(functools.partial(compile_job, sass=sass), planned):
             print(format_row(row), flush=True)
             rows.append(row)
     return rows
@@ -426,11 +569,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amd", action="store_true", help=f"also build for {AMD_ARCH}; a failed build is skipped")
     parser.add_argument("--json", metavar="PATH", help="write every row to PATH as JSON")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: all CPUs)")
+    parser.add_argument("--sass", action="store_true", help="profile each CUDA build's disassembly (main loop, loads)")
+    parser.add_argument("--plain", action="store_true", help="also build the conv roles without fusion")
+    parser.add_argument("--ksize", type=int, choices=(1, 3), default=3, help="conv kernel size (default: 3)")
+    parser.add_argument("--only", metavar="REGEX", help='keep builds whose "role dtype tile" label matches')
     args = parser.parse_args(argv)
     archs = args.arch + ([AMD_ARCH] if args.amd else [])
     start = time.perf_counter()
     try:
-        rows = run(archs, max(1, args.jobs))
+        rows = run(archs, max(1, args.jobs), sass=args.sass, plain=args.plain, ksize=args.ksize, only=args.only)
     except InterpreterActiveError as e:
         print(e, file=sys.stderr)
         return 2
