@@ -220,6 +220,8 @@ def _bn_launchers(dtype: torch.dtype) -> list[Callable[[], object]]:
         lambda: bn.bn_add_relu(x, add, mean, invstd, s, sx),
         lambda: bn.bn_add_relu_bwd(dz, x, add, mean, invstd, s, sx, (mean, invstd, s, sx)),
         lambda: bn.bn_relu_pool_bwd(torch.empty((_N, _C), dtype=dtype), x, s, sx, mean, invstd),
+        lambda: bn.bn_relu_apply(x, mean, invstd),  # the cuDNN route's elementwise passes
+        lambda: bn.relu_bn_bwd_partials(dz, x, mean, invstd, s, sx),
     ]
 
 
