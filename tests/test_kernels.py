@@ -247,6 +247,33 @@ def test_bn_statistics_exact_when_mean_dominates(poison, device):
     assert (naive.double() - x64.var((0, 2, 3), unbiased=False)).abs().max() > 1e-2
 
 
+def test_two_level_merge_and_sums(poison, device):
+    """More partial tiles than TWO_LEVEL_TILES: finalize and the backward sums reduce in two levels
+    (chunk merges in parallel, then the chunks), exact at |mean| >> std and with a ragged last tile."""
+    from fusedres.ops.configs import TWO_LEVEL_TILES
+
+    g = _gen(9)
+    c, rows = 5, bn_ops.STATS_CONFIG.block_m
+    pixels = (TWO_LEVEL_TILES + 3) * rows + 17  # T > TWO_LEVEL_TILES, last tile partial
+    x64 = (1000.0 + torch.randn(1, c, 1, pixels, generator=g, dtype=torch.float64)).float().double()
+    x = x64.float().to(device).contiguous(memory_format=torch.channels_last)
+    partials = bn_ops.bn_stats(x)
+    assert partials[0].shape[0] > TWO_LEVEL_TILES
+    rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
+    with launched("bn_merge_kernel", "bn_finalize_kernel"):
+        mean, invstd, _, _ = bn_ops.bn_finalize(partials, pixels, None, None, rm, rv, training=True, momentum=0.5,
+                                                eps=0.0, channels=c, device=x.device)
+    assert_close64(mean, x64.mean((0, 2, 3)), 1e-6, "mean")
+    assert_close64(invstd.double().pow(-2), x64.var((0, 2, 3), unbiased=False), 1e-4, "variance")
+    assert_close64(rv, 0.5 + 0.5 * x64.var((0, 2, 3), unbiased=True), 1e-4, "running_var")
+    psum = torch.randn(TWO_LEVEL_TILES * 3 + 7, c, generator=g, dtype=torch.float64)
+    psumx = torch.randn(psum.shape, generator=g, dtype=torch.float64)
+    with launched("bn_sum_chunks_kernel", "bn_bwd_reduce_kernel"):
+        s, sx = bn_ops.bn_bwd_reduce(psum.float().to(device), psumx.float().to(device))
+    assert_close64(s, psum.float().double().sum(0), 1e-6, "sum dz")
+    assert_close64(sx, psumx.float().double().sum(0), 1e-6, "sum dz*xhat")
+
+
 @pytest.mark.parametrize("half_running", [False, True], ids=["fp32-running", "fp16-running"])
 def test_bn_finalize_eval(poison, device, half_running):
     g = _gen(8)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import launch
-from .configs import APPLY_CONFIG, FINALIZE_BLOCK_C, FINALIZE_BLOCK_T, STATS_CONFIG
+from .configs import APPLY_CONFIG, FINALIZE_BLOCK_C, FINALIZE_BLOCK_T, STATS_CONFIG, TWO_LEVEL_TILES
 
 
 @triton.jit
@@ -64,6 +64,56 @@ def bn_stats_kernel(
 
 
 @triton.jit
+def _chunk_mean_m2(pmean_ptr, pm2_ptr, t0, T, C, M, TILE_ROWS, offs_c, c_ok, BLOCK_T: tl.constexpr):
+    """Count, mean and M2 of tiles [t0, t0 + BLOCK_T) merged (tile t holds
+    min(M - t*TILE_ROWS, TILE_ROWS) rows)."""
+    t = t0 + tl.arange(0, BLOCK_T)
+    t_ok = t < T
+    cnt = tl.where(t_ok, tl.minimum(M - t * TILE_ROWS, TILE_ROWS), 0).to(tl.float32)
+    mask = t_ok[:, None] & c_ok[None, :]
+    idx = t.to(tl.int64)[:, None] * C + offs_c[None, :]
+    pm = tl.load(pmean_ptr + idx, mask=mask, other=0.0)
+    q = tl.load(pm2_ptr + idx, mask=mask, other=0.0)
+    n_b = tl.sum(cnt, axis=0)
+    mean_b = tl.sum(cnt[:, None] * pm, axis=0) / n_b
+    dev = tl.where(mask, pm - mean_b[None, :], 0.0)
+    m2_b = tl.sum(q, axis=0) + tl.sum(cnt[:, None] * dev * dev, axis=0)
+    return n_b, mean_b, m2_b
+
+
+@triton.jit
+def bn_merge_kernel(
+    pmean_ptr, pm2_ptr, T, C, M, TILE_ROWS, out_mean_ptr, out_m2_ptr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """First level of a two-level merge: program (c, j) merges tiles [j*BLOCK_T, (j+1)*BLOCK_T)
+    into row j of the output partials (whose tiles then hold BLOCK_T*TILE_ROWS rows each)."""
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    j = tl.program_id(1)
+    _, mean_b, m2_b = _chunk_mean_m2(pmean_ptr, pm2_ptr, j * BLOCK_T, T, C, M, TILE_ROWS, offs_c, c_ok, BLOCK_T)
+    tl.store(out_mean_ptr + j * C + offs_c, mean_b, mask=c_ok)
+    tl.store(out_m2_ptr + j * C + offs_c, m2_b, mask=c_ok)
+
+
+@triton.jit
+def bn_sum_chunks_kernel(
+    psum_ptr, psumx_ptr, T, C, out_sum_ptr, out_sumx_ptr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """First level of a two-level sum: program (c, j) sums rows [j*BLOCK_T, (j+1)*BLOCK_T)."""
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    j = tl.program_id(1)
+    t = j * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask = (t < T)[:, None] & c_ok[None, :]
+    idx = t.to(tl.int64)[:, None] * C + offs_c[None, :]
+    tl.store(out_sum_ptr + j * C + offs_c, tl.sum(tl.load(psum_ptr + idx, mask=mask, other=0.0), axis=0), mask=c_ok)
+    tl.store(out_sumx_ptr + j * C + offs_c, tl.sum(tl.load(psumx_ptr + idx, mask=mask, other=0.0), axis=0),
+             mask=c_ok)
+
+
+@triton.jit
 def bn_finalize_kernel(
     pmean_ptr, pm2_ptr, T, C, M, TILE_ROWS,
     weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr,
@@ -86,17 +136,7 @@ def bn_finalize_kernel(
         mean_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
         m2_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            t_ok = t < T
-            cnt = tl.where(t_ok, tl.minimum(M - t * TILE_ROWS, TILE_ROWS), 0).to(tl.float32)
-            mask = t_ok[:, None] & c_ok[None, :]
-            idx = t.to(tl.int64)[:, None] * C + offs_c[None, :]
-            pm = tl.load(pmean_ptr + idx, mask=mask, other=0.0)
-            q = tl.load(pm2_ptr + idx, mask=mask, other=0.0)
-            n_b = tl.sum(cnt, axis=0)
-            mean_b = tl.sum(cnt[:, None] * pm, axis=0) / n_b
-            dev = tl.where(mask, pm - mean_b[None, :], 0.0)
-            m2_b = tl.sum(q, axis=0) + tl.sum(cnt[:, None] * dev * dev, axis=0)
+            n_b, mean_b, m2_b = _chunk_mean_m2(pmean_ptr, pm2_ptr, t0, T, C, M, TILE_ROWS, offs_c, c_ok, BLOCK_T)
             n_ab = n_a + n_b
             delta = mean_b - mean_a
             mean_a = mean_a + delta * (n_b / n_ab)
@@ -388,6 +428,18 @@ def bn_finalize(
     if training:
         pmean, pm2, tile_rows = partials
         T = pmean.shape[0]
+        if T > TWO_LEVEL_TILES:
+            # One program per 32 channels would merge T tiles serially: merge chunks of BLOCK_T
+            # tiles in parallel first (same formula, so the same result up to rounding).
+            chunks = triton.cdiv(T, FINALIZE_BLOCK_T)
+            cmean = torch.empty((chunks, C), device=device, dtype=torch.float32)
+            cm2 = torch.empty_like(cmean)
+            launch(
+                bn_merge_kernel, (triton.cdiv(C, FINALIZE_BLOCK_C), chunks),
+                pmean, pm2, T, C, count, tile_rows, cmean, cm2,
+                BLOCK_T=FINALIZE_BLOCK_T, BLOCK_C=FINALIZE_BLOCK_C,
+            )
+            pmean, pm2, tile_rows, T = cmean, cm2, tile_rows * FINALIZE_BLOCK_T, chunks
     else:
         pmean = pm2 = out
         tile_rows, T = 1, 0
@@ -412,6 +464,15 @@ def bn_finalize(
 def bn_bwd_reduce(psum: torch.Tensor, psumx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum dz, sum dz*xhat)`` per channel from the dgrad epilogue's per-tile partials."""
     T, C = psum.shape
+    if T > TWO_LEVEL_TILES:  # sum chunks of tiles in parallel first (fixed order: deterministic)
+        chunks = triton.cdiv(T, FINALIZE_BLOCK_T)
+        csum = torch.empty((chunks, C), device=psum.device, dtype=torch.float32)
+        csumx = torch.empty_like(csum)
+        launch(
+            bn_sum_chunks_kernel, (triton.cdiv(C, FINALIZE_BLOCK_C), chunks),
+            psum, psumx, T, C, csum, csumx, BLOCK_T=FINALIZE_BLOCK_T, BLOCK_C=FINALIZE_BLOCK_C,
+        )
+        psum, psumx, T = csum, csumx, chunks
     s = torch.empty(C, device=psum.device, dtype=torch.float32)  # two allocations: returned as
     sx = torch.empty_like(s)  # separate gradients, they must not share storage
     launch(

@@ -79,6 +79,9 @@ STATS_CONFIG = RowConfig(block_m=128, block_c=32, num_warps=4)
 APPLY_CONFIG = RowConfig(block_m=64, block_c=32, num_warps=4)
 FINALIZE_BLOCK_T = 64
 FINALIZE_BLOCK_C = 32
+#: Above this many partial tiles, finalize and the backward sums reduce in two levels (chunks of
+#: FINALIZE_BLOCK_T tiles in parallel, then the chunks) instead of one serial loop per channel block.
+TWO_LEVEL_TILES = 4 * FINALIZE_BLOCK_T
 
 _CHANNELS = (3, 16, 32, 64, 128, 256, 512)
 

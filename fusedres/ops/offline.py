@@ -72,7 +72,7 @@ from triton.compiler.compiler import make_backend
 
 from .. import _runtime
 from . import bn, conv
-from .configs import ConvConfig, all_conv_configs
+from .configs import TWO_LEVEL_TILES, ConvConfig, all_conv_configs
 
 #: Largest shared memory one block may use (the opt-in maximum), in bytes.
 SMEM_LIMITS: dict[str, int] = {
@@ -192,6 +192,9 @@ def _conv_launchers(
     }
 
 
+_TWO_LEVEL_ROWS = 128 * (TWO_LEVEL_TILES + 1)
+
+
 def _bn_launchers(dtype: torch.dtype) -> list[Callable[[], object]]:
     """Calls of the per-channel launchers with every option on; BN parameters in ``dtype``."""
     x, dz, add = _act(_C, _HW, dtype), _act(_C, _HW, dtype), _act(_C, _HW, dtype)
@@ -199,6 +202,7 @@ def _bn_launchers(dtype: torch.dtype) -> list[Callable[[], object]]:
     partials = (torch.empty((tiles, _C)), torch.empty((tiles, _C)), 128)
     weight, bias, rmean, rvar = (torch.empty(_C, dtype=dtype) for _ in range(4))
     mean, invstd, s, sx = _vec(), _vec(), _vec(), _vec()
+    big = torch.empty((2 * _TWO_LEVEL_ROWS // 128, _C))  # more tiles than TWO_LEVEL_TILES
     return [
         lambda: bn.bn_stats(x),
         lambda: bn.bn_finalize(
@@ -220,6 +224,11 @@ def _bn_launchers(dtype: torch.dtype) -> list[Callable[[], object]]:
         lambda: bn.bn_add_relu(x, add, mean, invstd, s, sx),
         lambda: bn.bn_add_relu_bwd(dz, x, add, mean, invstd, s, sx, (mean, invstd, s, sx)),
         lambda: bn.bn_relu_pool_bwd(torch.empty((_N, _C), dtype=dtype), x, s, sx, mean, invstd),
+        lambda: bn.bn_finalize(  # many tiles: the two-level merge
+            (big, big, 128), 2 * _TWO_LEVEL_ROWS, weight, bias, rmean, rvar, training=True, momentum=0.1, eps=1e-5,
+            channels=_C, device=x.device,
+        ),
+        lambda: bn.bn_bwd_reduce(big, big),
         lambda: bn.bn_relu_apply(x, mean, invstd),  # the cuDNN route's elementwise passes
         lambda: bn.relu_bn_bwd_partials(dz, x, mean, invstd, s, sx),
     ]
