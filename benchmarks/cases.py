@@ -9,8 +9,14 @@
   torchvision's ResNet-50 after ``fusedres.convert`` against the original: one training step and
   one eval forward, bf16.
 
-Cases marked ``quick`` make the ``--quick`` subset: bf16, the five kernel roles at the five
-§5 layers, the seven block training steps and the ResNet-164 step.
+- CUDA graphs: the bf16 block training steps and the ResNet-164 step once more, each captured in
+  a CUDA graph (fused and eager) and replayed, so that the CPU's launch overhead is left out;
+  the compile column is the eager code under ``torch.compile(mode="reduce-overhead")``. Set
+  against the plain rows they show how launch-bound the small CIFAR shapes are.
+
+Cases marked ``quick`` make the ``--quick`` subset: bf16, the seven block training steps, the
+five kernel roles at the five §5 layers, the ResNet-164 step, and the CUDA-graph training steps
+of the three CIFAR bottleneck blocks (in that order: see ``conftest.ORDER``).
 """
 
 from __future__ import annotations
@@ -92,6 +98,8 @@ DTYPES = {
     "tf32": ("float32/tf32", torch.float32, True),
 }
 TRAIN, EVAL = "train step (fwd+bwd)", "eval forward"
+#: The training step replayed from a CUDA graph (see the module docstring).
+GRAPH = "train step, CUDA graph"
 
 
 def _fusedres_twins(build: Callable[[], nn.Module]) -> Callable[[], tuple[nn.Module, nn.Module]]:
@@ -146,11 +154,12 @@ class NetworkCase:
     num_classes: int
     quick: bool = False
     skip_reason: Callable[[], str | None] = lambda: None
+    graph: bool = False  # also a CUDA-graph training step row
 
 
 NETWORK_CASES = [
     NetworkCase("preact_resnet(164) CIFAR 32^2 N128", _fusedres_twins(lambda: models.preact_resnet(164)),
-                (128, 3, 32, 32), 10, quick=True),
+                (128, 3, 32, 32), 10, quick=True, graph=True),
     NetworkCase("preact_resnet50 ImageNet 224^2 N64", _fusedres_twins(models.preact_resnet50),
                 (64, 3, 224, 224), 1000),
     NetworkCase("torchvision resnet50 converted vs original 224^2 N64",
@@ -161,7 +170,7 @@ NETWORK_CASES = [
 SMOKE_NETWORK_CASES = [
     NetworkCase("smoke preact_resnet(11) CIFAR 8^2 N2",
                 _fusedres_twins(lambda: models.preact_resnet(11, block="bottleneck")), (2, 3, 8, 8), 10,
-                quick=True),
+                quick=True, graph=True),
     NetworkCase("smoke PreActResNet bottleneck [1,1,1,1] width 4 ImageNet-stem 32^2 N2",
                 _fusedres_twins(lambda: models.PreActResNet(PreActBottleneck, [1, 1, 1, 1], [4, 4, 4, 4],
                                                             num_classes=10, stem="imagenet", stem_channels=8)),
@@ -199,3 +208,17 @@ def network_params(smoke: bool) -> list:
                          marks=[QUICK] if case.quick and pass_name == TRAIN else [])
             for case in (SMOKE_NETWORK_CASES if smoke else NETWORK_CASES)
             for pass_name in (TRAIN, EVAL)]
+
+
+def block_graph_params(smoke: bool) -> list:
+    """pytest params (BlockCase) of the bf16 CUDA-graph training steps; quick for the CIFAR
+    bottleneck blocks (the launch-bound candidates)."""
+    return [pytest.param(case, id=f"{case.name}-bf16-graph",
+                         marks=[QUICK] if "Bottleneck" in case.name else [])
+            for case in (SMOKE_BLOCK_CASES if smoke else BLOCK_CASES)]
+
+
+def network_graph_params(smoke: bool) -> list:
+    """pytest params (NetworkCase) of the CUDA-graph training steps (bf16); none is quick."""
+    return [pytest.param(case, id=f"{case.name}-graph")
+            for case in (SMOKE_NETWORK_CASES if smoke else NETWORK_CASES) if case.graph]

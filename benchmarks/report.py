@@ -8,8 +8,12 @@ and the per-script files of the earlier measurements, ``<results>/<device>/layer
 (device, suite, case, dtype, pass) was measured more than once, the newest row is kept.
 
 speedup = baseline ms / fused ms, so > 1 means the fused code is faster; eager is PyTorch eager
-(cuDNN), compile is that same eager code under ``torch.compile``. Needs only the standard
-library; the chart needs matplotlib (without it the chart is skipped with a message).
+(cuDNN), compile is that same eager code under ``torch.compile``. Rows of the pass
+``train step, CUDA graph`` are training steps replayed from CUDA graphs (fused and eager; compile
+= ``mode="reduce-overhead"``); summary.md sets each beside the plain training step of the same
+case (launch overhead = plain ms - graph ms). Run files cut short (a timeout) are read like the
+others. Needs only the standard library; the chart needs matplotlib (without it the chart is
+skipped with a message).
 """
 
 from __future__ import annotations
@@ -25,11 +29,15 @@ from typing import Any
 RUN_FORMAT = "fusedres-bench-run/1"
 SMOKE_MODE = "interpreter-smoke"
 SUITES = ("layers", "blocks", "networks")
+TRAIN_PASS = "train step (fwd+bwd)"
+#: The training step replayed from CUDA graphs (benchmarks/cases.py GRAPH).
+GRAPH_PASS = "train step, CUDA graph"
 #: The fields of every summary row, in order.
 FIELDS = (
     "suite", "case", "dtype", "pass", "fused_ms", "eager_ms", "compile_ms", "speedup_vs_eager", "speedup_vs_compile",
-    "fused_peak_mb", "eager_peak_mb", "fused_tflops", "fused_share_of_floor", "device", "torch", "triton", "commit",
-    "date", "source", "error",
+    "fused_peak_mb", "eager_peak_mb", "fused_tflops", "fused_share_of_floor", "fused_first_call_s",
+    "eager_first_call_s", "compile_first_call_s", "compile_note", "device", "torch", "triton", "commit", "date",
+    "source", "error",
 )
 #: Files of the scripts that preceded the suite (benchmarks/layers.py, blocks.py, resnet50.py).
 LEGACY_FILES = ("layers.json", "blocks.json", "resnet50.json")
@@ -54,7 +62,7 @@ def _summary_row(raw: dict[str, Any], env: dict[str, Any], source: str, **overri
     merged = {**env, **raw, **overrides}
     row = {name: merged.get(name) for name in FIELDS}
     for name in ("fused_ms", "eager_ms", "compile_ms", "fused_peak_mb", "eager_peak_mb", "fused_tflops",
-                 "fused_share_of_floor"):
+                 "fused_share_of_floor", "fused_first_call_s", "eager_first_call_s", "compile_first_call_s"):
         row[name] = _num(row[name])
     row["speedup_vs_eager"] = _ratio(row["eager_ms"], row["fused_ms"])
     row["speedup_vs_compile"] = _ratio(row["compile_ms"], row["fused_ms"])
@@ -78,6 +86,8 @@ def rows_from_file(path: Path, source: str) -> tuple[list[dict[str, Any]], str |
             return [], f"{source}: not a {RUN_FORMAT} file"
         if doc.get("mode") != "cuda":
             return [], f"{source}: {doc.get('mode')} run (says nothing about speed)"
+        if doc.get("finished") is False:  # rewritten after every row; a timeout stopped this session
+            source += " (cut short)"
         return [_summary_row(r, env, source) for r in doc["rows"]], None
     if path.name == "layers.json":  # benchmarks/layers.py: one role per row against a cuDNN baseline
         return [_summary_row(r, env, source, suite="layers", case=r["shape"], **{"pass": r["role"]},
@@ -107,7 +117,7 @@ def load(results: Path) -> tuple[list[dict[str, Any]], list[str], list[str]]:
             if why:
                 skipped.append(why)
                 continue
-            sources.append(source)
+            sources.append(rows[0]["source"] if rows else source)
             if rows:
                 found.append((rows[0]["date"] or "", rows))
     latest: dict[tuple, dict[str, Any]] = {}
@@ -130,8 +140,12 @@ def to_markdown(rows: list[dict[str, Any]], sources: list[str], skipped: list[st
         "",
         "speedup = baseline ms / fused ms (> 1: fused is faster). eager = PyTorch eager (cuDNN, channels_last, "
         "same dtype); compile = the same eager code under `torch.compile` (default mode). Times are medians of "
-        "`triton.testing.do_bench`; peak = `torch.cuda.max_memory_allocated` above the inputs during one step; "
-        "floor = max(FLOPs / bf16 matmul peak, compulsory bytes / copy bandwidth), both measured on the card.",
+        "`triton.testing.do_bench`'s method (L2 flushed before each call, gradients set to None); "
+        "peak = `torch.cuda.max_memory_allocated` above the inputs during one step; "
+        "floor = max(FLOPs / bf16 matmul peak, compulsory bytes / copy bandwidth), both measured on the card. "
+        f"`{GRAPH_PASS}` rows replay the step from CUDA graphs (fused and eager); their compile column is "
+        "`torch.compile(mode=\"reduce-overhead\")`. compile 1st s = the compiled code's first call "
+        "(compilation) in seconds.",
         "",
         f"Sources: {', '.join(f'`{s}`' for s in sources) or 'none'}.",
     ]
@@ -158,8 +172,8 @@ def to_markdown(rows: list[dict[str, Any]], sources: list[str], skipped: list[st
             f"{'; '.join(versions)}; commits {', '.join(commits)}; measured {dates[0][:10]} to {dates[-1][:10]}.",
             "",
             "| suite | case | dtype | pass | fused ms | eager ms | compile ms | vs eager | vs compile "
-            "| fused peak MB | eager peak MB | fused TFLOP/s | % of floor |",
-            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| fused peak MB | eager peak MB | fused TFLOP/s | % of floor | compile 1st s |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in dev_rows:
             share = None if r["fused_share_of_floor"] is None else 100 * r["fused_share_of_floor"]
@@ -168,10 +182,49 @@ def to_markdown(rows: list[dict[str, Any]], sources: list[str], skipped: list[st
                 f"| {_fmt(r['eager_ms'], '.3f')} | {_fmt(r['compile_ms'], '.3f')} "
                 f"| {_fmt(r['speedup_vs_eager'], '.2f')} | {_fmt(r['speedup_vs_compile'], '.2f')} "
                 f"| {_fmt(r['fused_peak_mb'], '.0f')} | {_fmt(r['eager_peak_mb'], '.0f')} "
-                f"| {_fmt(r['fused_tflops'], '.1f')} | {_fmt(share, '.1f')} |"
+                f"| {_fmt(r['fused_tflops'], '.1f')} | {_fmt(share, '.1f')} "
+                f"| {_fmt(r['compile_first_call_s'], '.0f')} |"
                 + (f" error: {r['error']}" if r["error"] else "")
             )
+        lines += _graph_table(dev_rows)
     return "\n".join(lines) + "\n"
+
+
+def _overhead(plain: float | None, graph: float | None) -> str:
+    """Launch overhead: plain - graph ms, and its share of the plain time."""
+    if plain is None or graph is None:
+        return "—"
+    return f"{plain - graph:.3f} ({100 * (plain - graph) / plain:.0f}%)"
+
+
+def _graph_table(dev_rows: list[dict[str, Any]]) -> list[str]:
+    """One card's CUDA-graph rows beside the plain training steps of the same cases."""
+    plain = {(r["suite"], r["case"], r["dtype"]): r for r in dev_rows if r["pass"] == TRAIN_PASS}
+    graphs = [r for r in dev_rows if r["pass"] == GRAPH_PASS]
+    if not graphs:
+        return []
+    lines = [
+        "",
+        "### Launch overhead (CUDA graphs)",
+        "",
+        "Training steps replayed from CUDA graphs beside the same steps launched from Python: overhead = "
+        "launched ms - graph ms (share of the launched time). graph vs eager = eager graph ms / fused graph ms; "
+        "vs reduce-overhead = `torch.compile(mode=\"reduce-overhead\")` ms / fused graph ms.",
+        "",
+        "| suite | case | dtype | fused ms | fused graph ms | fused overhead ms | eager ms | eager graph ms "
+        "| eager overhead ms | graph vs eager | reduce-overhead ms | vs reduce-overhead |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for g in graphs:
+        p = plain.get((g["suite"], g["case"], g["dtype"]), {})
+        lines.append(
+            f"| {g['suite']} | {g['case']} | {g['dtype']} | {_fmt(p.get('fused_ms'), '.3f')} "
+            f"| {_fmt(g['fused_ms'], '.3f')} | {_overhead(p.get('fused_ms'), g['fused_ms'])} "
+            f"| {_fmt(p.get('eager_ms'), '.3f')} | {_fmt(g['eager_ms'], '.3f')} "
+            f"| {_overhead(p.get('eager_ms'), g['eager_ms'])} | {_fmt(g['speedup_vs_eager'], '.2f')} "
+            f"| {_fmt(g['compile_ms'], '.3f')} | {_fmt(g['speedup_vs_compile'], '.2f')} |"
+        )
+    return lines
 
 
 def _label(row: dict[str, Any]) -> str:

@@ -157,8 +157,8 @@ def test_layer(measure_case: Callable[..., dict], bench: harness.BenchSession, s
     compile_fn = None
     if role not in _COMPILE_TARGETS:
         compile_note = NOT_APPLICABLE
-    elif bench.mode != harness.MODE_CUDA:
-        compile_note = "not run in interpreter smoke mode: inductor on the CPU would be slow"
+    elif bench.compile_note():
+        compile_note = bench.compile_note()
     elif bench.quick:
         compile_note = "not run in --quick"
     else:

@@ -1,55 +1,168 @@
 #!/usr/bin/env bash
-# The one prepared script for a lent GPU: self-check, the benchmark suite, and the test suite on
-# CUDA, each stage time-boxed so that one call ends inside 10 minutes. Image python3, no installs:
+# The one prepared script for a lent GPU: the benchmark suite, a training run, and the test suite
+# and self-check on CUDA, each stage time-boxed so that the whole script ends inside its budget
+# (GPU_CHECK_BUDGET_S, default 560 s). Image python3, no installs:
 #     OUT=/some/dir FUSEDRES_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_check.sh [--full PART]
-# Without arguments the benchmark stage is the --quick subset; --full PART runs one part of the
-# full suite (layers | blocks-bf16 | blocks-fp16 | blocks-tf32 | networks) and skips the tests.
-# Everything lands under $OUT: env.txt, selfcheck.txt, bench/<card>/run-*.json, bench.txt, pytest.txt.
+# Without arguments (quick), in this order, most important first:
+#   env          nvidia-smi, versions                                   -> env.txt
+#   bench-core   the --quick benchmark subset without torch.compile     -> bench-core.txt, bench/<card>/run-*.json
+#                (7 bf16 block training steps, 25 kernel-role rows, ResNet-164 step, CUDA-graph steps
+#                of the 3 CIFAR bottleneck blocks)
+#   train-fused  fusedres train, ResNet-164, 50 steps, --fused (issue #6) -> train-fused.txt
+#   train-eager  the same with --eager                                  -> train-eager.txt
+#   bench-compile  the quick blocks/networks again with the torch.compile column, each compilation
+#                capped at FUSEDRES_BENCH_COMPILE_CAP_S (default 75 s); it gets the time the other
+#                stages leave, and being cut short is expected (rows measured so far are kept)
+#                                                                       -> bench-compile.txt, bench/<card>/run-*.json
+#   tests        pytest tests on CUDA (12 xdist workers)                -> pytest.txt
+#   selfcheck    python3 -m fusedres check, beside the tests (both only check correctness, and the
+#                tests leave 4 of the 16 cores free; with a cold Triton cache it took 137 s on the
+#                H200, too long to run alone; plain `python3 -m fusedres` adds a torch.compile bench)
+#                                                                       -> selfcheck.txt
+# benchmarks/report.py keeps the newest row per case, so bench-compile's rows (with the compile
+# column) replace bench-core's where it got that far, and bench-core's stay for the rest.
+# --full PART runs one part of the full suite (layers | blocks-bf16 | blocks-fp16 | blocks-tf32 |
+# networks | graphs), compile column included, and nothing else.
+#
+# Every stage runs under `timeout -k 20 -s INT LIMIT`: SIGINT is a KeyboardInterrupt, so pytest
+# still finishes its session; the run file is rewritten after every row anyway, so even the KILL
+# 20 s later loses nothing measured. LIMIT = min(the stage's cap, the time left minus the seconds
+# promised to the later stages minus the 20 s), so the stages never sum past the budget.
+# A failed stage does not stop the later ones; the exit status is 1 if any stage failed
+# (bench-compile or the self-check being cut at its limit is not a failure), and stages.txt
+# lists every stage with its time, limit and verdict.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# inductor compiles its Triton kernels in a pool of worker processes: one per core (16 on the lent machines)
+export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(nproc)}
 OUT=${OUT:?set OUT to the results directory}
 mkdir -p "$OUT/bench"
+BUDGET=${GPU_CHECK_BUDGET_S:-560}
+GRACE=20
+START=$SECONDS
 status=0
 part=""
 if [ "${1:-}" = "--full" ]; then
-  part=${2:?--full needs a part: layers, blocks-bf16, blocks-fp16, blocks-tf32 or networks}
+  part=${2:?--full needs a part: layers, blocks-bf16, blocks-fp16, blocks-tf32, networks or graphs}
 fi
+: > "$OUT/stages.txt"
+
+# stage NAME CAP RESERVE LOG [--may-time-out] CMD...: run CMD with stdout+stderr to LOG (its tail on
+# the terminal) under a limit of min(CAP, time left - RESERVE - GRACE); RESERVE = seconds promised
+# to the stages after this one.
+stage() {
+  local name=$1 cap=$2 reserve=$3 log=$4 may_time_out=0
+  shift 4
+  if [ "$1" = "--may-time-out" ]; then may_time_out=1; shift; fi
+  local left=$(( BUDGET - (SECONDS - START) - reserve - GRACE ))
+  local limit=$(( cap < left ? cap : left ))
+  if [ "$limit" -lt 15 ]; then
+    printf '%-14s skipped: %d s left for it\n' "$name" "$left" | tee -a "$OUT/stages.txt"
+    [ "$may_time_out" -eq 1 ] || status=1
+    return
+  fi
+  echo "== $name (limit ${limit} s, $(( SECONDS - START )) s in)"
+  local t0=$SECONDS
+  timeout -k "$GRACE" -s INT "$limit" "$@" 2>&1 | tee "$log" | tail -n 40
+  local rc=${PIPESTATUS[0]}
+  local verdict=ok
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    verdict="cut at its ${limit} s limit (rc $rc)"
+    [ "$may_time_out" -eq 1 ] || status=1
+  elif [ "$rc" -ne 0 ]; then
+    verdict="FAILED (rc $rc)"
+    status=1
+  fi
+  printf '%-14s %4d s of %4d s  %s\n' "$name" $(( SECONDS - t0 )) "$limit" "$verdict" | tee -a "$OUT/stages.txt"
+}
+
+# bg_stage NAME CAP RESERVE LOG CMD...: like `stage ... --may-time-out`, in the background (output
+# only to LOG); bg_wait waits for it and reports it.
+bg_stage() {
+  local name=$1 cap=$2 reserve=$3 log=$4
+  shift 4
+  local left=$(( BUDGET - (SECONDS - START) - reserve - GRACE ))
+  BG_NAME=$name BG_LOG=$log BG_LIMIT=$(( cap < left ? cap : left )) BG_T0=$SECONDS BG_PID=""
+  if [ "$BG_LIMIT" -lt 15 ]; then
+    printf '%-14s skipped: %d s left for it\n' "$name" "$left" | tee -a "$OUT/stages.txt"
+    return
+  fi
+  echo "== $name (limit ${BG_LIMIT} s, $(( SECONDS - START )) s in, in the background)"
+  ( timeout -k "$GRACE" -s INT "$BG_LIMIT" "$@" > "$log" 2>&1; echo $? > "$OUT/.$name.rc" ) &
+  BG_PID=$!
+}
+
+bg_wait() {
+  [ -n "$BG_PID" ] || return 0
+  wait "$BG_PID"
+  local rc verdict=ok
+  rc=$(cat "$OUT/.$BG_NAME.rc" 2>/dev/null || echo 255)
+  rm -f "$OUT/.$BG_NAME.rc"
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    verdict="cut at its ${BG_LIMIT} s limit (rc $rc)"
+  elif [ "$rc" -ne 0 ]; then
+    verdict="FAILED (rc $rc)"
+    status=1
+  fi
+  echo "== $BG_NAME (tail)"
+  tail -n 8 "$BG_LOG"
+  printf '%-14s %4d s of %4d s  %s\n' "$BG_NAME" $(( SECONDS - BG_T0 )) "$BG_LIMIT" "$verdict" | tee -a "$OUT/stages.txt"
+}
 
 {
-  nvidia-smi -L
-  python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)'
-  echo "commit ${FUSEDRES_COMMIT:-unknown}"
+  timeout 30 nvidia-smi -L
+  timeout 60 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)'
+  echo "commit ${FUSEDRES_COMMIT:-unknown}, TORCHINDUCTOR_COMPILE_THREADS=$TORCHINDUCTOR_COMPILE_THREADS, nproc $(nproc)"
 } 2>&1 | tee "$OUT/env.txt"
 
-if [ -z "$part" ]; then
-  echo "== self-check"
-  timeout 120 python3 -m fusedres 2>&1 | tee "$OUT/selfcheck.txt"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+bench=(python3 -m pytest --benchmark-only -q -p no:cacheprovider --results-dir "$OUT/bench")
+if [ -n "$part" ]; then
+  # No -n here: with xdist active pytest-benchmark switches itself off.
+  case "$part" in
+    layers) sel=(benchmarks/test_bench_layers.py) ;;
+    blocks-bf16) sel=(benchmarks/test_bench_blocks.py -k "test_block and bf16 and not graph") ;;
+    blocks-fp16) sel=(benchmarks/test_bench_blocks.py -k fp16) ;;
+    blocks-tf32) sel=(benchmarks/test_bench_blocks.py -k tf32) ;;
+    networks) sel=(benchmarks/test_bench_networks.py -k "not graph") ;;
+    graphs) sel=(benchmarks/ -k graph) ;;
+    *) echo "unknown part $part"; exit 2 ;;
+  esac
+  FUSEDRES_BENCH_COMPILE_CAP_S=${FUSEDRES_BENCH_COMPILE_CAP_S:-150} \
+    stage "bench-$part" 540 0 "$OUT/bench.txt" "${bench[@]}" "${sel[@]}"
+  echo "gpu_check status $status"
+  exit $status
 fi
 
-echo "== benchmarks ${part:-quick}"
-# No -n here: with xdist active pytest-benchmark switches itself off.
-case "$part" in
-  "") sel=(benchmarks/ --quick); limit=330 ;;
-  layers) sel=(benchmarks/test_bench_layers.py); limit=540 ;;
-  blocks-bf16) sel=(benchmarks/test_bench_blocks.py -k bf16); limit=540 ;;
-  blocks-fp16) sel=(benchmarks/test_bench_blocks.py -k fp16); limit=540 ;;
-  blocks-tf32) sel=(benchmarks/test_bench_blocks.py -k tf32); limit=540 ;;
-  networks) sel=(benchmarks/test_bench_networks.py); limit=540 ;;
-  *) echo "unknown part $part"; exit 2 ;;
-esac
-timeout "$limit" python3 -m pytest "${sel[@]}" --benchmark-only -q --results-dir "$OUT/bench" 2>&1 \
-  | tee "$OUT/bench.txt" | tail -n 60
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+# Seconds promised to each stage by the ones before it (its limit is at least this minus the 20 s grace).
+MIN_TRAIN_FUSED=80 MIN_TRAIN_EAGER=45 MIN_TESTS=140
 
-if [ -z "$part" ]; then
-  echo "== tests on CUDA"
-  # The offline-compile test is CPU work that CI already does; skip it here to save device time.
-  timeout 150 python3 -m pytest tests -q -x -n 12 --deselect tests/test_offline_compile.py 2>&1 \
-    | tee "$OUT/pytest.txt" | tail -n 30
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-fi
+FUSEDRES_BENCH_COMPILE=0 \
+  stage bench-core 300 $(( MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/bench-core.txt" \
+  "${bench[@]}" benchmarks/ --quick
 
+train=(python3 -m fusedres train --synthetic --steps 50 --depth 164 --batch-size 128 --channels-last --amp)
+stage train-fused 100 $(( MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train-fused.txt" "${train[@]}" --fused
+stage train-eager 100 "$MIN_TESTS" "$OUT/train-eager.txt" "${train[@]}" --eager
+
+FUSEDRES_BENCH_COMPILE=1 FUSEDRES_BENCH_COMPILE_CAP_S=${FUSEDRES_BENCH_COMPILE_CAP_S:-75} \
+  stage bench-compile 600 "$MIN_TESTS" "$OUT/bench-compile.txt" --may-time-out \
+  "${bench[@]}" benchmarks/test_bench_blocks.py benchmarks/test_bench_networks.py --quick
+
+# The self-check beside the tests; one inductor compile thread per process (12 xdist workers x 16
+# compile processes would swamp 16 cores). The offline-compile test is CPU work that CI already
+# does; skip it here to save device time.
+export TORCHINDUCTOR_COMPILE_THREADS=1
+bg_stage selfcheck 160 0 "$OUT/selfcheck.txt" python3 -m fusedres check
+stage tests 160 0 "$OUT/pytest.txt" python3 -m pytest tests -q -n 12 -p no:cacheprovider \
+  --deselect tests/test_offline_compile.py
+bg_wait
+
+echo "== summary ($(( SECONDS - START )) s of $BUDGET s)"
+cat "$OUT/stages.txt"
+for f in "$OUT"/train-fused.txt "$OUT"/train-eager.txt; do
+  [ -f "$f" ] && echo "$(basename "$f" .txt): $(grep '^train:' "$f" | tail -n 1 | grep . || echo 'no train: line')"
+done
+ls "$OUT"/bench/*/run-*.json 2>/dev/null
 echo "gpu_check status $status"
 exit $status
