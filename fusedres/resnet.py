@@ -22,6 +22,10 @@ from .functional import _wants_channels_last, post_act_block
 from .ops import route
 
 
+#: Norm layers the fused path computes (SyncBatchNorm: statistics reduced over its process group).
+_BATCHNORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
 def _conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
     pad = dilation if k == 3 else 0
     return nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=False, dilation=dilation)
@@ -39,7 +43,7 @@ class _PostActBlock(nn.Module):
     def _init_fusion(self, why_not: str | None) -> None:
         self.fused = True
         self._fold_cache: tuple[tuple, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
-        if why_not is None and any(type(bn) is not nn.BatchNorm2d for _, bn in self._pairs()):
+        if why_not is None and any(type(bn) not in _BATCHNORMS for _, bn in self._pairs()):
             why_not = f"norm layer {type(self._pairs()[0][1]).__name__} (only nn.BatchNorm2d is fused)"
         if why_not is not None:
             self.fused = False
@@ -49,7 +53,7 @@ class _PostActBlock(nn.Module):
     def _fused_downsample(self) -> tuple[nn.Conv2d, nn.BatchNorm2d] | None:
         ds = self.downsample
         if (isinstance(ds, nn.Sequential) and len(ds) == 2 and type(ds[0]) is nn.Conv2d
-                and type(ds[1]) is nn.BatchNorm2d and ds[0].kernel_size == (1, 1) and ds[0].bias is None
+                and type(ds[1]) in _BATCHNORMS and ds[0].kernel_size == (1, 1) and ds[0].bias is None
                 and ds[0].groups == 1 and ds[0].padding == (0, 0) and ds[0].dilation == (1, 1)
                 and ds[0].stride[0] == ds[0].stride[1]):
             return ds[0], ds[1]

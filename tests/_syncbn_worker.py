@@ -1,6 +1,7 @@
 """One rank of tests/test_syncbn.py: a fused network with SyncBatchNorm on its share of a batch.
 
-Usage: python tests/_syncbn_worker.py RANK WORLD INIT_FILE OUT_DIR. Runs under the Triton
+Usage: python tests/_syncbn_worker.py RANK WORLD INIT_FILE OUT_DIR MODEL (preact | torchvision).
+Runs under the Triton
 interpreter (set before triton is imported) with the gloo backend.
 """
 
@@ -25,9 +26,18 @@ from fusedres.models import preact_resnet  # noqa: E402
 SIZES = (3, 2)
 
 
-def build() -> nn.Module:
+def build(model: str = "preact") -> nn.Module:
+    """A pre-activation ResNet (fused chains and the fused head), or converted torchvision blocks
+    (the fused post-activation block, with a conv1x1+BatchNorm downsample) in a small classifier."""
     torch.manual_seed(0)
-    return preact_resnet(11, block="bottleneck")
+    if model == "preact":
+        return preact_resnet(11, block="bottleneck")
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    ds = nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False),
+                         fusedres.convert(nn.Sequential(BasicBlock(8, 8), Bottleneck(8, 4, 2, downsample=ds))),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
 
 
 def data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,9 +46,9 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def main() -> None:
-    rank, world, init_file, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    rank, world, init_file, out_dir, which = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(build())
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(build(which))
     x, w = data()
     lo, hi = sum(SIZES[:rank]), sum(SIZES[: rank + 1])
     xs = x[lo:hi].clone().requires_grad_(True)

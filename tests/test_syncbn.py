@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import fusedres
@@ -18,11 +19,12 @@ sys.path.insert(0, str(HERE))
 import _syncbn_worker as worker  # noqa: E402
 
 
-def test_syncbn_two_processes_match_one_process_on_the_global_batch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("model", ["preact", "torchvision"])
+def test_syncbn_two_processes_match_one_process_on_the_global_batch(tmp_path: Path, model: str) -> None:
     world = len(worker.SIZES)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(HERE.parent))
     procs = [subprocess.Popen([sys.executable, str(HERE / "_syncbn_worker.py"), str(r), str(world),
-                               str(tmp_path / "init"), str(tmp_path)], env=env,
+                               str(tmp_path / "init"), str(tmp_path), model], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(world)]
     for p in procs:
@@ -32,7 +34,7 @@ def test_syncbn_two_processes_match_one_process_on_the_global_batch(tmp_path: Pa
     assert all(r["launches"] > 0 for r in ranks), "the fused kernels did not run"
 
     # One process, the whole batch, plain BatchNorm in float64.
-    ref = set_fused(worker.build(), False).double()
+    ref = set_fused(worker.build(model), False).double()
     x, w = worker.data()
     x = x.double().requires_grad_(True)
     for _ in range(2):
@@ -63,7 +65,6 @@ def test_syncbn_two_processes_match_one_process_on_the_global_batch(tmp_path: Pa
 def test_syncbn_without_process_group_is_plain_batchnorm() -> None:
     """A SyncBatchNorm outside torch.distributed (or in eval) is ordinary BatchNorm, fused."""
     model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(fusedres.PreActBasicBlock(8, 8))
-    twin = set_fused(worker.build(), False)  # noqa: F841 - builds without a process group
     plain = fusedres.PreActBasicBlock(8, 8)
     plain.load_state_dict(model.state_dict())
     x = torch.randn(2, 8, 5, 5)
