@@ -69,3 +69,29 @@ def test_syncbn_without_process_group_is_plain_batchnorm() -> None:
     plain.load_state_dict(model.state_dict())
     x = torch.randn(2, 8, 5, 5)
     torch.testing.assert_close(model(x), plain(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not torch.distributed.is_nccl_available(),
+                    reason="the DDP wrapper with NCCL needs a GPU")
+def test_ddp_nccl_wraps_fused_model_with_syncbn(tmp_path: Path) -> None:
+    """The standard recipe on a GPU — convert_sync_batchnorm, then DistributedDataParallel (one
+    NCCL process here) — runs the fused blocks and gives the gradients of the unwrapped model."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(worker.build()).cuda()
+        plain = set_fused(worker.build(), True).cuda()
+        plain.load_state_dict(model.state_dict())
+        ddp = DDP(model, device_ids=[torch.cuda.current_device()])
+        x = torch.randn(4, 3, 8, 8, device="cuda")
+        before = sum(fusedres.launch_counts.values())
+        ddp(x).square().sum().backward()
+        assert sum(fusedres.launch_counts.values()) > before
+        plain(x).square().sum().backward()
+        for (n, p), q in zip(model.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+    finally:
+        dist.destroy_process_group()
