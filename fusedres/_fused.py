@@ -22,6 +22,7 @@ the parameter gradients stay per rank, as in ``nn.SyncBatchNorm`` (DDP averages 
 
 from __future__ import annotations
 
+import abc
 import functools
 import weakref
 from collections.abc import Sequence
@@ -221,23 +222,26 @@ def _stats_empty(channels: int, like: torch.Tensor) -> torch.Tensor:
     return torch.empty((4, channels), device=like.device, dtype=torch.float32)
 
 
-class _Impl:
-    """Interface of a fused computation over a flat list of optional tensors."""
+class _Impl(abc.ABC):
+    """Interface of a fused computation over a flat list of optional tensors (the subclasses are
+    namespaces of static methods, never instantiated)."""
 
     name: str
 
     @staticmethod
+    @abc.abstractmethod
     def encode(spec: Any) -> tuple[list[int], list[float]]:
-        raise NotImplementedError
+        """The spec as the custom ops' int and float lists (traceable by Dynamo)."""
 
     @staticmethod
+    @abc.abstractmethod
     def decode(ints: Sequence[int], floats: Sequence[float]) -> Any:
-        raise NotImplementedError
+        """The inverse of :meth:`encode`."""
 
     @staticmethod
+    @abc.abstractmethod
     def slots(spec: Any) -> list[tuple[StageSpec, int, int]]:
         """(BatchNorm mode, running_mean index, running_var index) of each BatchNorm."""
-        raise NotImplementedError
 
     @classmethod
     def running(cls, spec: Any, t: Tensors) -> list[tuple[int, int]]:
@@ -255,17 +259,21 @@ class _Impl:
         return set()
 
     @staticmethod
+    @abc.abstractmethod
     def forward(spec: Any, t: Tensors, running_out: list[torch.Tensor] | None) -> tuple[torch.Tensor, list]:
-        raise NotImplementedError
+        """(output, new tensors the backward needs); running statistics updated in place, or
+        written to ``running_out`` (new mean, new var per updated BatchNorm) when given."""
 
     @staticmethod
+    @abc.abstractmethod
     def fake_forward(spec: Any, t: Tensors) -> tuple[torch.Tensor, list]:
-        raise NotImplementedError
+        """What :meth:`forward` returns, as empty tensors of the same shapes, dtypes and strides."""
 
     @staticmethod
+    @abc.abstractmethod
     def backward(spec: Any, t: Tensors, saved: Sequence[torch.Tensor], dout: torch.Tensor,
                  needs: Sequence[bool]) -> list[torch.Tensor | None]:
-        raise NotImplementedError
+        """The gradient of each input in ``t`` whose ``needs`` entry is set (None elsewhere)."""
 
 
 def _pairs_iter(running_out: list[torch.Tensor] | None):
