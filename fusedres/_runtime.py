@@ -47,6 +47,12 @@ def triton_enabled(device: torch.device) -> bool:
     return device.type == "cpu" and INTERPRET
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for the host-side grid arithmetic (``triton.cdiv`` is a constexpr function
+    whose host-side call costs microseconds, dozens of times per block step)."""
+    return -(-a // b)
+
+
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
     """Launch ``kernel[grid](*args, **kwargs)`` and count it in :data:`launch_counts`."""
     kernel[grid](*args, **kwargs)

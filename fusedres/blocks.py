@@ -68,8 +68,12 @@ class _PreActBlock(nn.Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"{name}: expected {self.in_channels} input channels, got {x.shape[1]} "
                              f"(input shape {tuple(x.shape)})")
-        for pname, p in self.named_parameters():
-            if p.device != x.device:
+        proj = self._projection()
+        tensors = [(f"{b}.{t}", getattr(getattr(self, b), t)) for b, c in self._stage_names for t in ("weight", "bias")]
+        tensors += [(f"{c}.weight", getattr(self, c).weight) for _, c in self._stage_names]
+        tensors += [("shortcut.0.weight", proj.weight)] if proj is not None else []
+        for pname, p in tensors:  # every parameter of the block, without walking the module tree
+            if p is not None and p.device != x.device:
                 raise ValueError(f"{name}: parameter {pname} is on {p.device} but the input is on {x.device}")
         for bn, conv in self._stages():
             if amp is None and conv.weight.dtype != x.dtype:

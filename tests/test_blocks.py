@@ -219,6 +219,13 @@ def test_block_bad_input(device):
     block.bn2.to("meta")
     with pytest.raises(ValueError, match=r"parameter bn2.weight is on meta"):
         block(torch.randn(2, 4, 5, 5, device=device))
+    for part, pname in (("shortcut", "shortcut.0.weight"), ("conv2", "conv2.weight")):
+        block = PreActBasicBlock(4, 8).to(device)
+        getattr(block, part).to("meta")
+        with pytest.raises(ValueError, match=rf"parameter {pname} is on meta"):
+            block(torch.randn(2, 4, 5, 5, device=device))
+    with pytest.raises(TypeError, match=r"float32, float16 or bfloat16, got torch.float64"):
+        PreActBasicBlock(4, 8).to(device, torch.float64)(torch.randn(2, 4, 5, 5, device=device, dtype=torch.float64))
 
 
 def test_double_backward_is_refused(device):

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import launch
+from .._runtime import cdiv, launch
 from .configs import APPLY_CONFIG, FINALIZE_BLOCK_C, FINALIZE_BLOCK_T, STATS_CONFIG, TWO_LEVEL_TILES
 
 
@@ -387,7 +387,7 @@ def bn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     N, C, H, W = x.shape
     cfg = STATS_CONFIG
     M = N * H * W
-    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(C, cfg.block_c))
+    grid = (cdiv(M, cfg.block_m), cdiv(C, cfg.block_c))
     pmean = torch.empty((grid[0], C), device=x.device, dtype=torch.float32)
     pm2 = torch.empty_like(pmean)
     launch(
@@ -431,11 +431,11 @@ def bn_finalize(
         if T > TWO_LEVEL_TILES:
             # One program per 32 channels would merge T tiles serially: merge chunks of BLOCK_T
             # tiles in parallel first (same formula, so the same result up to rounding).
-            chunks = triton.cdiv(T, FINALIZE_BLOCK_T)
+            chunks = cdiv(T, FINALIZE_BLOCK_T)
             cmean = torch.empty((chunks, C), device=device, dtype=torch.float32)
             cm2 = torch.empty_like(cmean)
             launch(
-                bn_merge_kernel, (triton.cdiv(C, FINALIZE_BLOCK_C), chunks),
+                bn_merge_kernel, (cdiv(C, FINALIZE_BLOCK_C), chunks),
                 pmean, pm2, T, C, count, tile_rows, cmean, cm2,
                 BLOCK_T=FINALIZE_BLOCK_T, BLOCK_C=FINALIZE_BLOCK_C,
             )
@@ -447,7 +447,7 @@ def bn_finalize(
     dummy = out
     rm_out, rv_out = running_out if running_out is not None else (running_mean, running_var)
     launch(
-        bn_finalize_kernel, (triton.cdiv(C, FINALIZE_BLOCK_C),),
+        bn_finalize_kernel, (cdiv(C, FINALIZE_BLOCK_C),),
         pmean, pm2, T, C, count, tile_rows,
         weight if weight is not None else dummy, bias if bias is not None else dummy,
         running_mean if running_mean is not None else dummy, running_var if running_var is not None else dummy,
@@ -465,18 +465,18 @@ def bn_bwd_reduce(psum: torch.Tensor, psumx: torch.Tensor) -> tuple[torch.Tensor
     """``(sum dz, sum dz*xhat)`` per channel from the dgrad epilogue's per-tile partials."""
     T, C = psum.shape
     if T > TWO_LEVEL_TILES:  # sum chunks of tiles in parallel first (fixed order: deterministic)
-        chunks = triton.cdiv(T, FINALIZE_BLOCK_T)
+        chunks = cdiv(T, FINALIZE_BLOCK_T)
         csum = torch.empty((chunks, C), device=psum.device, dtype=torch.float32)
         csumx = torch.empty_like(csum)
         launch(
-            bn_sum_chunks_kernel, (triton.cdiv(C, FINALIZE_BLOCK_C), chunks),
+            bn_sum_chunks_kernel, (cdiv(C, FINALIZE_BLOCK_C), chunks),
             psum, psumx, T, C, csum, csumx, BLOCK_T=FINALIZE_BLOCK_T, BLOCK_C=FINALIZE_BLOCK_C,
         )
         psum, psumx, T = csum, csumx, chunks
     s = torch.empty(C, device=psum.device, dtype=torch.float32)  # two allocations: returned as
     sx = torch.empty_like(s)  # separate gradients, they must not share storage
     launch(
-        bn_bwd_reduce_kernel, (triton.cdiv(C, FINALIZE_BLOCK_C),),
+        bn_bwd_reduce_kernel, (cdiv(C, FINALIZE_BLOCK_C),),
         psum, psumx, s, sx, T, C, BLOCK_T=FINALIZE_BLOCK_T, BLOCK_C=FINALIZE_BLOCK_C,
     )
     return s, sx
@@ -501,7 +501,7 @@ def bn_bwd_apply(
     M = N * H * W
     a = add if add is not None else dx
     launch(
-        bn_bwd_apply_kernel, (triton.cdiv(M, cfg.block_m), triton.cdiv(C, cfg.block_c)),
+        bn_bwd_apply_kernel, (cdiv(M, cfg.block_m), cdiv(C, cfg.block_c)),
         dz, x, dx, a, mean, invstd, weight if weight is not None else mean, sum_dz, sum_dzx,
         H, W, C, M,
         dz.stride(0), dz.stride(1), dz.stride(2), dz.stride(3),
@@ -520,7 +520,7 @@ def bn_relu_pool(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> t
     out = torch.empty((N, C), device=x.device, dtype=x.dtype)
     cfg = STATS_CONFIG
     launch(
-        bn_relu_pool_kernel, (N, triton.cdiv(C, cfg.block_c)),
+        bn_relu_pool_kernel, (N, cdiv(C, cfg.block_c)),
         x, scale, shift, out, H * W, W, C,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3), out.stride(0), out.stride(1),
         BLOCK_P=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
@@ -537,7 +537,7 @@ def bn_relu_pool_bwd(
     N, C, H, W = x.shape
     cfg = STATS_CONFIG
     M = N * H * W
-    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(C, cfg.block_c))
+    grid = (cdiv(M, cfg.block_m), cdiv(C, cfg.block_c))
     dz = torch.empty((N, C, H, W), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     psum = torch.empty((grid[0], C), device=x.device, dtype=torch.float32)
     psumx = torch.empty_like(psum)
@@ -567,7 +567,7 @@ def bn_add_relu(
     M = N * H * W
     res_bn = sr is not None
     launch(
-        bn_add_relu_kernel, (triton.cdiv(M, cfg.block_m), triton.cdiv(C, cfg.block_c)),
+        bn_add_relu_kernel, (cdiv(M, cfg.block_m), cdiv(C, cfg.block_c)),
         y, r, out, sy, by, sr if res_bn else sy, br if res_bn else by, H, W, C, M,
         y.stride(0), y.stride(1), y.stride(2), y.stride(3),
         r.stride(0), r.stride(1), r.stride(2), r.stride(3),
@@ -593,7 +593,7 @@ def bn_add_relu_bwd(
     N, C, H, W = y.shape
     cfg = APPLY_CONFIG
     M = N * H * W
-    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(C, cfg.block_c))
+    grid = (cdiv(M, cfg.block_m), cdiv(C, cfg.block_c))
     g = torch.empty((N, C, H, W), device=y.device, dtype=y.dtype, memory_format=torch.channels_last)
     psum = torch.empty((grid[0], C), device=y.device, dtype=torch.float32)
     psumy = torch.empty_like(psum)
@@ -620,7 +620,7 @@ def bn_relu_apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> 
     cfg = APPLY_CONFIG
     M = N * H * W
     launch(
-        bn_relu_apply_kernel, (triton.cdiv(M, cfg.block_m), triton.cdiv(C, cfg.block_c)),
+        bn_relu_apply_kernel, (cdiv(M, cfg.block_m), cdiv(C, cfg.block_c)),
         x, scale, shift, out, H, W, C, M,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
@@ -639,7 +639,7 @@ def relu_bn_bwd_partials(
     dz = torch.empty((N, C, H, W), device=x.device, dtype=da.dtype, memory_format=torch.channels_last)
     cfg = APPLY_CONFIG
     M = N * H * W
-    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(C, cfg.block_c))
+    grid = (cdiv(M, cfg.block_m), cdiv(C, cfg.block_c))
     psum = torch.empty((grid[0], C), device=x.device, dtype=torch.float32)
     psumx = torch.empty_like(psum)
     launch(

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import launch, sm_count
+from .._runtime import cdiv, launch, sm_count
 from .bn import tile_mean_m2
 from .configs import ConvConfig, dgrad_config, fprop_config, wgrad_config
 
@@ -322,7 +322,7 @@ def conv_fprop(
     if out is None:
         out = torch.empty((N, K, OH, OW), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     M = N * OH * OW
-    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(K, cfg.block_n))
+    grid = (cdiv(M, cfg.block_m), cdiv(K, cfg.block_n))
     partials = None
     pmean = pm2 = out  # placeholders; never read when STATS is off
     if stats:
@@ -376,7 +376,7 @@ def conv_dgrad(
     cfg = config or dgrad_config(C, K, R, stride, dy.dtype)
     dz = torch.empty((N, C, H, W), device=dy.device, dtype=dy.dtype, memory_format=torch.channels_last)
     M = N * H * W
-    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(C, cfg.block_n))
+    grid = (cdiv(M, cfg.block_m), cdiv(C, cfg.block_n))
     if bn is not None:
         x, scale, shift, mean, invstd = bn
         psum = torch.empty((grid[0], C), device=dy.device, dtype=torch.float32)
@@ -425,15 +425,15 @@ def conv_wgrad(
     _, _, OH, OW = dy.shape
     cfg = config or wgrad_config(C, K, R, stride, x.dtype)
     P = N * OH * OW
-    tiles = triton.cdiv(K, cfg.block_m) * R * S * triton.cdiv(C, cfg.block_n)
+    tiles = cdiv(K, cfg.block_m) * R * S * cdiv(C, cfg.block_n)
     if splits is None:
-        splits = max(1, min(triton.cdiv(2 * sm_count(x.device), tiles), triton.cdiv(P, 4 * cfg.block_k)))
-    pix_per_split = triton.cdiv(triton.cdiv(P, splits), cfg.block_k) * cfg.block_k
-    splits = triton.cdiv(P, pix_per_split)
+        splits = max(1, min(cdiv(2 * sm_count(x.device), tiles), cdiv(P, 4 * cfg.block_k)))
+    pix_per_split = cdiv(cdiv(P, splits), cfg.block_k) * cfg.block_k
+    splits = cdiv(P, pix_per_split)
     ws = torch.empty((splits, K, R, S, C), device=x.device, dtype=torch.float32)
     prologue = scale is not None
     launch(
-        conv_wgrad_kernel, (triton.cdiv(K, cfg.block_m), R * S * triton.cdiv(C, cfg.block_n), splits),
+        conv_wgrad_kernel, (cdiv(K, cfg.block_m), R * S * cdiv(C, cfg.block_n), splits),
         dy, x, scale if prologue else x, shift if prologue else x, ws,
         H, W, C, OH, OW, K, P, pix_per_split,
         dy.stride(0), dy.stride(1), dy.stride(2), dy.stride(3),
@@ -446,7 +446,7 @@ def conv_wgrad(
     dw = torch.empty_like(weight_like)
     block = 1024
     launch(
-        wgrad_reduce_kernel, (triton.cdiv(dw.numel(), block),),
+        wgrad_reduce_kernel, (cdiv(dw.numel(), block),),
         ws, dw, splits, K, C, R * S * C,
         dw.stride(0), dw.stride(1), dw.stride(2), dw.stride(3),
         S=S, BLOCK=block,
