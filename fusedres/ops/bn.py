@@ -392,7 +392,7 @@ def bn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     pm2 = torch.empty_like(pmean)
     launch(
         bn_stats_kernel, grid, x, pmean, pm2, H, W, C, M,
-        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        *x.stride(),
         BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
     )
     return pmean, pm2, cfg.block_m
@@ -504,10 +504,10 @@ def bn_bwd_apply(
         bn_bwd_apply_kernel, (cdiv(M, cfg.block_m), cdiv(C, cfg.block_c)),
         dz, x, dx, a, mean, invstd, weight if weight is not None else mean, sum_dz, sum_dzx,
         H, W, C, M,
-        dz.stride(0), dz.stride(1), dz.stride(2), dz.stride(3),
-        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        dx.stride(0), dx.stride(1), dx.stride(2), dx.stride(3),
-        a.stride(0), a.stride(1), a.stride(2), a.stride(3),
+        *dz.stride(),
+        *x.stride(),
+        *dx.stride(),
+        *a.stride(),
         TRAINING=training, HAS_WEIGHT=weight is not None, HAS_ADD=add is not None,
         BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
     )
@@ -522,7 +522,7 @@ def bn_relu_pool(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> t
     launch(
         bn_relu_pool_kernel, (N, cdiv(C, cfg.block_c)),
         x, scale, shift, out, H * W, W, C,
-        x.stride(0), x.stride(1), x.stride(2), x.stride(3), out.stride(0), out.stride(1),
+        *x.stride(), out.stride(0), out.stride(1),
         BLOCK_P=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
     )
     return out
@@ -545,8 +545,8 @@ def bn_relu_pool_bwd(
         bn_relu_pool_bwd_kernel, grid,
         dpool, x, scale, shift, mean, invstd, dz, psum, psumx, H, W, C, M,
         dpool.stride(0), dpool.stride(1),
-        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        dz.stride(0), dz.stride(1), dz.stride(2), dz.stride(3),
+        *x.stride(),
+        *dz.stride(),
         BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
     )
     return dz, psum, psumx
@@ -569,9 +569,9 @@ def bn_add_relu(
     launch(
         bn_add_relu_kernel, (cdiv(M, cfg.block_m), cdiv(C, cfg.block_c)),
         y, r, out, sy, by, sr if res_bn else sy, br if res_bn else by, H, W, C, M,
-        y.stride(0), y.stride(1), y.stride(2), y.stride(3),
-        r.stride(0), r.stride(1), r.stride(2), r.stride(3),
-        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        *y.stride(),
+        *r.stride(),
+        *out.stride(),
         RES_BN=res_bn, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
     )
     return out
@@ -604,10 +604,10 @@ def bn_add_relu_bwd(
         dout, y, r, g, sy, by, sr, br, mean_y, invstd_y, mean_r, invstd_r,
         psum, psumy, psumr if psumr is not None else psum,
         H, W, C, M,
-        dout.stride(0), dout.stride(1), dout.stride(2), dout.stride(3),
-        y.stride(0), y.stride(1), y.stride(2), y.stride(3),
-        r.stride(0), r.stride(1), r.stride(2), r.stride(3),
-        g.stride(0), g.stride(1), g.stride(2), g.stride(3),
+        *dout.stride(),
+        *y.stride(),
+        *r.stride(),
+        *g.stride(),
         RES_BN=r_bn is not None, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
     )
     return g, psum, psumy, psumr
@@ -622,8 +622,8 @@ def bn_relu_apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> 
     launch(
         bn_relu_apply_kernel, (cdiv(M, cfg.block_m), cdiv(C, cfg.block_c)),
         x, scale, shift, out, H, W, C, M,
-        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        *x.stride(),
+        *out.stride(),
         BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
     )
     return out
@@ -645,9 +645,9 @@ def relu_bn_bwd_partials(
     launch(
         relu_bn_bwd_partials_kernel, grid,
         da, x, scale, shift, mean, invstd, dz, psum, psumx, H, W, C, M,
-        da.stride(0), da.stride(1), da.stride(2), da.stride(3),
-        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        dz.stride(0), dz.stride(1), dz.stride(2), dz.stride(3),
+        *da.stride(),
+        *x.stride(),
+        *dz.stride(),
         BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
     )
     return dz, (psum, psumx)
