@@ -21,7 +21,6 @@ from ._fused import PostActSpec, autocast_dtype, bn_modes, cumulative_update, ke
 from .functional import _wants_channels_last, post_act_block
 from .ops import route
 
-
 #: Norm layers the fused path computes (SyncBatchNorm: statistics reduced over its process group).
 _BATCHNORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
