@@ -103,7 +103,7 @@ def main() -> int:
         with open(out, "w") as f:
             json.dump({**env, "rows": rows}, f, indent=1)
 
-        def g(k):
+        def g(k, r=r):
             return r.get(k) or float("nan")
 
         print(f"{label:<38} {g('fused_ms'):7.3f} {g('eager_ms'):7.3f} {g('eager_ms') / g('fused_ms'):5.2f} | "
