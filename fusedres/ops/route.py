@@ -89,6 +89,13 @@ def _cl(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
+def _conv_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int,
+                   mask: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
+    """cuDNN's convolution backward with every operand channels_last (the format it then keeps)."""
+    return torch.ops.aten.convolution_backward(_cl(dy), x, weight, None, [stride, stride], [padding, padding],
+                                               [1, 1], False, [0, 0], 1, list(mask))
+
+
 def conv_fprop(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -136,7 +143,11 @@ def conv_dgrad(
     K, _, R, _ = weight.shape
     if choose("dgrad", dy.device, C, K, R, stride, N * H * W) == "triton":
         return conv_ops.conv_dgrad(dy, weight, input_shape, stride=stride, padding=padding, bn=bn, add=add)
-    da = _cl(torch.nn.grad.conv2d_input(input_shape, weight, dy, stride, padding))
+    # The input argument only carries the shape and the channels_last format (never read):
+    # torch.nn.grad.conv2d_input passes an expanded scalar instead, and cuDNN may then pick NCHW
+    # kernels and transpose whole activations around them.
+    like = torch.empty(input_shape, device=dy.device, dtype=dy.dtype, memory_format=torch.channels_last)
+    da = _cl(_conv_backward(dy, like, _cl(weight), stride, padding, (True, False, False))[0])
     if add is not None:
         da.add_(add)
     if bn is None:
@@ -160,8 +171,8 @@ def conv_wgrad(
     _, _, OH, OW = dy.shape
     if choose("wgrad", x.device, C, K, R, stride, N * OH * OW) == "triton":
         return conv_ops.conv_wgrad(dy, x, weight_like, stride=stride, padding=padding, scale=scale, shift=shift)
-    a = bn_ops.bn_relu_apply(x, scale, shift) if scale is not None else x
-    dw = torch.nn.grad.conv2d_weight(a, tuple(weight_like.shape), dy, stride, padding)
+    a = bn_ops.bn_relu_apply(x, scale, shift) if scale is not None else _cl(x)
+    dw = _conv_backward(dy, a, _cl(weight_like), stride, padding, (False, True, False))[1]
     if dw.stride() != weight_like.stride():
         dw = torch.empty_like(weight_like).copy_(dw)
     return dw
