@@ -25,7 +25,6 @@ file, then ``os.replace``), so that a session stopped by a timeout keeps what it
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import gc
 import itertools
@@ -364,17 +363,6 @@ def cuda_graphed(session: BenchSession, calls: Sequence[Callable[[], object]],
         next(order)()
 
     return call
-
-
-@contextlib.contextmanager
-def tf32(enabled: bool) -> Iterator[None]:
-    """Let fp32 convolutions and matmuls use TF32 (our kernels follow ``cudnn.allow_tf32``)."""
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _clear(grads: Iterable[torch.Tensor]) -> None:

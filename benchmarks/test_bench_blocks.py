@@ -25,7 +25,7 @@ import pytest
 import torch
 from torch import nn
 
-from fusedres.testing import set_fused
+from fusedres.testing import set_fused, tf32
 
 
 def _train_step(model: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
@@ -86,7 +86,7 @@ def setup_block(bench: harness.BenchSession, case: cases.BlockCase, dtype: torch
 def test_block(measure_case: Callable[..., dict], bench: harness.BenchSession, case: cases.BlockCase, dt: str,
                pass_name: str) -> None:
     label, dtype, allow_tf32 = cases.DTYPES[dt]
-    with harness.tf32(allow_tf32):
+    with tf32(allow_tf32):
         s = setup_block(bench, case, dtype, pass_name == cases.TRAIN)
         compile_impl: Callable[[], None] | str = bench.compile_note() or harness.rotating(
             s.calls(harness.compiled(s.eager)))
@@ -102,7 +102,7 @@ def test_block(measure_case: Callable[..., dict], bench: harness.BenchSession, c
 @pytest.mark.parametrize("case", cases.block_graph_params(harness.mode() != harness.MODE_CUDA))
 def test_block_graph(measure_case: Callable[..., dict], bench: harness.BenchSession, case: cases.BlockCase) -> None:
     label, dtype, allow_tf32 = cases.DTYPES["bf16"]
-    with harness.tf32(allow_tf32):
+    with tf32(allow_tf32):
         s = setup_block(bench, case, dtype, train=True)
         grads = s.grads()
         compile_impl: Callable[[], None] | str = bench.compile_note() or harness.rotating(

@@ -803,13 +803,6 @@ def run(impl: type[_Impl], spec: Any, tensors: list[torch.Tensor | None]) -> tor
     return outs[0]
 
 
-def run_preact_chain(spec: ChainSpec, x: torch.Tensor, stage_tensors: list[torch.Tensor | None],
-                     proj_weight: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`run` of a :class:`Chain`; ``stage_tensors`` holds per stage (conv weight, bn weight,
-    bn bias, running mean, running var)."""
-    return run(Chain, spec, [x, residual, proj_weight, *stage_tensors])
-
-
 # --------------------------------------------------------------------------------------------
 # What a BatchNorm module would do this call
 

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _runtime
-from ._fused import ChainSpec, bn_modes, cumulative_update, run_preact_chain
+from ._fused import ChainSpec, bn_modes, cumulative_update
 from ._fused import autocast_dtype as _autocast_dtype
+from .functional import _wants_channels_last, bn_relu_conv_chain
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -135,15 +136,9 @@ class _PreActBlock(nn.Module):
         for m, w, (bn, _) in zip(modes, weights, stages):
             tensors += [w, bn.weight, bn.bias, m.running_mean, m.running_var]
         averaging = cumulative_update(modes)
-        out = run_preact_chain(spec, x_in, tensors, proj_weight)
+        out = bn_relu_conv_chain(spec, x_in, tensors, proj_weight=proj_weight)
         averaging.finish()
         return out + x if add_outside else out
-
-
-def _wants_channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    from .functional import _wants_channels_last as wants
-
-    return wants(x, weight)
 
 
 class PreActBasicBlock(_PreActBlock):

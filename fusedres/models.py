@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _runtime
-from ._fused import Pool, autocast_dtype, bn_modes, cumulative_update, run
+from ._fused import autocast_dtype, bn_modes, cumulative_update
 from .blocks import PreActBasicBlock, PreActBottleneck
+from .functional import bn_relu_avgpool
 
 _Block = type[PreActBasicBlock] | type[PreActBottleneck]
 
@@ -74,7 +75,7 @@ class PreActResNet(nn.Module):
         if modes is not None:
             m = modes[0]
             averaging = cumulative_update([m])
-            pooled = run(Pool, m.stage(self.bn), [h, self.bn.weight, self.bn.bias, m.running_mean, m.running_var])
+            pooled = bn_relu_avgpool(m.stage(self.bn), h, self.bn.weight, self.bn.bias, m.running_mean, m.running_var)
             averaging.finish()
         else:
             pooled = F.relu(self.bn(h)).mean((2, 3))

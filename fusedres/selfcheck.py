@@ -9,9 +9,7 @@ table (:mod:`fusedres.ops.route`) would hand it to cuDNN: the check is of our ke
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -19,7 +17,7 @@ from torch import nn
 from . import _runtime
 from .blocks import PreActBasicBlock, PreActBottleneck
 from .ops import route
-from .testing import CaseResult, atol, check_bn_relu_conv2d, check_module
+from .testing import CaseResult, atol, check_bn_relu_conv2d, check_module, tf32
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -70,16 +68,6 @@ def _ratio(r: CaseResult, key: str, dtype: torch.dtype) -> float:
     return r.fused[key] / (2.0 * r.eager[key] + atol(dtype, r.device))
 
 
-@contextlib.contextmanager
-def _tf32(enabled: bool) -> Iterator[None]:
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
-
-
 def _crashed(e: Exception) -> str:
     """A row whose run raised: the table goes on, the row fails with the error's first line."""
     return f"FAIL: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -128,7 +116,7 @@ def _block_row(block: nn.Module, shape: tuple[int, ...], device: torch.device, d
     before = {k: _runtime.launch_counts[k] for k in BLOCK_KERNELS}
     # Full fp32 products for the fp32 rows, as in the tests: with small batches, BatchNorm's
     # backward amplifies TF32's 10-bit products into 1e-2 gradient errors.
-    with _tf32(False):
+    with tf32(False):
         r = check_module(block, shape, dtype=dtype, device=device, steps=2)
     missing = [k for k in BLOCK_KERNELS if _runtime.launch_counts[k] == before[k]]
     cells, bad = [], []

@@ -7,6 +7,8 @@ small dtype-dependent floor.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -136,8 +138,24 @@ def check_bn_relu_conv2d(
         return outs
 
     ref = run(bn_relu_conv2d_reference, torch.float64, torch.device("cpu"))
-    fused = run(bn_relu_conv2d, dtype, device)
-    eager = run(bn_relu_conv2d_reference, dtype, device)
+    return _errors(ref, run(bn_relu_conv2d, dtype, device), run(bn_relu_conv2d_reference, dtype, device), device)
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """Let fp32 convolutions and matmuls use TF32 inside the block, or not (our kernels follow
+    ``torch.backends.cudnn.allow_tf32``, as PyTorch's convolutions do)."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _errors(ref: dict[str, torch.Tensor], fused: dict[str, torch.Tensor], eager: dict[str, torch.Tensor],
+            device: torch.device) -> CaseResult:
+    """Each quantity's error against the float64 reference, fused and eager."""
     result = CaseResult(device)
     for k, r in ref.items():
         result.fused[k] = rel_error(fused[k], r)
@@ -202,10 +220,4 @@ def check_module(
         return outs
 
     ref = run(False, torch.float64, torch.device("cpu"))
-    fused = run(True, dtype, device)
-    eager = run(False, dtype, device)
-    result = CaseResult(device)
-    for k, r in ref.items():
-        result.fused[k] = rel_error(fused[k], r)
-        result.eager[k] = rel_error(eager[k], r)
-    return result
+    return _errors(ref, run(True, dtype, device), run(False, dtype, device), device)

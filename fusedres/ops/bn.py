@@ -357,6 +357,24 @@ def bn_relu_apply_kernel(
 
 
 @triton.jit
+def relu_bn_bwd_tile(da, x_ptrs, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, offs_c, c_ok, mask, dz_ptr):
+    """The BatchNorm-ReLU backward of one (pixels x channels) tile of the gradient ``da`` (fp32):
+    dz = da * (x*scale + shift > 0) rounded to dz's dtype, and the column sums of dz and dz * xhat
+    over the masked rows, taken from the rounded dz (the values the apply pass reads). Shared by the
+    dgrad epilogue and the pass after a cuDNN dgrad."""
+    xv = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
+    sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
+    keep = mask & (xv * sc[None, :] + sh[None, :] > 0.0)
+    dz = tl.where(keep, da, 0.0).to(dz_ptr.dtype.element_ty)
+    dzf = dz.to(tl.float32)
+    mu = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
+    inv = tl.load(invstd_ptr + offs_c, mask=c_ok, other=0.0)
+    xhat = (xv - mu[None, :]) * inv[None, :]
+    return dz, tl.sum(dzf, axis=0), tl.sum(tl.where(mask, dzf * xhat, 0.0), axis=0)
+
+
+@triton.jit
 def relu_bn_bwd_partials_kernel(
     da_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, dz_ptr, psum_ptr, psumx_ptr, H, W, C, M,
     sdn, sdc, sdh, sdw,
@@ -368,18 +386,12 @@ def relu_bn_bwd_partials_kernel(
     epilogue's BatchNorm-ReLU backward, for a dgrad computed by cuDNN."""
     pid_m, offs_c, c_ok, n, h, w, c64, mask = _pixel_tile(M, H, W, C, BLOCK_M, BLOCK_C)
     da = tl.load(da_ptr + (n * sdn + h * sdh + w * sdw)[:, None] + c64 * sdc, mask=mask, other=0.0)
-    xv = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + c64 * sxc, mask=mask, other=0.0).to(tl.float32)
-    sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
-    sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
-    keep = mask & (xv * sc[None, :] + sh[None, :] > 0.0)
-    dz = tl.where(keep, da.to(tl.float32), 0.0).to(dz_ptr.dtype.element_ty)
+    x_ptrs = x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + c64 * sxc
+    dz, sum_dz, sum_dzx = relu_bn_bwd_tile(da.to(tl.float32), x_ptrs, scale_ptr, shift_ptr, mean_ptr, invstd_ptr,
+                                           offs_c, c_ok, mask, dz_ptr)
     tl.store(dz_ptr + (n * szn + h * szh + w * szw)[:, None] + c64 * szc, dz, mask=mask)
-    dzf = dz.to(tl.float32)  # the sums use the stored (rounded) dz, as the dgrad epilogue does
-    mu = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
-    inv = tl.load(invstd_ptr + offs_c, mask=c_ok, other=0.0)
-    xhat = (xv - mu[None, :]) * inv[None, :]
-    tl.store(psum_ptr + pid_m * C + offs_c, tl.sum(dzf, axis=0), mask=c_ok)
-    tl.store(psumx_ptr + pid_m * C + offs_c, tl.sum(tl.where(mask, dzf * xhat, 0.0), axis=0), mask=c_ok)
+    tl.store(psum_ptr + pid_m * C + offs_c, sum_dz, mask=c_ok)
+    tl.store(psumx_ptr + pid_m * C + offs_c, sum_dzx, mask=c_ok)
 
 
 def bn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import cdiv, launch, sm_count
-from .bn import tile_mean_m2
+from .bn import relu_bn_bwd_tile, tile_mean_m2
 from .configs import ConvConfig, dgrad_config, fprop_config, wgrad_config
 
 
@@ -178,19 +178,11 @@ def conv_dgrad_kernel(
         acc += tl.load(a_ptrs, mask=mask, other=0.0).to(tl.float32)
     if BN_BWD:
         x_ptrs = x_ptr + (n * sxn + ih64 * sxh + iw64 * sxw)[:, None] + offs_n.to(tl.int64)[None, :] * sxc
-        xv = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-        sc = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)
-        sh = tl.load(shift_ptr + offs_n, mask=n_ok, other=0.0)
-        keep = mask & (xv * sc[None, :] + sh[None, :] > 0.0)
-        dz = tl.where(keep, acc, 0.0).to(dz_ptr.dtype.element_ty)
+        dz, sum_dz, sum_dzx = relu_bn_bwd_tile(acc, x_ptrs, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, offs_n,
+                                               n_ok, mask, dz_ptr)
         tl.store(z_ptrs, dz, mask=mask)
-        # The sums use the stored (rounded) dz, the same values the apply pass reads.
-        dzf = dz.to(tl.float32)
-        mu = tl.load(mean_ptr + offs_n, mask=n_ok, other=0.0)
-        inv = tl.load(invstd_ptr + offs_n, mask=n_ok, other=0.0)
-        xhat = (xv - mu[None, :]) * inv[None, :]
-        tl.store(psum_ptr + pid_m * C + offs_n, tl.sum(dzf, axis=0), mask=n_ok)
-        tl.store(psumx_ptr + pid_m * C + offs_n, tl.sum(tl.where(mask, dzf * xhat, 0.0), axis=0), mask=n_ok)
+        tl.store(psum_ptr + pid_m * C + offs_n, sum_dz, mask=n_ok)
+        tl.store(psumx_ptr + pid_m * C + offs_n, sum_dzx, mask=n_ok)
     else:
         tl.store(z_ptrs, acc.to(dz_ptr.dtype.element_ty), mask=mask)
 
