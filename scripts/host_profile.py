@@ -1,10 +1,12 @@
-"""Where the host time of a fused block training step goes, on a GPU: cProfile of N steps of a
-CIFAR bottleneck block (bf16, channels_last) on each convolution route, with the GPU kept busy
-only by the steps themselves (a synchronize at the end). Prints the wall time per step, the
-launches per step, and the functions with the most own time — Triton's launch path
-(``JITFunction.run``, the binder, the driver launcher) against ours and PyTorch's.
+"""Where the host time of a fused block training step goes, on a GPU, and what the direct launch
+path (``FUSEDRES_FAST_LAUNCH``) saves: for a CIFAR bottleneck block (64/16 at 32², N=128, bf16,
+channels_last) on each convolution route, with Triton's launch path and with the direct one, the
+wall time per training step (a synchronize at the end of N steps), the same for the eager block,
+and a cProfile of the functions with the most own time (Triton's ``JITFunction.run``, its binder,
+the driver launcher, against ours and PyTorch's). Before timing, the direct path's results are
+compared with Triton's path bit for bit.
 
-    PYTHONPATH=. python3 scripts/host_profile.py [STEPS]
+    PYTHONPATH=. python3 scripts/host_profile.py [STEPS] [OUT_FILE]
 
 About half a minute on a warm Triton cache; meant for the start of a GPU session (NOTES log #4).
 """
@@ -20,41 +22,88 @@ import time
 import torch
 
 import fusedres
-from fusedres import PreActBottleneck
+from fusedres import PreActBottleneck, _runtime
 from fusedres.ops import route
+
+
+def _block(fused: bool) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    cl = torch.channels_last
+    torch.manual_seed(0)
+    block = PreActBottleneck(64, 16, fused=fused).cuda().to(torch.bfloat16).to(memory_format=cl)
+    x = torch.randn(128, 64, 32, 32, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=cl)
+    x.requires_grad_(True)
+    return block, x, torch.randn_like(x)
+
+
+def _wall(step, steps: int) -> float:
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def _same_results(block, x, dy) -> bool:
+    """One step with Triton's launch path and one with the direct path (after a warm-up step that
+    fills the direct path's cache) give bit-identical outputs and gradients."""
+    results = []
+    for fast in (False, True, True):
+        _runtime.FAST_LAUNCH = fast
+        x.grad = None
+        block.zero_grad(set_to_none=True)
+        y = block(x)
+        y.backward(dy)
+        results.append([y.detach().clone(), x.grad.clone(), *(p.grad.clone() for p in block.parameters())])
+    _runtime.FAST_LAUNCH = False
+    return all(torch.equal(a, b) for a, b in zip(results[0], results[2]))
 
 
 def main() -> int:
     steps = int(sys.argv[1]) if len(sys.argv) > 1 else 50
-    cl = torch.channels_last
-    block = PreActBottleneck(64, 16).cuda().to(torch.bfloat16).to(memory_format=cl)
-    x = torch.randn(128, 64, 32, 32, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=cl)
-    x.requires_grad_(True)
-    dy = torch.randn_like(x)
-    print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {__import__('triton').__version__}")
+    lines: list[str] = []
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    say(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {__import__('triton').__version__}; "
+        f"PreActBottleneck(64, 16) bf16 channels_last, N=128 32x32, training step, {steps} steps")
+    eager, ex, edy = _block(False)
+    say(f"eager: {_wall(lambda: eager(ex).backward(edy), steps) * 1e3:.3f} ms per step")
+    block, x, dy = _block(True)
+    profiles = []
     for backend in ("triton", "cudnn"):
         with route.force(backend):
-            for _ in range(5):
-                block(x).backward(dy)
-            torch.cuda.synchronize()
-            before = sum(fusedres.launch_counts.values())
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                block(x).backward(dy)
-            torch.cuda.synchronize()
-            wall = (time.perf_counter() - t0) / steps
-            launches = (sum(fusedres.launch_counts.values()) - before) / steps
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(steps):
-                block(x).backward(dy)
-            torch.cuda.synchronize()
-            prof.disable()
-        out = io.StringIO()
-        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
-        print(f"\n== {backend} route: {wall * 1e3:.3f} ms per step (no profiler), {launches:.0f} Triton launches "
-              f"per step, {wall * 1e6 / max(launches, 1):.0f} us of step per launch")
-        print(out.getvalue())
+            say(f"{backend} route: direct launch path bit-identical to Triton's: {_same_results(block, x, dy)}")
+            for fast in (False, True):
+                _runtime.FAST_LAUNCH = fast
+                before = sum(_runtime.launch_counts.values())
+                direct = sum(_runtime.fast_launch_counts.values())
+                wall = _wall(lambda: block(x).backward(dy), steps)
+                launches = (sum(_runtime.launch_counts.values()) - before) / (steps + 5)
+                share = (sum(_runtime.fast_launch_counts.values()) - direct) / max(1.0, launches * (steps + 5))
+                say(f"{backend} route, {'direct' if fast else 'Triton'} launches: {wall * 1e3:.3f} ms per step, "
+                    f"{launches:.0f} Triton launches per step ({share:.0%} direct), "
+                    f"{wall * 1e6 / max(launches, 1):.0f} us of step per launch")
+                prof = cProfile.Profile()
+                prof.enable()
+                for _ in range(steps):
+                    block(x).backward(dy)
+                torch.cuda.synchronize()
+                prof.disable()
+                out = io.StringIO()
+                pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+                profiles.append(f"\n== cProfile: {backend} route, {'direct' if fast else 'Triton'} launches\n"
+                                + out.getvalue())
+            _runtime.FAST_LAUNCH = False
+    for p in profiles:
+        say(p)
+    if len(sys.argv) > 2:
+        with open(sys.argv[2], "w") as f:
+            f.write("\n".join(lines) + "\n")
     return 0
 
 
