@@ -187,6 +187,30 @@ def _bwd_sums(
 
 
 # --------------------------------------------------------------------------------------------
+# Statistics handed from a fused block's output to the next fused BatchNorm
+
+# (weak reference to the output, its version counter, its statistics partials): the last
+# training-mode fused block of the eager path computed the tile statistics of its output in its
+# last convolution's epilogue, so that the BatchNorm that opens the next block (or the head) does
+# not read the whole tensor again. One slot: networks run their blocks in sequence.
+_HANDOFF: list[tuple[weakref.ref, int, tuple[torch.Tensor, torch.Tensor, int]]] = []
+
+
+def _hand_off(out: torch.Tensor, partials: tuple[torch.Tensor, torch.Tensor, int]) -> None:
+    _HANDOFF[:] = [(weakref.ref(out), out._version, partials)]
+
+
+def _input_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Tile statistics partials of ``x``: those handed off with it when ``x`` is, unmodified, the
+    output of the previous fused block; else from a statistics pass over ``x``."""
+    if _HANDOFF:
+        ref, version, partials = _HANDOFF.pop()
+        if ref() is x and x._version == version:
+            return partials
+    return bn_ops.bn_stats(x)
+
+
+# --------------------------------------------------------------------------------------------
 # Impls
 
 
@@ -344,7 +368,10 @@ class Chain(_Impl):
         h = x
         inner: list[torch.Tensor] = []
         all_stats: list[torch.Tensor] = []
-        partials = bn_ops.bn_stats(x) if spec.stages[0].batch_stats else None
+        # The eager path (no running_out: not a custom op under torch.compile) of a training block
+        # computes its output's statistics for the next block (see _input_stats).
+        hand_off = running_out is None and spec.stages[0].batch_stats and spec.out_channels_last
+        partials = _input_stats(x) if spec.stages[0].batch_stats else None
         shortcut = None
         for i, st in enumerate(spec.stages):
             w, g, b, rm, rv = t[3 + _PER_STAGE * i : 3 + _PER_STAGE * (i + 1)]
@@ -363,11 +390,13 @@ class Chain(_Impl):
             else:
                 inner.append(h)
             last = i == n_stages - 1
-            next_batch_stats = not last and spec.stages[i + 1].batch_stats
+            next_batch_stats = hand_off if last else spec.stages[i + 1].batch_stats
             h, partials = route.conv_fprop(
                 h, kernel_weight(w), stride=st.stride, padding=st.padding, scale=scale, shift=shift,
                 residual=shortcut if last else None, stats=next_batch_stats,
             )
+        if hand_off and partials is not None:
+            _hand_off(h, partials)
         if not spec.out_channels_last:
             h = h.contiguous()
         return h, inner + all_stats
@@ -465,7 +494,7 @@ class Pool(_Impl):
     @staticmethod
     def forward(spec: StageSpec, t: Tensors, running_out: list[torch.Tensor] | None) -> tuple[torch.Tensor, list]:
         x, g, b, rm, rv = t
-        partials = bn_ops.bn_stats(x) if spec.batch_stats else None
+        partials = _input_stats(x) if spec.batch_stats else None
         stats, (_, _, scale, shift) = _finalize(partials, x, spec, (g, b, rm, rv),
                                                 _pairs_iter(running_out)(spec.batch_stats and rm is not None))
         return bn_ops.bn_relu_pool(x, scale, shift), [stats]
@@ -832,16 +861,17 @@ def _sync_group(bn: nn.Module) -> Any:
     return group if dist.get_world_size(group) > 1 else None
 
 
-def bn_mode(bn: nn.Module) -> BnMode:
+def bn_mode(bn: nn.Module, counted: bool = False) -> BnMode:
     """What ``bn.forward`` would do this call: whether it normalises with batch statistics, the
     running-average factor, the running buffers to use (or None), and for ``momentum=None`` the
     cumulative factor as a tensor (no host synchronisation: the caller applies it with
     :func:`cumulative_update`). Like the module itself, it increments ``num_batches_tracked`` in
-    training."""
+    training (unless ``counted``: the caller did)."""
     momentum = 0.0 if bn.momentum is None else float(bn.momentum)
     cumulative = None
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
+        if not counted:
+            bn.num_batches_tracked.add_(1)
         if bn.momentum is None:
             cumulative = 1.0 / bn.num_batches_tracked
             momentum = 1.0  # the kernel writes the batch statistics; cumulative_update averages
@@ -858,6 +888,11 @@ def bn_modes(bns: Sequence[nn.Module]) -> list[BnMode] | None:
     runs the modules' own forward instead)."""
     if torch.compiler.is_compiling() and any(_sync_group(bn) is not None for bn in bns):
         return None
+    counters = [bn.num_batches_tracked for bn in bns
+                if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None]
+    if len(counters) > 1:  # one multi-tensor kernel instead of one add_ per BatchNorm
+        torch._foreach_add_(counters, 1)
+        return [bn_mode(bn, counted=True) for bn in bns]
     return [bn_mode(bn) for bn in bns]
 
 

@@ -229,6 +229,29 @@ def test_bn_stats_finalize_training(poison, device, dtype, shape, affine):
     assert_close64(rv, 0.7 * rv0.double() + 0.3 * x64.var((0, 2, 3), unbiased=True), 1e-6, "running_var")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("res_layout", ["channels_last", "nchw"])
+def test_bn_stats_with_add(poison, device, dtype, res_layout):
+    """bn_stats(y, add=r): y becomes y + r rounded to y's dtype (what ``y.add_(r)`` gives), and the
+    partials are the statistics of that sum."""
+    g = _gen(16)
+    shape = (3, 19, 9, 7)
+    y64 = rounded(torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5, dtype)
+    r64 = rounded(torch.randn(shape, generator=g, dtype=torch.float64) - 1.0, dtype)
+    y = y64.to(device, dtype).contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if res_layout == "channels_last" else torch.contiguous_format
+    r = r64.to(device, dtype).contiguous(memory_format=fmt)
+    expected = y.clone().add_(r)
+    with launched("bn_stats_kernel"):
+        partials = bn_ops.bn_stats(y, add=r)
+    assert torch.equal(y, expected), "the in-place sum differs from y.add_(r)"
+    mean, invstd, _, _ = bn_ops.bn_finalize(partials, y.numel() // 19, None, None, None, None, training=True,
+                                            momentum=0.1, eps=1e-5, channels=19, device=y.device)
+    s64 = expected.double().cpu()
+    assert_close64(mean, s64.mean((0, 2, 3)), 1e-6, "mean")
+    assert_close64(invstd, (s64.var((0, 2, 3), unbiased=False) + 1e-5).rsqrt(), 1e-6, "invstd")
+
+
 def test_bn_statistics_exact_when_mean_dominates(poison, device):
     """x = 1000 + randn: a plain fp32 sum / sum-of-squares loses every digit of the variance
     here; the per-tile (mean, M2) partials merged with Chan's formula must not."""

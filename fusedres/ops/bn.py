@@ -50,13 +50,20 @@ def _pixel_tile(M, H, W, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def bn_stats_kernel(
-    x_ptr, pmean_ptr, pm2_ptr, H, W, C, M,
+    x_ptr, r_ptr, pmean_ptr, pm2_ptr, H, W, C, M,
     sxn, sxc, sxh, sxw,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    srn, src, srh, srw,
+    ADD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Per-tile mean and M2 of each channel of x over BLOCK_M pixels."""
+    """Per-tile mean and M2 of each channel of x over BLOCK_M pixels. With ADD, x += r first
+    (in place, rounded to x's dtype) and the statistics are those of the sum."""
     pid_m, offs_c, c_ok, n, h, w, c64, mask = _pixel_tile(M, H, W, C, BLOCK_M, BLOCK_C)
-    v = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + c64 * sxc, mask=mask, other=0.0)
+    x_ptrs = x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + c64 * sxc
+    v = tl.load(x_ptrs, mask=mask, other=0.0)
+    if ADD:
+        r = tl.load(r_ptr + (n * srn + h * srh + w * srw)[:, None] + c64 * src, mask=mask, other=0.0)
+        v = (v.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(x_ptrs, v, mask=mask)
     count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
     mean, m2 = tile_mean_m2(v.to(tl.float32), mask, count)
     tl.store(pmean_ptr + pid_m * C + offs_c, mean, mask=c_ok)
@@ -394,18 +401,21 @@ def relu_bn_bwd_partials_kernel(
     tl.store(psumx_ptr + pid_m * C + offs_c, sum_dzx, mask=c_ok)
 
 
-def bn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per-tile statistics partials of each channel of ``x`` (see the module docstring)."""
+def bn_stats(x: torch.Tensor, add: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-tile statistics partials of each channel of ``x`` (see the module docstring); with
+    ``add`` (shaped and typed like x), of ``x.add_(add)``, done in the same pass."""
     N, C, H, W = x.shape
     cfg = STATS_CONFIG
     M = N * H * W
     grid = (cdiv(M, cfg.block_m), cdiv(C, cfg.block_c))
     pmean = torch.empty((grid[0], C), device=x.device, dtype=torch.float32)
     pm2 = torch.empty_like(pmean)
+    r = add if add is not None else x
     launch(
-        bn_stats_kernel, grid, x, pmean, pm2, H, W, C, M,
+        bn_stats_kernel, grid, x, r, pmean, pm2, H, W, C, M,
         *x.stride(),
-        BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+        *r.stride(),
+        ADD=add is not None, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
     )
     return pmean, pm2, cfg.block_m
 

@@ -205,6 +205,7 @@ def _bn_launchers(dtype: torch.dtype) -> list[Callable[[], object]]:
     big = torch.empty((2 * _TWO_LEVEL_ROWS // 128, _C))  # more tiles than TWO_LEVEL_TILES
     return [
         lambda: bn.bn_stats(x),
+        lambda: bn.bn_stats(x, add=add),
         lambda: bn.bn_finalize(
             partials,
             _N * _HW * _HW,

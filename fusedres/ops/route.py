@@ -119,6 +119,8 @@ def conv_fprop(
                                    residual=residual, stats=stats, out_shift=out_shift, out_relu=out_relu)
     a = bn_ops.bn_relu_apply(x, scale, shift) if scale is not None else _cl(x)
     y = _cl(F.conv2d(a, weight, None, stride, padding))
+    if stats and out_shift is None and not out_relu and (residual is None or residual.dtype == y.dtype):
+        return y, bn_ops.bn_stats(y, add=residual)  # the residual added in the statistics pass
     if residual is not None:
         y.add_(residual)
     if out_shift is not None:
