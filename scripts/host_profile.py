@@ -21,7 +21,6 @@ import time
 
 import torch
 
-import fusedres
 from fusedres import PreActBottleneck, _runtime
 from fusedres.ops import route
 
