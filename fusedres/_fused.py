@@ -203,10 +203,12 @@ def _hand_off(out: torch.Tensor, partials: tuple[torch.Tensor, torch.Tensor, int
 def _input_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Tile statistics partials of ``x``: those handed off with it when ``x`` is, unmodified, the
     output of the previous fused block; else from a statistics pass over ``x``."""
-    if _HANDOFF:
-        ref, version, partials = _HANDOFF.pop()
-        if ref() is x and x._version == version:
-            return partials
+    try:
+        ref, version, partials = _HANDOFF.pop()  # (another thread may have emptied the slot)
+    except IndexError:
+        return bn_ops.bn_stats(x)
+    if ref() is x and x._version == version:
+        return partials
     return bn_ops.bn_stats(x)
 
 
