@@ -11,9 +11,9 @@ speedup = baseline ms / fused ms, so > 1 means the fused code is faster; eager i
 (cuDNN), compile is that same eager code under ``torch.compile``. Rows of the pass
 ``train step, CUDA graph`` are training steps replayed from CUDA graphs (fused and eager; compile
 = ``mode="reduce-overhead"``); summary.md sets each beside the plain training step of the same
-case (launch overhead = plain ms - graph ms). Run files cut short (a timeout) are read like the
-others. Needs only the standard library; the chart needs matplotlib (without it the chart is
-skipped with a message).
+case (launch overhead = plain ms - graph ms). Run files cut short (a timeout: killed, or
+interrupted) are read like the others, their source marked "(cut short)". Needs only the
+standard library; the chart needs matplotlib (without it the chart is skipped with a message).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from typing import Any
 
 RUN_FORMAT = "fusedres-bench-run/1"
 SMOKE_MODE = "interpreter-smoke"
+#: pytest's exit status of a session stopped by SIGINT / KeyboardInterrupt (pytest.ExitCode.INTERRUPTED).
+INTERRUPTED = 2
 SUITES = ("layers", "blocks", "networks")
 TRAIN_PASS = "train step (fwd+bwd)"
 #: The training step replayed from CUDA graphs (benchmarks/cases.py GRAPH).
@@ -86,7 +88,9 @@ def rows_from_file(path: Path, source: str) -> tuple[list[dict[str, Any]], str |
             return [], f"{source}: not a {RUN_FORMAT} file"
         if doc.get("mode") != "cuda":
             return [], f"{source}: {doc.get('mode')} run (says nothing about speed)"
-        if doc.get("finished") is False:  # rewritten after every row; a timeout stopped this session
+        # rewritten after every row: "finished" stays false if the session was killed; a SIGINT
+        # (gpu_check.sh's timeouts) lets pytest finish with exit status 2 (interrupted)
+        if doc.get("finished") is False or doc.get("exitstatus") == INTERRUPTED:
             source += " (cut short)"
         return [_summary_row(r, env, source) for r in doc["rows"]], None
     if path.name == "layers.json":  # benchmarks/layers.py: one role per row against a cuDNN baseline

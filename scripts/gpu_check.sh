@@ -4,16 +4,16 @@
 # (GPU_CHECK_BUDGET_S, default 560 s). Image python3, no installs:
 #     OUT=/some/dir FUSEDRES_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_check.sh [--full PART]
 # Without arguments (quick), in this order, most important first:
-#   env          nvidia-smi, versions                                   -> env.txt
-#   bench-core   the --quick benchmark subset without torch.compile     -> bench-core.txt, bench/<card>/run-*.json
+#   env          nvidia-smi, versions                                   -> head of stages.txt
+#   bench-core   the --quick benchmark subset without torch.compile     -> bench.txt, bench/<card>/run-*.json
 #                (7 bf16 block training steps, 25 kernel-role rows, ResNet-164 step, CUDA-graph steps
 #                of the 3 CIFAR bottleneck blocks)
-#   train-fused  fusedres train, ResNet-164, 50 steps, --fused (issue #6) -> train-fused.txt
-#   train-eager  the same with --eager                                  -> train-eager.txt
+#   train-fused  fusedres train, ResNet-164, 50 steps, --fused (issue #6) -> train.txt
+#   train-eager  the same with --eager                                  -> train.txt (appended)
 #   bench-compile  the quick blocks/networks again with the torch.compile column, each compilation
 #                capped at FUSEDRES_BENCH_COMPILE_CAP_S (default 75 s); it gets the time the other
 #                stages leave, and being cut short is expected (rows measured so far are kept)
-#                                                                       -> bench-compile.txt, bench/<card>/run-*.json
+#                                                                -> bench.txt (appended), bench/<card>/run-*.json
 #   tests        pytest tests on CUDA (12 xdist workers)                -> pytest.txt
 #   selfcheck    python3 -m fusedres check, beside the tests (both only check correctness, and the
 #                tests leave 4 of the 16 cores free; with a cold Triton cache it took 137 s on the
@@ -31,8 +31,12 @@
 # A failed stage does not stop the later ones; the exit status is 1 if any stage failed
 # (bench-compile or the self-check being cut at its limit is not a failure), and stages.txt
 # lists every stage with its time, limit and verdict.
+#
+# Seven files at most (stages.txt, bench.txt, train.txt, pytest.txt, selfcheck.txt and the two run
+# files): a lent machine sends back at most 8 files from $OUT, so stages that run one after the
+# other append to one log, each part headed by its "== stage" line.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # inductor compiles its Triton kernels in a pool of worker processes: one per core (16 on the lent machines)
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(nproc)}
@@ -47,6 +51,7 @@ if [ "${1:-}" = "--full" ]; then
   part=${2:?--full needs a part: layers, blocks-bf16, blocks-fp16, blocks-tf32, networks or graphs}
 fi
 : > "$OUT/stages.txt"
+rm -f "$OUT/bench.txt" "$OUT/train.txt" "$OUT/pytest.txt" "$OUT/selfcheck.txt"  # the stages append to them
 
 # stage NAME CAP RESERVE LOG [--may-time-out] CMD...: run CMD with stdout+stderr to LOG (its tail on
 # the terminal) under a limit of min(CAP, time left - RESERVE - GRACE); RESERVE = seconds promised
@@ -62,9 +67,9 @@ stage() {
     [ "$may_time_out" -eq 1 ] || status=1
     return
   fi
-  echo "== $name (limit ${limit} s, $(( SECONDS - START )) s in)"
+  echo "== $name (limit ${limit} s, $(( SECONDS - START )) s in)" | tee -a "$log"
   local t0=$SECONDS
-  timeout -k "$GRACE" -s INT "$limit" "$@" 2>&1 | tee "$log" | tail -n 40
+  timeout -k "$GRACE" -s INT "$limit" "$@" 2>&1 | tee -a "$log" | tail -n 40
   local rc=${PIPESTATUS[0]}
   local verdict=ok
   if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
@@ -114,7 +119,7 @@ bg_wait() {
   timeout 30 nvidia-smi -L
   timeout 60 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)'
   echo "commit ${FUSEDRES_COMMIT:-unknown}, TORCHINDUCTOR_COMPILE_THREADS=$TORCHINDUCTOR_COMPILE_THREADS, nproc $(nproc)"
-} 2>&1 | tee "$OUT/env.txt"
+} 2>&1 | tee -a "$OUT/stages.txt"
 
 bench=(python3 -m pytest --benchmark-only -q -p no:cacheprovider --results-dir "$OUT/bench")
 if [ -n "$part" ]; then
@@ -138,15 +143,15 @@ fi
 MIN_TRAIN_FUSED=80 MIN_TRAIN_EAGER=45 MIN_TESTS=140
 
 FUSEDRES_BENCH_COMPILE=0 \
-  stage bench-core 300 $(( MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/bench-core.txt" \
+  stage bench-core 300 $(( MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/bench.txt" \
   "${bench[@]}" benchmarks/ --quick
 
 train=(python3 -m fusedres train --synthetic --steps 50 --depth 164 --batch-size 128 --channels-last --amp)
-stage train-fused 100 $(( MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train-fused.txt" "${train[@]}" --fused
-stage train-eager 100 "$MIN_TESTS" "$OUT/train-eager.txt" "${train[@]}" --eager
+stage train-fused 100 $(( MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train.txt" "${train[@]}" --fused
+stage train-eager 100 "$MIN_TESTS" "$OUT/train.txt" "${train[@]}" --eager
 
 FUSEDRES_BENCH_COMPILE=1 FUSEDRES_BENCH_COMPILE_CAP_S=${FUSEDRES_BENCH_COMPILE_CAP_S:-75} \
-  stage bench-compile 600 "$MIN_TESTS" "$OUT/bench-compile.txt" --may-time-out \
+  stage bench-compile 600 "$MIN_TESTS" "$OUT/bench.txt" --may-time-out \
   "${bench[@]}" benchmarks/test_bench_blocks.py benchmarks/test_bench_networks.py --quick
 
 # The self-check beside the tests; one inductor compile thread per process (12 xdist workers x 16
@@ -160,9 +165,7 @@ bg_wait
 
 echo "== summary ($(( SECONDS - START )) s of $BUDGET s)"
 cat "$OUT/stages.txt"
-for f in "$OUT"/train-fused.txt "$OUT"/train-eager.txt; do
-  [ -f "$f" ] && echo "$(basename "$f" .txt): $(grep '^train:' "$f" | tail -n 1 | grep . || echo 'no train: line')"
-done
+grep '^train:' "$OUT/train.txt" 2>/dev/null || echo "no train: lines in $OUT/train.txt"
 ls "$OUT"/bench/*/run-*.json 2>/dev/null
 echo "gpu_check status $status"
 exit $status

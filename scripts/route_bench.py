@@ -41,7 +41,9 @@ def _ms(fn, grads) -> float:
     return float(do_bench(fn, warmup=10, rep=40, grad_to_none=grads, return_mode="median"))
 
 
-def _peak_mb(fn) -> float:
+def _peak_mb(fn, grads) -> float:
+    for t in grads:  # as after zero_grad(): the step allocates its gradients, as in do_bench's timed calls
+        t.grad = None
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -68,7 +70,7 @@ def measure(build, shape) -> dict:
         for _ in range(3):
             step()
         row[f"{name}_ms"] = _ms(step, grads)
-        row[f"{name}_peak_mb"] = _peak_mb(step)
+        row[f"{name}_peak_mb"] = _peak_mb(step, grads)
         try:
             graphed = torch.cuda.make_graphed_callables(copy.deepcopy(model), (x,), num_warmup_iters=3)
 
@@ -76,7 +78,9 @@ def measure(build, shape) -> dict:
                 g(x).backward(dy)
 
             gstep()
-            row[f"{name}_graph_ms"] = _ms(gstep, [x])
+            # the graphed module's parameter gradients too: left set, every replay's backward would add
+            # into them with one eager kernel per parameter (launch overhead the graph is there to remove)
+            row[f"{name}_graph_ms"] = _ms(gstep, [x, *graphed.parameters()])
         except Exception as e:  # reported, not hidden
             row[f"{name}_graph_error"] = f"{type(e).__name__}: {e}"[:300]
     return row

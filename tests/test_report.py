@@ -107,6 +107,23 @@ def test_summary_markdown(report: Path) -> None:
     assert "ccccccc" not in md.split("Left out")[0]
 
 
+def test_interrupted_run_is_marked_cut_short(tmp_path: Path) -> None:
+    """gpu_check.sh stops a stage with SIGINT: pytest then finishes its session (finished true) with
+    exit status 2, and the report marks the run as cut short, as one killed before it finished."""
+    card = tmp_path / "results" / "h100-80gb-hbm3"
+    card.mkdir(parents=True)
+    for commit, day, exitstatus in (("aaaaaaa", 1, 2), ("bbbbbbb", 2, 0)):
+        doc = _run_file("cuda", commit, f"2026-11-0{day}T10:00:00+00:00", [_row(f"block {commit}", 1.0, 1.0, None)])
+        (card / f"run-2026110{day}-100000-{commit}.json").write_text(
+            json.dumps({**doc, "finished": True, "exitstatus": exitstatus}))
+    proc = subprocess.run([sys.executable, str(REPORT), "--results", str(tmp_path / "results"), "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    sources = json.loads((tmp_path / "out" / "summary.json").read_text())["sources"]
+    assert sources == ["h100-80gb-hbm3/run-20261101-100000-aaaaaaa.json (cut short)",
+                       "h100-80gb-hbm3/run-20261102-100000-bbbbbbb.json"]
+
+
 def test_speedups_png(report: Path) -> None:
     if importlib.util.find_spec("matplotlib") is None:
         pytest.skip("matplotlib is not installed: report.py writes no chart (pip install matplotlib)")
