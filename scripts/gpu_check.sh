@@ -8,7 +8,10 @@
 #   bench-core   the --quick benchmark subset without torch.compile     -> bench.txt, bench/<card>/run-*.json
 #                (7 bf16 block training steps, 25 kernel-role rows, ResNet-164 step, CUDA-graph steps
 #                of the 3 CIFAR bottleneck blocks)
-#   train-fused  fusedres train, ResNet-164, 50 steps, --fused (issue #6) -> train.txt
+#   host-profile scripts/host_profile.py: a CIFAR bottleneck step launched with Triton's launch
+#                path and with FUSEDRES_FAST_LAUNCH's direct one, both routes, eager beside them,
+#                a cProfile of each (where the ~110 us per launch go)  -> train.txt
+#   train-fused  fusedres train, ResNet-164, 50 steps, --fused (issue #6) -> train.txt (appended)
 #   train-eager  the same with --eager                                  -> train.txt (appended)
 #   bench-compile  the quick blocks/networks again with the torch.compile column, each compilation
 #                capped at FUSEDRES_BENCH_COMPILE_CAP_S (default 75 s); it gets the time the other
@@ -140,11 +143,15 @@ if [ -n "$part" ]; then
 fi
 
 # Seconds promised to each stage by the ones before it (its limit is at least this minus the 20 s grace).
-MIN_TRAIN_FUSED=80 MIN_TRAIN_EAGER=45 MIN_TESTS=140
+MIN_HOST=40 MIN_TRAIN_FUSED=80 MIN_TRAIN_EAGER=45 MIN_TESTS=140
 
 FUSEDRES_BENCH_COMPILE=0 \
-  stage bench-core 300 $(( MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/bench.txt" \
+  stage bench-core 300 $(( MIN_HOST + MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/bench.txt" \
   "${bench[@]}" benchmarks/ --quick
+
+# Where a launched fused step's host time goes, and the direct launch path against Triton's (NOTES log 4-5).
+stage host-profile 60 $(( MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train.txt" \
+  python3 scripts/host_profile.py 30
 
 train=(python3 -m fusedres train --synthetic --steps 50 --depth 164 --batch-size 128 --channels-last --amp)
 stage train-fused 100 $(( MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train.txt" "${train[@]}" --fused

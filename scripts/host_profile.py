@@ -34,6 +34,19 @@ def _block(fused: bool) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     return block, x, torch.randn_like(x)
 
 
+def _stepper(block, x, dy):
+    """One training step that starts with the gradients set to None (no accumulation kernels)."""
+    params = list(block.parameters())
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        x.grad = None
+        block(x).backward(dy)
+
+    return step
+
+
 def _wall(step, steps: int) -> float:
     for _ in range(5):
         step()
@@ -71,8 +84,9 @@ def main() -> int:
     say(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {__import__('triton').__version__}; "
         f"PreActBottleneck(64, 16) bf16 channels_last, N=128 32x32, training step, {steps} steps")
     eager, ex, edy = _block(False)
-    say(f"eager: {_wall(lambda: eager(ex).backward(edy), steps) * 1e3:.3f} ms per step")
+    say(f"eager: {_wall(_stepper(eager, ex, edy), steps) * 1e3:.3f} ms per step")
     block, x, dy = _block(True)
+    step = _stepper(block, x, dy)
     profiles = []
     for backend in ("triton", "cudnn"):
         with route.force(backend):
@@ -81,7 +95,7 @@ def main() -> int:
                 _runtime.FAST_LAUNCH = fast
                 before = sum(_runtime.launch_counts.values())
                 direct = sum(_runtime.fast_launch_counts.values())
-                wall = _wall(lambda: block(x).backward(dy), steps)
+                wall = _wall(step, steps)
                 launches = (sum(_runtime.launch_counts.values()) - before) / (steps + 5)
                 share = (sum(_runtime.fast_launch_counts.values()) - direct) / max(1.0, launches * (steps + 5))
                 say(f"{backend} route, {'direct' if fast else 'Triton'} launches: {wall * 1e3:.3f} ms per step, "
@@ -90,7 +104,7 @@ def main() -> int:
                 prof = cProfile.Profile()
                 prof.enable()
                 for _ in range(steps):
-                    block(x).backward(dy)
+                    step()
                 torch.cuda.synchronize()
                 prof.disable()
                 out = io.StringIO()
