@@ -43,7 +43,7 @@ import pytest  # noqa: E402
 _SESSION = pytest.StashKey[harness.BenchSession]()
 _START = time.monotonic()
 #: Test functions in the order they run (stable within each: the parametrisation's order).
-ORDER = ("test_block", "test_layer", "test_network", "test_block_graph", "test_network_graph")
+ORDER = ("test_block", "test_block_graph", "test_layer", "test_network", "test_network_graph")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

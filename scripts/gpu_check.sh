@@ -6,8 +6,8 @@
 # Without arguments (quick), in this order, most important first:
 #   env          nvidia-smi, versions                                   -> head of stages.txt
 #   bench-core   the --quick benchmark subset without torch.compile     -> bench.txt, bench/<card>/run-*.json
-#                (7 bf16 block training steps, 25 kernel-role rows, ResNet-164 step, CUDA-graph steps
-#                of the 3 CIFAR bottleneck blocks)
+#                (7 bf16 block training steps, CIFAR bottlenecks first; CUDA-graph steps of the 3
+#                CIFAR bottleneck blocks; 25 kernel-role rows; ResNet-164 step — in that order)
 #   host-profile scripts/host_profile.py: a CIFAR bottleneck step launched with Triton's launch
 #                path and with FUSEDRES_FAST_LAUNCH's direct one, both routes, eager beside them,
 #                a cProfile of each (where the ~110 us per launch go)  -> train.txt
