@@ -68,7 +68,8 @@ def _env_flag(name: str) -> bool:
 FAST_LAUNCH: bool = _env_flag("FUSEDRES_FAST_LAUNCH") and HAVE_TRITON and not INTERPRET
 
 # (kernel, device, exact argument key, keyword items) -> (run, function, packed metadata,
-# values of the parameters after the positional ones), or None where the fast path cannot be used.
+# values of the parameters after the positional ones, the compiled kernel), or None where the
+# fast path cannot be used.
 _FAST_CACHE: dict[tuple, tuple | None] = {}
 
 
@@ -110,7 +111,8 @@ def _fast_entry(kernel: Any, compiled: Any, nargs: int, kwargs: dict) -> tuple |
             if default is inspect.Parameter.empty:
                 return None
             tail.append(default)
-    return run, function, packed, tuple(tail)
+    # the compiled kernel rides along: its module is unloaded when it is collected
+    return run, function, packed, tuple(tail), compiled
 
 
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
@@ -131,7 +133,7 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
                 compiled = kernel[grid](*args, **kwargs)
                 _FAST_CACHE[key] = _fast_entry(kernel, compiled, len(args), kwargs)
             elif entry is not None:
-                run, function, packed, tail = entry
+                run, function, packed, tail, _ = entry
                 g = (*grid, 1, 1)
                 run(g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(device), function, packed, None,
                     None, None, *args, *tail)
