@@ -11,6 +11,8 @@
 #   host-profile scripts/host_profile.py: a CIFAR bottleneck step launched with Triton's launch
 #                path and with FUSEDRES_FAST_LAUNCH's direct one, both routes, eager beside them,
 #                a cProfile of each (where the ~110 us per launch go)  -> train.txt
+#   kernel-profile scripts/kernel_profile.py: torch.profiler per-kernel GPU time of the 64/16
+#                bottleneck and the 64ch 56^2 basic block, eager and fused on each route -> train.txt
 #   train-fused  fusedres train, ResNet-164, 50 steps, --fused (issue #6) -> train.txt (appended)
 #   train-eager  the same with --eager                                  -> train.txt (appended)
 #   bench-compile  the quick blocks/networks again with the torch.compile column, each compilation
@@ -143,19 +145,22 @@ if [ -n "$part" ]; then
 fi
 
 # Seconds promised to each stage by the ones before it (its limit is at least this minus the 20 s grace).
-MIN_HOST=40 MIN_TRAIN_FUSED=80 MIN_TRAIN_EAGER=45 MIN_TESTS=140
+MIN_HOST=40 MIN_KERNELS=40 MIN_TRAIN_FUSED=60 MIN_TRAIN_EAGER=35 MIN_TESTS=140
 
 FUSEDRES_BENCH_COMPILE=0 \
-  stage bench-core 300 $(( MIN_HOST + MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/bench.txt" \
-  "${bench[@]}" benchmarks/ --quick
+  stage bench-core 300 $(( MIN_HOST + MIN_KERNELS + MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) \
+  "$OUT/bench.txt" "${bench[@]}" benchmarks/ --quick
 
 # Where a launched fused step's host time goes, and the direct launch path against Triton's (NOTES log 4-5).
-stage host-profile 60 $(( MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train.txt" \
+stage host-profile 60 $(( MIN_KERNELS + MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train.txt" \
   python3 scripts/host_profile.py 30
+# Where a step's GPU time goes: per-kernel times, fused (each route) and eager (NOTES §4 item 1a).
+stage kernel-profile 60 $(( MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train.txt" \
+  python3 scripts/kernel_profile.py 5
 
 train=(python3 -m fusedres train --synthetic --steps 50 --depth 164 --batch-size 128 --channels-last --amp)
-stage train-fused 100 $(( MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train.txt" "${train[@]}" --fused
-stage train-eager 100 "$MIN_TESTS" "$OUT/train.txt" "${train[@]}" --eager
+stage train-fused 80 $(( MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train.txt" "${train[@]}" --fused
+stage train-eager 60 "$MIN_TESTS" "$OUT/train.txt" "${train[@]}" --eager
 
 FUSEDRES_BENCH_COMPILE=1 FUSEDRES_BENCH_COMPILE_CAP_S=${FUSEDRES_BENCH_COMPILE_CAP_S:-75} \
   stage bench-compile 600 "$MIN_TESTS" "$OUT/bench.txt" --may-time-out \
