@@ -108,3 +108,33 @@ def test_network_with_handoff_matches_eager(poison, device, no_tf32, backend):
         r = check_module(model, (2, 3, 8, 8), dtype=torch.float32, device=device, steps=2)
     bad = r.failures(torch.float32)
     assert not bad, "; ".join(bad)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cudnn"])
+def test_activation_checkpointing(device, no_tf32, backend):
+    """torch.utils.checkpoint recomputes each block's forward during backward: the recomputation
+    must never pick up statistics handed off by another block, and the gradients must match an
+    uncheckpointed step (up to the merge order of the statistics)."""
+    import copy
+
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    blocks = nn.Sequential(PreActBasicBlock(8, 8), PreActBasicBlock(8, 8), PreActBottleneck(8, 2))
+    blocks = blocks.to(device).to(memory_format=torch.channels_last)
+    twin = copy.deepcopy(blocks)
+    x = torch.randn(2, 8, 6, 6, device=device).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(2, 8, 6, 6, device=device).contiguous(memory_format=torch.channels_last)
+    with route.force(backend):
+        xa = x.clone().requires_grad_(True)
+        ya = blocks(xa)
+        ya.backward(dy)
+        xb = x.clone().requires_grad_(True)
+        h = xb
+        for blk in twin:
+            h = checkpoint(blk, h, use_reentrant=False)
+        h.backward(dy)
+    torch.testing.assert_close(h, ya, rtol=0, atol=0)  # the first forward is the same computation
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(blocks.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5, msg=name)
