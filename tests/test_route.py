@@ -95,6 +95,34 @@ def test_route_roles_match_triton_kernels(poison, device, no_tf32, stride, ksize
         torch.testing.assert_close(got, v, rtol=1e-4, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_partials_pass_adds_in_place(poison, device, dtype):
+    """The pass after a cuDNN dgrad with ``add`` and ``in_place``: the same dz and sums, bit for
+    bit, as adding first (``da.add_(add)``, rounded) and running the pass on the sum; dz lands in
+    da's storage."""
+    g = torch.Generator().manual_seed(3)
+    cl = torch.channels_last
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(shape, generator=g) * scale).to(device)
+
+    da = rand(3, 19, 9, 7).to(dtype).contiguous(memory_format=cl)
+    add = rand(3, 19, 9, 7).to(dtype).contiguous(memory_format=cl)
+    x = rand(3, 19, 9, 7).to(dtype).contiguous(memory_format=cl)
+    scale, shift = rand(19).abs() + 0.5, rand(19, scale=0.3)
+    mean, invstd = rand(19, scale=0.1), rand(19).abs() + 0.5
+    summed = da.clone().add_(add)
+    with launched("relu_bn_bwd_partials_kernel"):
+        ref_dz, (ref_ps, ref_psx) = bn_ops.relu_bn_bwd_partials(summed, x, scale, shift, mean, invstd)
+        buf = da.clone()
+        dz, (ps, psx) = bn_ops.relu_bn_bwd_partials(buf, x, scale, shift, mean, invstd, add=add, in_place=True)
+    assert dz.data_ptr() == buf.data_ptr()
+    assert torch.equal(dz, ref_dz)
+    assert torch.equal(ps, ref_ps) and torch.equal(psx, ref_psx)
+    masked = torch.where(x.float() * scale[:, None, None] + shift[:, None, None] > 0, summed.float(), 0.0)
+    torch.testing.assert_close(dz.float(), masked, rtol=0, atol=0)
+
+
 def test_dispatch_table_lookup(monkeypatch):
     table = [
         {"role": "fprop", "ksize": 3, "stride": 1, "cin": 64, "cout": 64, "pixels": 802816, "backend": "cudnn"},

@@ -383,18 +383,23 @@ def relu_bn_bwd_tile(da, x_ptrs, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, off
 
 @triton.jit
 def relu_bn_bwd_partials_kernel(
-    da_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, dz_ptr, psum_ptr, psumx_ptr, H, W, C, M,
+    da_ptr, add_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, dz_ptr, psum_ptr, psumx_ptr, H, W, C, M,
     sdn, sdc, sdh, sdw,
+    san, sac, sah, saw,
     sxn, sxc, sxh, sxw,
     szn, szc, szh, szw,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_ADD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dz = da * (x*scale + shift > 0) and per-tile sums of dz and dz * xhat: the dgrad
-    epilogue's BatchNorm-ReLU backward, for a dgrad computed by cuDNN."""
+    """dz = (da [+ add]) * (x*scale + shift > 0) and per-tile sums of dz and dz * xhat: the dgrad
+    epilogue's BatchNorm-ReLU backward (and its HAS_ADD), for a dgrad computed by cuDNN. dz may be
+    da itself (each element is read before it is written, by the same program)."""
     pid_m, offs_c, c_ok, n, h, w, c64, mask = _pixel_tile(M, H, W, C, BLOCK_M, BLOCK_C)
-    da = tl.load(da_ptr + (n * sdn + h * sdh + w * sdw)[:, None] + c64 * sdc, mask=mask, other=0.0)
+    da = tl.load(da_ptr + (n * sdn + h * sdh + w * sdw)[:, None] + c64 * sdc, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        da += tl.load(add_ptr + (n * san + h * sah + w * saw)[:, None] + c64 * sac, mask=mask, other=0.0).to(
+            tl.float32)
     x_ptrs = x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + c64 * sxc
-    dz, sum_dz, sum_dzx = relu_bn_bwd_tile(da.to(tl.float32), x_ptrs, scale_ptr, shift_ptr, mean_ptr, invstd_ptr,
+    dz, sum_dz, sum_dzx = relu_bn_bwd_tile(da, x_ptrs, scale_ptr, shift_ptr, mean_ptr, invstd_ptr,
                                            offs_c, c_ok, mask, dz_ptr)
     tl.store(dz_ptr + (n * szn + h * szh + w * szw)[:, None] + c64 * szc, dz, mask=mask)
     tl.store(psum_ptr + pid_m * C + offs_c, sum_dz, mask=c_ok)
@@ -653,23 +658,29 @@ def bn_relu_apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> 
 
 def relu_bn_bwd_partials(
     da: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor,
-    invstd: torch.Tensor,
+    invstd: torch.Tensor, *, add: torch.Tensor | None = None, in_place: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """``(dz, (psum, psumx))`` as :func:`fusedres.ops.conv.conv_dgrad` returns them with its
-    BatchNorm-ReLU epilogue, from a gradient ``da`` computed elsewhere (dz channels_last)."""
+    BatchNorm-ReLU epilogue (``add``: its HAS_ADD), from a gradient ``da`` computed elsewhere.
+    dz is channels_last; ``in_place`` writes it into ``da`` (the caller's own temporary)."""
     N, C, H, W = x.shape
-    dz = torch.empty((N, C, H, W), device=x.device, dtype=da.dtype, memory_format=torch.channels_last)
+    if in_place:
+        dz = da
+    else:
+        dz = torch.empty((N, C, H, W), device=x.device, dtype=da.dtype, memory_format=torch.channels_last)
     cfg = APPLY_CONFIG
     M = N * H * W
     grid = (cdiv(M, cfg.block_m), cdiv(C, cfg.block_c))
     psum = torch.empty((grid[0], C), device=x.device, dtype=torch.float32)
     psumx = torch.empty_like(psum)
+    a = add if add is not None else da
     launch(
         relu_bn_bwd_partials_kernel, grid,
-        da, x, scale, shift, mean, invstd, dz, psum, psumx, H, W, C, M,
+        da, a, x, scale, shift, mean, invstd, dz, psum, psumx, H, W, C, M,
         *da.stride(),
+        *a.stride(),
         *x.stride(),
         *dz.stride(),
-        BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+        HAS_ADD=add is not None, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
     )
     return dz, (psum, psumx)

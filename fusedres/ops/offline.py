@@ -232,6 +232,7 @@ def _bn_launchers(dtype: torch.dtype) -> list[Callable[[], object]]:
         lambda: bn.bn_bwd_reduce(big, big),
         lambda: bn.bn_relu_apply(x, mean, invstd),  # the cuDNN route's elementwise passes
         lambda: bn.relu_bn_bwd_partials(dz, x, mean, invstd, s, sx),
+        lambda: bn.relu_bn_bwd_partials(dz, x, mean, invstd, s, sx, add=add, in_place=True),
     ]
 
 

@@ -150,11 +150,12 @@ def conv_dgrad(
     # kernels and transpose whole activations around them.
     like = torch.empty(input_shape, device=dy.device, dtype=dy.dtype, memory_format=torch.channels_last)
     da = _cl(_conv_backward(dy, like, _cl(weight), stride, padding, (True, False, False))[0])
-    if add is not None:
-        da.add_(add)
     if bn is None:
+        if add is not None:
+            da.add_(add)
         return da, None
-    return bn_ops.relu_bn_bwd_partials(da, *bn)
+    # the second gradient added and dz written over da in the one pass after cuDNN
+    return bn_ops.relu_bn_bwd_partials(da, *bn, add=add, in_place=True)
 
 
 def conv_wgrad(
