@@ -123,11 +123,11 @@ def _finalize(
     g, b, rm, rv = bn
     if st.group is not None and st.batch_stats:
         stats = _sync_finalize(partials, N * H * W, st, bn, running_out, h.device)
-    else:
-        stats = torch.empty((4, C), device=h.device, dtype=torch.float32)
-        bn_ops.bn_finalize(partials, N * H * W, g, b, rm, rv, training=st.batch_stats, momentum=st.momentum,
-                           eps=st.eps, channels=C, device=h.device, out=stats, running_out=running_out)
-    return stats, tuple(stats.unbind(0)[:4])
+        return stats, tuple(stats.unbind(0)[:4])
+    stats = torch.empty((4, C), device=h.device, dtype=torch.float32)
+    rows = bn_ops.bn_finalize(partials, N * H * W, g, b, rm, rv, training=st.batch_stats, momentum=st.momentum,
+                              eps=st.eps, channels=C, device=h.device, out=stats, running_out=running_out)
+    return stats, rows
 
 
 def _sync_finalize(

@@ -31,11 +31,13 @@ class _PreActBlock(nn.Module):
     _stage_names: tuple[tuple[str, str], ...] = ()
 
     def _stages(self) -> list[tuple[nn.BatchNorm2d, nn.Conv2d]]:
-        return [(getattr(self, b), getattr(self, c)) for b, c in self._stage_names]
+        m = self._modules  # direct lookups: nn.Module.__getattr__ is slow, and this runs every call
+        return [(m[b], m[c]) for b, c in self._stage_names]
 
     def _projection(self) -> nn.Conv2d | None:
         """The 1x1 projection shortcut's convolution, or None for an identity shortcut."""
-        return self.shortcut[0] if hasattr(self, "shortcut") else None
+        shortcut = self._modules.get("shortcut")
+        return shortcut[0] if shortcut is not None else None
 
     def unit_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The pre-activation unit in eval mode, computed from the parameters alone (not from the
@@ -60,7 +62,8 @@ class _PreActBlock(nn.Module):
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False))
 
-    def _check(self, x: torch.Tensor, amp: torch.dtype | None = None) -> None:
+    def _check(self, x: torch.Tensor, amp: torch.dtype | None = None,
+               stages: list[tuple[nn.BatchNorm2d, nn.Conv2d]] | None = None) -> None:
         name = type(self).__name__
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: input must be a tensor, got {type(x).__name__}")
@@ -69,23 +72,35 @@ class _PreActBlock(nn.Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"{name}: expected {self.in_channels} input channels, got {x.shape[1]} "
                              f"(input shape {tuple(x.shape)})")
+        stages = self._stages() if stages is None else stages
+        proj = self._projection()
+        dev, dtype = x.device, x.dtype
+        for bn, conv in stages:  # every parameter of the block, without walking the module tree
+            w, g, b = conv.weight, bn.weight, bn.bias
+            if w.device != dev or (g is not None and g.device != dev) or (b is not None and b.device != dev):
+                self._raise_device(x)
+            if amp is None and w.dtype != dtype:
+                raise TypeError(f"{name}: input dtype {dtype} differs from the convolution weights' "
+                                f"dtype {w.dtype}")
+            if g is not None and g.dtype != torch.float32 and g.dtype != (amp or dtype):
+                raise TypeError(f"{name}: BatchNorm parameters must be float32 or {amp or dtype}, "
+                                f"got {g.dtype}")
+        if proj is not None and proj.weight.device != dev:
+            self._raise_device(x)
+        if self.training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+            raise ValueError(f"{name}: expected more than 1 value per channel when training, "
+                             f"got input size {tuple(x.shape)}")
+
+    def _raise_device(self, x: torch.Tensor) -> None:
+        """The error for a parameter on another device than the input, naming the first one."""
         proj = self._projection()
         tensors = [(f"{b}.{t}", getattr(getattr(self, b), t)) for b, c in self._stage_names for t in ("weight", "bias")]
         tensors += [(f"{c}.weight", getattr(self, c).weight) for _, c in self._stage_names]
         tensors += [("shortcut.0.weight", proj.weight)] if proj is not None else []
-        for pname, p in tensors:  # every parameter of the block, without walking the module tree
+        for pname, p in tensors:
             if p is not None and p.device != x.device:
-                raise ValueError(f"{name}: parameter {pname} is on {p.device} but the input is on {x.device}")
-        for bn, conv in self._stages():
-            if amp is None and conv.weight.dtype != x.dtype:
-                raise TypeError(f"{name}: input dtype {x.dtype} differs from the convolution weights' "
-                                f"dtype {conv.weight.dtype}")
-            if bn.weight is not None and bn.weight.dtype not in (torch.float32, amp or x.dtype):
-                raise TypeError(f"{name}: BatchNorm parameters must be float32 or {amp or x.dtype}, "
-                                f"got {bn.weight.dtype}")
-        if self.training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
-            raise ValueError(f"{name}: expected more than 1 value per channel when training, "
-                             f"got input size {tuple(x.shape)}")
+                raise ValueError(f"{type(self).__name__}: parameter {pname} is on {p.device} but the input is on "
+                                 f"{x.device}")
 
     def forward_eager(self, x: torch.Tensor) -> torch.Tensor:
         """The same function with the submodules in plain PyTorch (the ``fused=False`` path)."""
@@ -100,13 +115,13 @@ class _PreActBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         amp = _autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
-        self._check(x, amp)
+        stages = self._stages()
+        self._check(x, amp, stages)
         if not self.fused or not _runtime.triton_enabled(x.device):
             return self.forward_eager(x)
         if x.dtype not in _FUSED_DTYPES:
             raise TypeError(f"{type(self).__name__}: the fused kernels compute in float32, float16 or bfloat16, "
                             f"got {x.dtype} (fused=False runs the block in eager PyTorch)")
-        stages = self._stages()
         modes = bn_modes([bn for bn, _ in stages])
         if modes is None:  # SyncBatchNorm under torch.compile: the modules' own forward
             return self.forward_eager(x)

@@ -126,3 +126,15 @@ def test_kernel_larger_than_input(device):
 def test_empty_input(device):
     with pytest.raises(ValueError, match="empty tensors"):
         _call(_args(device, n=0))
+
+
+@pytest.mark.parametrize("where", ["conv2", "bn2", "shortcut.0"])
+def test_block_parameter_on_another_device(where):
+    """A block whose parameter sits on another device than the input: a ValueError naming it."""
+    import fusedres
+
+    block = fusedres.PreActBasicBlock(4, 6, stride=2)
+    block.get_submodule(where).to("meta")
+    x = torch.randn(2, 4, 5, 5)
+    with pytest.raises(ValueError, match=rf"parameter {where}\.weight is on meta but the input is on cpu"):
+        block(x)

@@ -8,6 +8,7 @@ offline-compile test builds each of them for every supported GPU architecture.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -55,16 +56,19 @@ def _gemm_config(gemm_n: int, reduce_c: int, dtype: torch.dtype) -> ConvConfig:
     return ConvConfig(block_m, block_n, block_k, num_warps, num_stages)
 
 
+@functools.cache  # called per launch: a lookup instead of a new dataclass
 def fprop_config(cin: int, cout: int, ksize: int, stride: int, dtype: torch.dtype) -> ConvConfig:
     """Output pixels × Cout, reduced over taps × Cin."""
     return _gemm_config(cout, cin, dtype)
 
 
+@functools.cache  # called per launch: a lookup instead of a new dataclass
 def dgrad_config(cin: int, cout: int, ksize: int, stride: int, dtype: torch.dtype) -> ConvConfig:
     """Input pixels × Cin, reduced over taps × Cout."""
     return _gemm_config(cin, cout, dtype)
 
 
+@functools.cache  # called per launch: a lookup instead of a new dataclass
 def wgrad_config(cin: int, cout: int, ksize: int, stride: int, dtype: torch.dtype) -> ConvConfig:
     """Cout × Cin per tap, reduced over output pixels."""
     wide = dtype == torch.float32
