@@ -170,12 +170,17 @@ def _sync_finalize(
 
 
 def _bwd_sums(
-    psum: torch.Tensor, psumx: torch.Tensor, st: StageSpec, stats: torch.Tensor
+    psum: torch.Tensor, psumx: torch.Tensor, st: StageSpec, stats: torch.Tensor,
+    pending: conv_ops.PendingWgrad | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(Σdz, Σdz·x̂) of this rank (the parameter gradients), and the sums the input gradient
     uses: the same, or — synchronised — the group's sums scaled by local/global count (the
-    apply kernel divides by the local count)."""
-    s, sx = bn_ops.bn_bwd_reduce(psum, psumx)
+    apply kernel divides by the local count). A ``pending`` weight gradient of the same stage is
+    reduced in the same launch."""
+    if pending is not None:
+        _, s, sx = conv_ops.reduce_wgrad_and_bn_sums(pending, psum, psumx)
+    else:
+        s, sx = bn_ops.bn_bwd_reduce(psum, psumx)
     if st.group is None or not st.batch_stats:
         return s, sx, s, sx
     import torch.distributed as dist
@@ -436,16 +441,22 @@ class Chain(_Impl):
             mean, invstd, scale, shift = stats.unbind(0)[:4]
             h = inputs[i]
             need_w, need_g, need_b = stage_needs[i][:3]
+            pending = None  # a weight gradient whose split sums the backward-sum launch reduces
             if need_w:
-                grads[3 + _PER_STAGE * i] = route.conv_wgrad(
-                    dh, h, w, stride=st.stride, padding=st.padding, scale=scale, shift=shift,
+                dw = route.conv_wgrad(
+                    dh, h, w, stride=st.stride, padding=st.padding, scale=scale, shift=shift, defer_reduce=True,
                 )
+                if isinstance(dw, conv_ops.PendingWgrad):
+                    pending, dw = dw, dw.dw
+                grads[3 + _PER_STAGE * i] = dw
             if i == 0 and spec.shortcut == "projection" and needs[2]:
                 grads[2] = route.conv_wgrad(
                     dout, h, proj_weight, stride=spec.proj_stride, padding=0, scale=scale, shift=shift,
                 )
             below = need_x or need_g or need_b or any(any(n[:3]) for n in stage_needs[:i])
             if not below:
+                if pending is not None:
+                    pending.finish()
                 break
             add = None
             if i == 0 and spec.shortcut == "projection":
@@ -455,7 +466,7 @@ class Chain(_Impl):
                 dh, kernel_weight(w), tuple(h.shape), stride=st.stride, padding=st.padding,
                 bn=(h, scale, shift, mean, invstd), add=add,
             )
-            sum_dz, sum_dzx, apply_dz, apply_dzx = _bwd_sums(psum, psumx, st, stats)
+            sum_dz, sum_dzx, apply_dz, apply_dzx = _bwd_sums(psum, psumx, st, stats, pending)
             if need_g and g is not None:
                 grads[3 + _PER_STAGE * i + 1] = sum_dzx.to(g.dtype)
             if need_b and b is not None:
@@ -665,11 +676,11 @@ class PostAct(_Impl):
         grads: list[torch.Tensor | None] = [None] * len(t)
 
         def bn_backward(i: int, dz: torch.Tensor, h: torch.Tensor, psum: torch.Tensor,
-                        psumx: torch.Tensor) -> torch.Tensor:
+                        psumx: torch.Tensor, pending: conv_ops.PendingWgrad | None = None) -> torch.Tensor:
             """BatchNorm i's parameter gradients into ``grads``; returns the gradient at its input."""
             k = PostAct._bn_index(spec, i)
             st = bn_specs[i]
-            s, sx, apply_s, apply_sx = _bwd_sums(psum, psumx, st, all_stats[i])
+            s, sx, apply_s, apply_sx = _bwd_sums(psum, psumx, st, all_stats[i], pending)
             if needs[k] and t[k] is not None:
                 grads[k] = sx.to(t[k].dtype)
             if needs[k + 1] and t[k + 1] is not None:
@@ -698,15 +709,19 @@ class PostAct(_Impl):
             stride, pad = spec.convs[i]
             h_in = x if i == 0 else ys[i - 1]
             scale, shift = (fins[i - 1][2], fins[i - 1][3]) if i > 0 else (None, None)
+            pending = None  # reduced by the backward-sum launch of BatchNorm i - 1
             if needs[2 + i]:
-                grads[2 + i] = route.conv_wgrad(dh, h_in, weights[i], stride=stride, padding=pad,
-                                                   scale=scale, shift=shift)
+                dw = route.conv_wgrad(dh, h_in, weights[i], stride=stride, padding=pad, scale=scale, shift=shift,
+                                      defer_reduce=i > 0)
+                if isinstance(dw, conv_ops.PendingWgrad):
+                    pending, dw = dw, dw.dw
+                grads[2 + i] = dw
             if i > 0:
                 dz, (ps, psx) = route.conv_dgrad(
                     dh, kernel_weight(weights[i]), tuple(h_in.shape), stride=stride, padding=pad,
                     bn=(h_in, scale, shift, fins[i - 1][0], fins[i - 1][1]),
                 )
-                dh = bn_backward(i - 1, dz, h_in, ps, psx)
+                dh = bn_backward(i - 1, dz, h_in, ps, psx, pending)
             elif needs[0]:
                 dh, _ = route.conv_dgrad(dh, kernel_weight(weights[0]), tuple(x.shape), stride=stride,
                                             padding=pad, add=dx_add)

@@ -13,7 +13,7 @@ from _helpers import DTYPE_IDS, DTYPES, assert_close64, assert_matches, launched
 
 from fusedres.ops import bn as bn_ops
 from fusedres.ops import conv as conv_ops
-from fusedres.ops.configs import ConvConfig
+from fusedres.ops.configs import TWO_LEVEL_TILES, ConvConfig
 
 # (ksize, stride, padding)
 GEOMETRIES = [(1, 1, 0), (1, 2, 0), (3, 1, 1), (3, 2, 1), (3, 1, 0), (5, 1, 2)]
@@ -273,8 +273,6 @@ def test_bn_statistics_exact_when_mean_dominates(poison, device):
 def test_two_level_merge_and_sums(poison, device):
     """More partial tiles than TWO_LEVEL_TILES: finalize and the backward sums reduce in two levels
     (chunk merges in parallel, then the chunks), exact at |mean| >> std and with a ragged last tile."""
-    from fusedres.ops.configs import TWO_LEVEL_TILES
-
     g = _gen(9)
     c, rows = 5, bn_ops.STATS_CONFIG.block_m
     pixels = (TWO_LEVEL_TILES + 3) * rows + 17  # T > TWO_LEVEL_TILES, last tile partial
@@ -295,6 +293,38 @@ def test_two_level_merge_and_sums(poison, device):
         s, sx = bn_ops.bn_bwd_reduce(psum.float().to(device), psumx.float().to(device))
     assert_close64(s, psum.float().double().sum(0), 1e-6, "sum dz")
     assert_close64(sx, psumx.float().double().sum(0), 1e-6, "sum dz*xhat")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("tiles", [5, TWO_LEVEL_TILES * 3 + 7], ids=["one-level", "two-level"])
+@pytest.mark.parametrize("weight_layout", ["channels_last", "nchw"])
+def test_wgrad_and_bn_sums_in_one_launch(poison, device, dtype, tiles, weight_layout):
+    """The combined reduction gives the weight gradient and the backward sums bit for bit as the
+    two reductions apart (same order, same arithmetic), and they match float64."""
+    g = _gen(17)
+    K, C, R, S, splits, bc = 21, 19, 3, 3, 5, 13
+    ws64 = torch.randn(splits, K, R, S, C, generator=g, dtype=torch.float64)
+    fmt = torch.channels_last if weight_layout == "channels_last" else torch.contiguous_format
+    w_like = torch.empty(K, C, R, S, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    psum64 = torch.randn(tiles, bc, generator=g, dtype=torch.float64)
+    psumx64 = torch.randn(tiles, bc, generator=g, dtype=torch.float64)
+    ws, psum, psumx = (t.float().to(device) for t in (ws64, psum64, psumx64))
+
+    def pending():
+        return conv_ops.PendingWgrad(ws, torch.empty_like(w_like), splits, S)
+
+    with launched("wgrad_bn_reduce_kernel"):
+        dw, s, sx = conv_ops.reduce_wgrad_and_bn_sums(pending(), psum, psumx)
+    with launched("wgrad_reduce_kernel", "bn_bwd_reduce_kernel"):
+        dw_apart = pending().finish()
+        s_apart, sx_apart = bn_ops.bn_bwd_reduce(psum, psumx)
+    assert dw.stride() == w_like.stride()
+    assert torch.equal(dw, dw_apart) and torch.equal(s, s_apart) and torch.equal(sx, sx_apart)
+    ref = ws.double().cpu().sum(0).permute(0, 3, 1, 2)  # (K, R, S, C) -> (K, C, R, S)
+    tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    assert_close64(dw.float(), ref, tol, "dw")
+    assert_close64(s, psum.double().cpu().sum(0), 1e-6, "sum dz")
+    assert_close64(sx, psumx.double().cpu().sum(0), 1e-6, "sum dz*xhat")
 
 
 @pytest.mark.parametrize("half_running", [False, True], ids=["fp32-running", "fp16-running"])

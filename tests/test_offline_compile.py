@@ -28,6 +28,7 @@ PER_CHANNEL_KERNELS = {
     "bn_bwd_reduce_kernel",
     "bn_bwd_apply_kernel",
     "wgrad_reduce_kernel",
+    "wgrad_bn_reduce_kernel",
     "bn_relu_pool_kernel",
     "bn_relu_pool_bwd_kernel",
     "bn_add_relu_kernel",

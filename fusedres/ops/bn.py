@@ -182,7 +182,15 @@ def bn_bwd_reduce_kernel(
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """sum over tiles of the dgrad epilogue's partial sums, in a fixed order."""
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    bn_bwd_reduce_block(tl.program_id(0), psum_ptr, psumx_ptr, sum_ptr, sumx_ptr, T, C, BLOCK_T, BLOCK_C)
+
+
+@triton.jit
+def bn_bwd_reduce_block(pid, psum_ptr, psumx_ptr, sum_ptr, sumx_ptr, T, C,
+                        BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Channel block ``pid`` of :func:`bn_bwd_reduce_kernel` (also run by the convolution module's
+    combined weight-gradient and backward-sum reduction)."""
+    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     accx = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -488,18 +496,26 @@ def bn_finalize(
     return mean, invstd, scale, shift
 
 
+def bn_bwd_chunks(psum: torch.Tensor, psumx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The partials as the final reduction takes them: above TWO_LEVEL_TILES tiles, chunks of
+    tiles summed in parallel first (a fixed order: deterministic); else as they are."""
+    T, C = psum.shape
+    if T <= TWO_LEVEL_TILES:
+        return psum, psumx
+    chunks = cdiv(T, FINALIZE_BLOCK_T)
+    csum = torch.empty((chunks, C), device=psum.device, dtype=torch.float32)
+    csumx = torch.empty_like(csum)
+    launch(
+        bn_sum_chunks_kernel, (cdiv(C, FINALIZE_BLOCK_C), chunks),
+        psum, psumx, T, C, csum, csumx, BLOCK_T=FINALIZE_BLOCK_T, BLOCK_C=FINALIZE_BLOCK_C,
+    )
+    return csum, csumx
+
+
 def bn_bwd_reduce(psum: torch.Tensor, psumx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum dz, sum dz*xhat)`` per channel from the dgrad epilogue's per-tile partials."""
+    psum, psumx = bn_bwd_chunks(psum, psumx)
     T, C = psum.shape
-    if T > TWO_LEVEL_TILES:  # sum chunks of tiles in parallel first (fixed order: deterministic)
-        chunks = cdiv(T, FINALIZE_BLOCK_T)
-        csum = torch.empty((chunks, C), device=psum.device, dtype=torch.float32)
-        csumx = torch.empty_like(csum)
-        launch(
-            bn_sum_chunks_kernel, (cdiv(C, FINALIZE_BLOCK_C), chunks),
-            psum, psumx, T, C, csum, csumx, BLOCK_T=FINALIZE_BLOCK_T, BLOCK_C=FINALIZE_BLOCK_C,
-        )
-        psum, psumx, T = csum, csumx, chunks
     s = torch.empty(C, device=psum.device, dtype=torch.float32)  # two allocations: returned as
     sx = torch.empty_like(s)  # separate gradients, they must not share storage
     launch(

@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from .._runtime import cdiv, launch, sm_count
-from .bn import relu_bn_bwd_tile, tile_mean_m2
-from .configs import ConvConfig, dgrad_config, fprop_config, wgrad_config
+from .bn import bn_bwd_chunks, bn_bwd_reduce_block, relu_bn_bwd_tile, tile_mean_m2
+from .configs import FINALIZE_BLOCK_C, FINALIZE_BLOCK_T, ConvConfig, dgrad_config, fprop_config, wgrad_config
 
 
 @triton.jit
@@ -257,7 +257,30 @@ def wgrad_reduce_kernel(
     S: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """dw[k, c, r, s] = sum over splits of ws[split, k, r, s, c], in a fixed order, cast to dw's dtype."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    _wgrad_reduce_block(tl.program_id(0), ws_ptr, dw_ptr, SPLITS, K, C, RS_C, swk, swc, swr, sws, S, BLOCK)
+
+
+@triton.jit
+def wgrad_bn_reduce_kernel(
+    ws_ptr, dw_ptr, SPLITS, K, C, RS_C,
+    swk, swc, swr, sws,
+    W_PROGRAMS, psum_ptr, psumx_ptr, sum_ptr, sumx_ptr, T, BN_C,
+    S: tl.constexpr, BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """:func:`wgrad_reduce_kernel` (programs below W_PROGRAMS) and the BatchNorm backward sums of
+    :func:`fusedres.ops.bn.bn_bwd_reduce_kernel` (the rest) in one launch: both reductions of a
+    stage's backward, each the same arithmetic in the same order as alone."""
+    pid = tl.program_id(0)
+    if pid < W_PROGRAMS:
+        _wgrad_reduce_block(pid, ws_ptr, dw_ptr, SPLITS, K, C, RS_C, swk, swc, swr, sws, S, BLOCK)
+    else:
+        bn_bwd_reduce_block(pid - W_PROGRAMS, psum_ptr, psumx_ptr, sum_ptr, sumx_ptr, T, BN_C, BLOCK_T, BLOCK_C)
+
+
+@triton.jit
+def _wgrad_reduce_block(pid, ws_ptr, dw_ptr, SPLITS, K, C, RS_C, swk, swc, swr, sws,
+                        S: tl.constexpr, BLOCK: tl.constexpr):
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
     total = K * RS_C
     ok = offs < total
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -405,12 +428,15 @@ def conv_wgrad(
     shift: torch.Tensor | None = None,
     splits: int | None = None,
     config: ConvConfig | None = None,
-) -> torch.Tensor:
+    defer_reduce: bool = False,
+) -> torch.Tensor | PendingWgrad:
     """Gradient of the convolution with respect to its weight, shaped and strided like ``weight_like``.
 
     The input activation relu(x*scale + shift) is recomputed (or x used as is when scale is
     None). The pixel reduction is split over ``splits`` programs (chosen from the device's
-    multiprocessor count when None) and the splits are summed in fp32 in a fixed order.
+    multiprocessor count when None) and the splits are summed in fp32 in a fixed order — by a
+    launch of its own, or with ``defer_reduce`` by the caller: a :class:`PendingWgrad` comes back,
+    for :func:`reduce_wgrad_and_bn_sums` (or :meth:`PendingWgrad.finish`).
     """
     N, C, H, W = x.shape
     K, _, R, S = weight_like.shape
@@ -435,12 +461,49 @@ def conv_wgrad(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    dw = torch.empty_like(weight_like)
-    block = 1024
+    pending = PendingWgrad(ws, torch.empty_like(weight_like), splits, S)
+    return pending if defer_reduce else pending.finish()
+
+
+_WGRAD_REDUCE_BLOCK = 1024
+
+
+class PendingWgrad:
+    """A weight gradient whose split sums are not reduced yet: ``dw`` is allocated, not written."""
+
+    __slots__ = ("ws", "dw", "splits", "S")
+
+    def __init__(self, ws: torch.Tensor, dw: torch.Tensor, splits: int, S: int) -> None:
+        self.ws, self.dw, self.splits, self.S = ws, dw, splits, S
+
+    def args(self) -> tuple:
+        K, C, R, S = self.dw.shape
+        return (self.ws, self.dw, self.splits, K, C, R * S * C, *self.dw.stride())
+
+    def programs(self) -> int:
+        return cdiv(self.dw.numel(), _WGRAD_REDUCE_BLOCK)
+
+    def finish(self) -> torch.Tensor:
+        """Reduce by a launch of its own; returns dw."""
+        launch(wgrad_reduce_kernel, (self.programs(),), *self.args(), S=self.S, BLOCK=_WGRAD_REDUCE_BLOCK)
+        return self.dw
+
+
+def reduce_wgrad_and_bn_sums(
+    pending: PendingWgrad, psum: torch.Tensor, psumx: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dw, sum dz, sum dz*xhat)``: :meth:`PendingWgrad.finish` and
+    :func:`fusedres.ops.bn.bn_bwd_reduce` in one launch (after the first level of a two-level sum,
+    when there are that many tiles) — the same results as the two apart."""
+    psum, psumx = bn_bwd_chunks(psum, psumx)
+    T, C = psum.shape
+    s = torch.empty(C, device=psum.device, dtype=torch.float32)
+    sx = torch.empty_like(s)
+    w_programs = pending.programs()
     launch(
-        wgrad_reduce_kernel, (cdiv(dw.numel(), block),),
-        ws, dw, splits, K, C, R * S * C,
-        *dw.stride(),
-        S=S, BLOCK=block,
+        wgrad_bn_reduce_kernel, (w_programs + cdiv(C, FINALIZE_BLOCK_C),),
+        *pending.args(),
+        w_programs, psum, psumx, s, sx, T, C,
+        S=pending.S, BLOCK=_WGRAD_REDUCE_BLOCK, BLOCK_T=FINALIZE_BLOCK_T, BLOCK_C=FINALIZE_BLOCK_C,
     )
-    return dw
+    return pending.dw, s, sx

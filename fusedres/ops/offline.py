@@ -233,7 +233,14 @@ def _bn_launchers(dtype: torch.dtype) -> list[Callable[[], object]]:
         lambda: bn.bn_relu_apply(x, mean, invstd),  # the cuDNN route's elementwise passes
         lambda: bn.relu_bn_bwd_partials(dz, x, mean, invstd, s, sx),
         lambda: bn.relu_bn_bwd_partials(dz, x, mean, invstd, s, sx, add=add, in_place=True),
+        # a stage's weight-gradient split sums and backward sums in one launch
+        lambda: conv.reduce_wgrad_and_bn_sums(_pending_wgrad(dtype), partials[0], partials[1]),
     ]
+
+
+def _pending_wgrad(dtype: torch.dtype) -> conv.PendingWgrad:
+    """A 3x3 _C->_C weight gradient of two splits, not reduced yet."""
+    return conv.PendingWgrad(torch.empty((2, _C, 3, 3, _C)), torch.empty((_C, _C, 3, 3), dtype=dtype), 2, 3)
 
 
 def _specialize(

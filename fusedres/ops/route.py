@@ -167,13 +167,16 @@ def conv_wgrad(
     padding: int,
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """:func:`fusedres.ops.conv.conv_wgrad` on the chosen engine."""
+    defer_reduce: bool = False,
+) -> torch.Tensor | conv_ops.PendingWgrad:
+    """:func:`fusedres.ops.conv.conv_wgrad` on the chosen engine (on cuDNN's, ``defer_reduce`` has
+    nothing to defer: the gradient comes back done)."""
     N, C, H, W = x.shape
     K, _, R, _ = weight_like.shape
     _, _, OH, OW = dy.shape
     if choose("wgrad", x.device, C, K, R, stride, N * OH * OW) == "triton":
-        return conv_ops.conv_wgrad(dy, x, weight_like, stride=stride, padding=padding, scale=scale, shift=shift)
+        return conv_ops.conv_wgrad(dy, x, weight_like, stride=stride, padding=padding, scale=scale, shift=shift,
+                                   defer_reduce=defer_reduce)
     a = bn_ops.bn_relu_apply(x, scale, shift) if scale is not None else _cl(x)
     dw = _conv_backward(dy, a, _cl(weight_like), stride, padding, (False, True, False))[1]
     if dw.stride() != weight_like.stride():
