@@ -466,6 +466,7 @@ class Chain(_Impl):
                 dh, kernel_weight(w), tuple(h.shape), stride=st.stride, padding=st.padding,
                 bn=(h, scale, shift, mean, invstd), add=add,
             )
+            dh = add = None  # used up: their memory can hold the next gradient
             sum_dz, sum_dzx, apply_dz, apply_dzx = _bwd_sums(psum, psumx, st, stats, pending)
             if need_g and g is not None:
                 grads[3 + _PER_STAGE * i + 1] = sum_dzx.to(g.dtype)
