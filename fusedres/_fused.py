@@ -225,15 +225,24 @@ def _input_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
 _WEIGHT_CACHE: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
 
 
+def capturing(t: torch.Tensor) -> bool:
+    """Whether ``t``'s work is being recorded into a CUDA graph: host-side caches must not be used
+    then (a replay would read what the cache held at capture time, not the current values)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def kernel_weight(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` in the layout the kernels read fastest, (Cout, R, S, Cin) in memory.
 
     A channels_last weight is used as it is; any other is copied once and the copy is cached
     against the parameter's version counter, so it is refreshed after an optimizer step and
-    never rebuilt per call.
+    never rebuilt per call. While a CUDA graph is captured the copy is made in the graph instead,
+    so that every replay reads the weight as it is then.
     """
     if weight.is_contiguous(memory_format=torch.channels_last):
         return weight
+    if capturing(weight):
+        return weight.detach().contiguous(memory_format=torch.channels_last)
     key = id(weight)
     hit = _WEIGHT_CACHE.get(key)
     if hit is not None and hit[0]() is weight and hit[1] == weight._version:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import _runtime
-from ._fused import PostActSpec, autocast_dtype, bn_modes, cumulative_update, kernel_weight
+from ._fused import PostActSpec, autocast_dtype, bn_modes, capturing, cumulative_update, kernel_weight
 from .functional import _wants_channels_last, post_act_block
 from .ops import route
 
@@ -127,7 +127,8 @@ class _PostActBlock(nn.Module):
         tensors = [t for conv, bn in pairs for t in (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
                    if t is not None]
         key = tuple((t._version, t.data_ptr(), t.dtype) for t in tensors)
-        if self._fold_cache is None or self._fold_cache[0] != key:
+        in_graph = capturing(tensors[0])  # a CUDA graph folds on every replay: no cache
+        if in_graph or self._fold_cache is None or self._fold_cache[0] != key:
             folded = []
             for conv, bn in pairs:
                 scale = torch.rsqrt(bn.running_var.float() + bn.eps)
@@ -138,6 +139,8 @@ class _PostActBlock(nn.Module):
                     shift = shift + bn.bias.float()
                 w = (conv.weight.float() * scale[:, None, None, None]).to(conv.weight.dtype)
                 folded.append((kernel_weight(w.detach()), shift.detach()))
+            if in_graph:
+                return folded
             self._fold_cache = (key, folded)
         return self._fold_cache[1]
 

@@ -212,3 +212,58 @@ def test_reduce_overhead_training_matches_eager(no_tf32: None) -> None:
             losses.append(loss.detach().clone())
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
     _buffers_same(graphed_model, eager)
+
+
+def test_no_weight_cache_while_a_cuda_graph_is_captured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a CUDA graph is captured, kernel_weight copies the weight in the graph (a replay must
+    read the weight as it is then) instead of returning the cached copy."""
+    w = torch.randn(6, 4, 3, 3)  # not channels_last: reordered and cached outside capture
+    first = _fused.kernel_weight(w)
+    assert _fused.kernel_weight(w) is first  # cached
+    monkeypatch.setattr(_fused, "capturing", lambda t: True)
+    in_graph = _fused.kernel_weight(w)
+    assert in_graph is not first and in_graph.data_ptr() != first.data_ptr()
+    assert torch.equal(in_graph, w) and in_graph.is_contiguous(memory_format=torch.channels_last)
+    assert _fused.kernel_weight(w) is not in_graph  # a fresh copy per captured call
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", ["preact", "torchvision-eval"])
+def test_cuda_graph_replays_see_updated_weights(kind: str, no_tf32: None) -> None:
+    """A fused model with plain (NCHW) weights captured by torch.cuda.make_graphed_callables /
+    torch.cuda.graph: after the weights change in place, replays compute with the new weights
+    (the host-side weight and folding caches are bypassed while capturing)."""
+    torch.manual_seed(5)
+    if kind == "preact":
+        model = preact_resnet(11, block="bottleneck").cuda()
+    else:
+        from torchvision.models.resnet import BasicBlock
+
+        model = fusedres.convert(nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 8))).cuda().eval()
+    cin = 3 if kind == "preact" else 8
+    x = torch.randn(4, cin, 8, 8, device="cuda", requires_grad=kind == "preact")
+    if kind == "preact":
+        graphed = torch.cuda.make_graphed_callables(model, (x,))
+    else:
+        static_x = x.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s), torch.no_grad():
+            for _ in range(3):
+                model(static_x)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g), torch.no_grad():
+            static_y = model(static_x)
+
+        def graphed(inp: torch.Tensor) -> torch.Tensor:
+            static_x.copy_(inp)
+            g.replay()
+            return static_y.clone()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5).add_(0.01)  # an optimizer-like in-place update
+    y = graphed(x)
+    with torch.no_grad():
+        ref = fusedres.testing.set_fused(copy.deepcopy(model), False)(x)
+    torch.testing.assert_close(y.detach(), ref, rtol=1e-4, atol=1e-4)
