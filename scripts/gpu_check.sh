@@ -145,7 +145,7 @@ if [ -n "$part" ]; then
 fi
 
 # Seconds promised to each stage by the ones before it (its limit is at least this minus the 20 s grace).
-MIN_HOST=40 MIN_KERNELS=40 MIN_TRAIN_FUSED=60 MIN_TRAIN_EAGER=35 MIN_TESTS=140
+MIN_HOST=50 MIN_KERNELS=50 MIN_TRAIN_FUSED=60 MIN_TRAIN_EAGER=35 MIN_TESTS=140
 
 FUSEDRES_BENCH_COMPILE=0 \
   stage bench-core 300 $(( MIN_HOST + MIN_KERNELS + MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) \
@@ -153,7 +153,7 @@ FUSEDRES_BENCH_COMPILE=0 \
 
 # Where a launched fused step's host time goes, and the direct launch path against Triton's (NOTES log 4-5).
 stage host-profile 60 $(( MIN_KERNELS + MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train.txt" \
-  python3 scripts/host_profile.py 30
+  python3 scripts/host_profile.py 20
 # Where a step's GPU time goes: per-kernel times, fused (each route) and eager (NOTES §4 item 1a).
 stage kernel-profile 60 $(( MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train.txt" \
   python3 scripts/kernel_profile.py 5
