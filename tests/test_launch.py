@@ -177,6 +177,6 @@ def test_fast_launch_block_step_bit_identical(monkeypatch, dtype):
         slow = step(False)
         before = sum(_runtime.fast_launch_counts.values())
         fast = step(True)
-    assert sum(_runtime.fast_launch_counts.values()) - before >= 40, "the direct path did not run"
+    assert sum(_runtime.fast_launch_counts.values()) - before >= 30, "the direct path did not run"
     for a, b in zip(slow, fast):
         assert torch.equal(a, b)
