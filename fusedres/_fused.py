@@ -888,17 +888,19 @@ def _sync_group(bn: nn.Module) -> Any:
     return group if dist.get_world_size(group) > 1 else None
 
 
-def bn_mode(bn: nn.Module, counted: bool = False) -> BnMode:
+def _counts_batches(bn: nn.Module) -> bool:
+    return bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+
+
+def bn_mode(bn: nn.Module) -> BnMode:
     """What ``bn.forward`` would do this call: whether it normalises with batch statistics, the
     running-average factor, the running buffers to use (or None), and for ``momentum=None`` the
     cumulative factor as a tensor (no host synchronisation: the caller applies it with
-    :func:`cumulative_update`). Like the module itself, it increments ``num_batches_tracked`` in
-    training (unless ``counted``: the caller did)."""
+    :func:`cumulative_update`). Call it after ``num_batches_tracked`` was incremented (as the
+    module itself does in training; :func:`bn_modes` does both)."""
     momentum = 0.0 if bn.momentum is None else float(bn.momentum)
     cumulative = None
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        if not counted:
-            bn.num_batches_tracked.add_(1)
+    if _counts_batches(bn):
         if bn.momentum is None:
             cumulative = 1.0 / bn.num_batches_tracked
             momentum = 1.0  # the kernel writes the batch statistics; cumulative_update averages
@@ -915,11 +917,9 @@ def bn_modes(bns: Sequence[nn.Module]) -> list[BnMode] | None:
     runs the modules' own forward instead)."""
     if torch.compiler.is_compiling() and any(_sync_group(bn) is not None for bn in bns):
         return None
-    counters = [bn.num_batches_tracked for bn in bns
-                if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None]
-    if len(counters) > 1:  # one multi-tensor kernel instead of one add_ per BatchNorm
+    counters = [bn.num_batches_tracked for bn in bns if _counts_batches(bn)]
+    if counters:  # as the modules do in training; one multi-tensor kernel for all of them
         torch._foreach_add_(counters, 1)
-        return [bn_mode(bn, counted=True) for bn in bns]
     return [bn_mode(bn) for bn in bns]
 
 

@@ -18,7 +18,7 @@ import fusedres
 from fusedres import PreActBasicBlock, PreActBottleneck
 from fusedres.models import preact_resnet
 from fusedres.ops import route
-from fusedres.testing import check_module
+from fusedres.testing import check_module, set_fused
 
 
 def _stats_launches(fn) -> int:
@@ -87,10 +87,8 @@ def test_eval_and_no_handoff_leak(device):
 def _eager(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     import copy
 
-    twin = copy.deepcopy(block)
-    twin.fused = False
     with torch.no_grad():
-        return twin(x)
+        return set_fused(copy.deepcopy(block), False)(x)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cudnn"])
