@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _runtime
-from ._fused import ChainSpec, bn_modes, cumulative_update
+from ._fused import BnMode, ChainSpec, with_bn_modes
 from ._fused import autocast_dtype as _autocast_dtype
 from .functional import _wants_channels_last, bn_relu_conv_chain
 
@@ -122,9 +122,6 @@ class _PreActBlock(nn.Module):
         if x.dtype not in _FUSED_DTYPES:
             raise TypeError(f"{type(self).__name__}: the fused kernels compute in float32, float16 or bfloat16, "
                             f"got {x.dtype} (fused=False runs the block in eager PyTorch)")
-        modes = bn_modes([bn for bn, _ in stages])
-        if modes is None:  # SyncBatchNorm under torch.compile: the modules' own forward
-            return self.forward_eager(x)
         proj = self._projection()
         weights = [conv.weight for _, conv in stages]
         proj_weight = proj.weight if proj is not None else None
@@ -141,18 +138,22 @@ class _PreActBlock(nn.Module):
                 proj_weight = proj_weight.to(dtype=amp, memory_format=torch.channels_last)
         else:
             x_in = x
-        spec = ChainSpec(
-            tuple(m.stage(bn, conv.stride[0], conv.padding[0]) for m, (bn, conv) in zip(modes, stages)),
-            shortcut="projection" if proj is not None else ("none" if add_outside else "identity"),
-            proj_stride=proj.stride[0] if proj is not None else 1,
-            out_channels_last=out_cl,
-        )
-        tensors = []
-        for m, w, (bn, _) in zip(modes, weights, stages):
-            tensors += [w, bn.weight, bn.bias, m.running_mean, m.running_var]
-        averaging = cumulative_update(modes)
-        out = bn_relu_conv_chain(spec, x_in, tensors, proj_weight=proj_weight)
-        averaging.finish()
+
+        def compute(modes: list[BnMode]) -> torch.Tensor:
+            spec = ChainSpec(
+                tuple(m.stage(bn, conv.stride[0], conv.padding[0]) for m, (bn, conv) in zip(modes, stages)),
+                shortcut="projection" if proj is not None else ("none" if add_outside else "identity"),
+                proj_stride=proj.stride[0] if proj is not None else 1,
+                out_channels_last=out_cl,
+            )
+            tensors = []
+            for m, w, (bn, _) in zip(modes, weights, stages):
+                tensors += [w, bn.weight, bn.bias, m.running_mean, m.running_var]
+            return bn_relu_conv_chain(spec, x_in, tensors, proj_weight=proj_weight)
+
+        out = with_bn_modes([bn for bn, _ in stages], compute)
+        if out is None:  # SyncBatchNorm under torch.compile: the modules' own forward
+            return self.forward_eager(x)
         return out + x if add_outside else out
 
 

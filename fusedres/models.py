@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _runtime
-from ._fused import autocast_dtype, bn_modes, cumulative_update
+from ._fused import autocast_dtype, with_bn_modes
 from .blocks import PreActBasicBlock, PreActBottleneck
 from .functional import bn_relu_avgpool
 
@@ -71,13 +71,12 @@ class PreActResNet(nn.Module):
             h = layer(h)
         amp = autocast_dtype(h.device)
         fused = self.fused and _runtime.triton_enabled(h.device) and (amp is None or h.dtype == amp)
-        modes = bn_modes([self.bn]) if fused else None
-        if modes is not None:
-            m = modes[0]
-            averaging = cumulative_update([m])
-            pooled = bn_relu_avgpool(m.stage(self.bn), h, self.bn.weight, self.bn.bias, m.running_mean, m.running_var)
-            averaging.finish()
-        else:
+        pooled = None
+        if fused:
+            bn = self.bn
+            pooled = with_bn_modes([bn], lambda modes: bn_relu_avgpool(
+                modes[0].stage(bn), h, bn.weight, bn.bias, modes[0].running_mean, modes[0].running_var))
+        if pooled is None:
             pooled = F.relu(self.bn(h)).mean((2, 3))
         return self.linear(pooled)
 

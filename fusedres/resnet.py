@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import _runtime
-from ._fused import PostActSpec, autocast_dtype, bn_modes, capturing, cumulative_update, kernel_weight
+from ._fused import BnMode, PostActSpec, autocast_dtype, capturing, kernel_weight, with_bn_modes
 from .functional import _wants_channels_last, post_act_block
 from .ops import route
 
@@ -97,29 +97,29 @@ class _PostActBlock(nn.Module):
         foldable = not self.training and all(bn.running_mean is not None for bn in all_bns)
         if foldable and not torch.is_grad_enabled() and amp is None and not torch.compiler.is_compiling():
             return self._forward_folded(x, pairs, ds)
-        modes = bn_modes(all_bns)
-        if modes is None:  # SyncBatchNorm under torch.compile: the modules' own forward
-            return self.forward_eager(x)
 
         def weight(conv: nn.Conv2d) -> torch.Tensor:
             w = conv.weight
             return w if amp is None else w.to(dtype=amp, memory_format=torch.channels_last)
 
-        tensors: list[torch.Tensor | None] = []
-        for m, (_, bn) in zip(modes, pairs):
-            tensors += [bn.weight, bn.bias, m.running_mean, m.running_var]
-        ds_spec = None
-        if ds is not None:
-            m = modes[-1]
-            ds_spec = (ds[0].stride[0], m.stage(ds[1]))
-            tensors += [weight(ds[0]), ds[1].weight, ds[1].bias, m.running_mean, m.running_var]
-        shortcut = self.downsample(x) if (self.downsample is not None and ds is None) else None
-        spec = PostActSpec(tuple((c.stride[0], c.padding[0]) for c, _ in pairs),
-                           tuple(m.stage(bn) for m, (_, bn) in zip(modes, pairs)), ds_spec,
-                           out_channels_last=_wants_channels_last(x, pairs[-1][0].weight))
-        averaging = cumulative_update(modes)
-        out = post_act_block(spec, x, [weight(c) for c, _ in pairs] + tensors, shortcut=shortcut)
-        averaging.finish()
+        def compute(modes: list[BnMode]) -> torch.Tensor:
+            tensors: list[torch.Tensor | None] = []
+            for m, (_, bn) in zip(modes, pairs):
+                tensors += [bn.weight, bn.bias, m.running_mean, m.running_var]
+            ds_spec = None
+            if ds is not None:
+                m = modes[-1]
+                ds_spec = (ds[0].stride[0], m.stage(ds[1]))
+                tensors += [weight(ds[0]), ds[1].weight, ds[1].bias, m.running_mean, m.running_var]
+            shortcut = self.downsample(x) if (self.downsample is not None and ds is None) else None
+            spec = PostActSpec(tuple((c.stride[0], c.padding[0]) for c, _ in pairs),
+                               tuple(m.stage(bn) for m, (_, bn) in zip(modes, pairs)), ds_spec,
+                               out_channels_last=_wants_channels_last(x, pairs[-1][0].weight))
+            return post_act_block(spec, x, [weight(c) for c, _ in pairs] + tensors, shortcut=shortcut)
+
+        out = with_bn_modes(all_bns, compute)
+        if out is None:  # SyncBatchNorm under torch.compile: the modules' own forward
+            return self.forward_eager(x)
         return out
 
     def _folded(self, pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -220,7 +220,7 @@ def test_no_weight_cache_while_a_cuda_graph_is_captured(monkeypatch: pytest.Monk
     w = torch.randn(6, 4, 3, 3)  # not channels_last: reordered and cached outside capture
     first = _fused.kernel_weight(w)
     assert _fused.kernel_weight(w) is first  # cached
-    monkeypatch.setattr(_fused, "capturing", lambda t: True)
+    monkeypatch.setattr(_fused.memory, "capturing", lambda t: True)
     in_graph = _fused.kernel_weight(w)
     assert in_graph is not first and in_graph.data_ptr() != first.data_ptr()
     assert torch.equal(in_graph, w) and in_graph.is_contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,243 @@
+"""BatchNorm around the fused computations: statistics and backward sums (optionally synchronised
+over a process group), the statistics one block hands to the next, and — on the module side — what
+an ``nn.BatchNorm2d`` would do this call, run around a fused computation by :func:`with_bn_modes`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, TypeVar
+
+import torch
+from torch import nn
+
+from ..ops import bn as bn_ops
+from ..ops import conv as conv_ops
+from .specs import StageSpec, Tensors
+
+# --------------------------------------------------------------------------------------------
+# Statistics and backward sums, optionally synchronised over a process group
+
+
+def finalize(
+    partials: tuple[torch.Tensor, torch.Tensor, int] | None,
+    h: torch.Tensor,
+    st: StageSpec,
+    bn: Tensors,
+    running_out: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """BatchNorm ``bn`` = (weight, bias, running_mean, running_var) of ``h``: a stats buffer
+    (rows mean, invstd, scale, shift; a 5th row local/global count when synchronised) and its
+    first four rows. Updates the running statistics in training (in place, or into
+    ``running_out``)."""
+    N, C, H, W = h.shape
+    g, b, rm, rv = bn
+    if st.group is not None and st.batch_stats:
+        stats = _sync_finalize(partials, N * H * W, st, bn, running_out, h.device)
+        return stats, tuple(stats.unbind(0)[:4])
+    stats = torch.empty((4, C), device=h.device, dtype=torch.float32)
+    rows = bn_ops.bn_finalize(partials, N * H * W, g, b, rm, rv, training=st.batch_stats, momentum=st.momentum,
+                              eps=st.eps, channels=C, device=h.device, out=stats, running_out=running_out)
+    return stats, rows
+
+
+def _sync_finalize(
+    partials: tuple[torch.Tensor, torch.Tensor, int],
+    count: int,
+    st: StageSpec,
+    bn: Tensors,
+    running_out: tuple[torch.Tensor, torch.Tensor] | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """SyncBatchNorm statistics: this rank's tile partials merged with every rank's by two
+    ``all_reduce`` sums — the count-weighted mean first, then the squared deviations from that
+    global mean (exact, no E[x²]-E[x]² cancellation). Ranks may hold different batch sizes."""
+    import torch.distributed as dist
+
+    g, b, rm, rv = bn
+    pmean, pm2, tile_rows = partials
+    T, C = pmean.shape
+    cnt = (count - torch.arange(T, device=device, dtype=torch.float64) * tile_rows).clamp_(max=tile_rows)
+    first = torch.cat([torch.full((1,), float(count), device=device, dtype=torch.float64),
+                       (cnt[:, None] * pmean.double()).sum(0)])
+    dist.all_reduce(first, group=st.group)
+    n = first[0]
+    mean = first[1:] / n
+    m2 = pm2.double().sum(0) + (cnt[:, None] * (pmean.double() - mean) ** 2).sum(0)
+    dist.all_reduce(m2, group=st.group)
+    var = m2 / n
+    invstd = torch.rsqrt(var + st.eps)
+    scale = invstd * g.double() if g is not None else invstd
+    shift = -mean * scale + (b.double() if b is not None else 0.0)
+    stats = torch.stack([mean, invstd, scale, shift, (count / n).expand(C)]).float()
+    if rm is not None:
+        m = st.momentum
+        new_rm = ((1 - m) * rm.double() + m * mean).to(rm.dtype)
+        new_rv = ((1 - m) * rv.double() + m * m2 / (n - 1)).to(rv.dtype)
+        dst = running_out if running_out is not None else (rm, rv)
+        dst[0].copy_(new_rm)
+        dst[1].copy_(new_rv)
+    return stats
+
+
+def bwd_sums(
+    psum: torch.Tensor, psumx: torch.Tensor, st: StageSpec, stats: torch.Tensor,
+    pending: conv_ops.PendingWgrad | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Σdz, Σdz·x̂) of this rank (the parameter gradients), and the sums the input gradient
+    uses: the same, or — synchronised — the group's sums scaled by local/global count (the
+    apply kernel divides by the local count). A ``pending`` weight gradient of the same stage is
+    reduced in the same launch."""
+    if pending is not None:
+        _, s, sx = conv_ops.reduce_wgrad_and_bn_sums(pending, psum, psumx)
+    else:
+        s, sx = bn_ops.bn_bwd_reduce(psum, psumx)
+    if st.group is None or not st.batch_stats:
+        return s, sx, s, sx
+    import torch.distributed as dist
+
+    tot = torch.stack([s, sx])
+    dist.all_reduce(tot, group=st.group)
+    tot *= stats[4]
+    return s, sx, tot[0], tot[1]
+
+
+def running_pairs(running_out: list[torch.Tensor] | None) -> Callable[[bool], tuple[torch.Tensor, torch.Tensor] | None]:
+    """``take(updates)``: the next (new mean, new var) pair of ``running_out`` for a BatchNorm
+    whose running statistics this call updates, or None (in place, or nothing to update)."""
+    it = iter(running_out) if running_out is not None else None
+
+    def take(updates: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if it is None or not updates:
+            return None
+        return next(it), next(it)
+
+    return take
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics handed from a fused block's output to the next fused BatchNorm
+
+# (weak reference to the output, its version counter, its statistics partials): the last
+# training-mode fused block of the eager path computed the tile statistics of its output in its
+# last convolution's epilogue, so that the BatchNorm that opens the next block (or the head) does
+# not read the whole tensor again. One slot: networks run their blocks in sequence.
+_HANDOFF: list[tuple[weakref.ref, int, tuple[torch.Tensor, torch.Tensor, int]]] = []
+
+
+def hand_off(out: torch.Tensor, partials: tuple[torch.Tensor, torch.Tensor, int]) -> None:
+    _HANDOFF[:] = [(weakref.ref(out), out._version, partials)]
+
+
+def input_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Tile statistics partials of ``x``: those handed off with it when ``x`` is, unmodified, the
+    output of the previous fused block; else from a statistics pass over ``x``."""
+    try:
+        ref, version, partials = _HANDOFF.pop()  # (another thread may have emptied the slot)
+    except IndexError:
+        return bn_ops.bn_stats(x)
+    if ref() is x and x._version == version:
+        return partials
+    return bn_ops.bn_stats(x)
+
+
+# --------------------------------------------------------------------------------------------
+# What a BatchNorm module would do this call
+
+
+class BnMode(NamedTuple):
+    """What ``nn.BatchNorm2d.forward`` would do this call (see :func:`bn_mode`)."""
+
+    batch_stats: bool
+    momentum: float
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    cumulative: torch.Tensor | None  # momentum=None: the averaging factor 1/num_batches_tracked
+    group: Any  # SyncBatchNorm in training across several processes: the process group
+
+    def stage(self, bn: nn.Module, stride: int = 1, padding: int = 0) -> StageSpec:
+        return StageSpec(stride, padding, float(bn.eps), self.momentum, self.batch_stats, self.group)
+
+
+def _sync_group(bn: nn.Module) -> Any:
+    if not (isinstance(bn, nn.SyncBatchNorm) and bn.training):
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = bn.process_group if bn.process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _counts_batches(bn: nn.Module) -> bool:
+    return bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+
+
+def bn_mode(bn: nn.Module) -> BnMode:
+    """What ``bn.forward`` would do this call: whether it normalises with batch statistics, the
+    running-average factor, the running buffers to use (or None), and for ``momentum=None`` the
+    cumulative factor as a tensor (no host synchronisation: the caller applies it with
+    :func:`cumulative_update`). Call it after ``num_batches_tracked`` was incremented (as the
+    module itself does in training; :func:`bn_modes` does both)."""
+    momentum = 0.0 if bn.momentum is None else float(bn.momentum)
+    cumulative = None
+    if _counts_batches(bn):
+        if bn.momentum is None:
+            cumulative = 1.0 / bn.num_batches_tracked
+            momentum = 1.0  # the kernel writes the batch statistics; cumulative_update averages
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    use_running = not bn.training or bn.track_running_stats
+    rm = bn.running_mean if use_running else None
+    rv = bn.running_var if use_running else None
+    return BnMode(batch_stats, momentum, rm, rv, cumulative, _sync_group(bn))
+
+
+def bn_modes(bns: Sequence[nn.Module]) -> list[BnMode] | None:
+    """:func:`bn_mode` of each BatchNorm, or None — nothing counted — when a SyncBatchNorm would
+    synchronise while ``torch.compile`` traces (the fused path does that eagerly only; the caller
+    runs the modules' own forward instead)."""
+    if torch.compiler.is_compiling() and any(_sync_group(bn) is not None for bn in bns):
+        return None
+    counters = [bn.num_batches_tracked for bn in bns if _counts_batches(bn)]
+    if counters:  # as the modules do in training; one multi-tensor kernel for all of them
+        torch._foreach_add_(counters, 1)
+    return [bn_mode(bn) for bn in bns]
+
+
+class _Cumulative:
+    """Running statistics averaged with ``momentum=None``: snapshot before the fused call,
+    average after it (the fused call overwrote them with the batch statistics)."""
+
+    def __init__(self, modes: Sequence[BnMode]) -> None:
+        self.items = [(m.running_mean, m.running_var, m.running_mean.clone(), m.running_var.clone(), m.cumulative)
+                      for m in modes if m.cumulative is not None and m.batch_stats and m.running_mean is not None]
+
+    def finish(self) -> None:
+        with torch.no_grad():
+            for rm, rv, old_rm, old_rv, factor in self.items:
+                rm.copy_(torch.lerp(old_rm, rm, factor.to(rm.dtype)))
+                rv.copy_(torch.lerp(old_rv, rv, factor.to(rv.dtype)))
+
+
+def cumulative_update(modes: Sequence[BnMode]) -> _Cumulative:
+    """Call before the fused computation; call ``.finish()`` after it."""
+    return _Cumulative(modes)
+
+
+R = TypeVar("R")
+
+
+def with_bn_modes(bns: Sequence[nn.Module], compute: Callable[[list[BnMode]], R]) -> R | None:
+    """The BatchNorm sequence every fused module runs: count the batch and read each module's mode
+    (:func:`bn_modes`), snapshot the running statistics a ``momentum=None`` BatchNorm averages,
+    ``compute(modes)``, then average them. None — nothing counted or computed — where
+    :func:`bn_modes` says the modules' own forward must run instead."""
+    modes = bn_modes(bns)
+    if modes is None:
+        return None
+    averaging = cumulative_update(modes)
+    out = compute(modes)
+    averaging.finish()
+    return out

@@ -1,0 +1,249 @@
+"""The pre-activation computations: a chain of ``conv(relu(bn(h)))`` stages with its shortcut
+(:class:`Chain`, behind the pre-activation blocks and ``bn_relu_conv2d``), and the BN-ReLU-pool head
+of a pre-activation network (:class:`Pool`)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+
+from ..ops import bn as bn_ops
+from ..ops import conv as conv_ops
+from ..ops import route
+from .batchnorm import bwd_sums, finalize, hand_off, input_stats, running_pairs
+from .dispatch import Impl
+from .memory import cl_empty, kernel_weight, stats_empty
+from .specs import (
+    BN_BIAS,
+    BN_RUNNING_MEAN,
+    BN_RUNNING_VAR,
+    BN_WEIGHT,
+    SHORTCUTS,
+    ChainInputs,
+    ChainSpec,
+    PoolInputs,
+    StageSpec,
+    Tensors,
+    stage_from,
+    stage_ints,
+)
+
+
+class Chain(Impl):
+    """``h_{i+1} = conv_i(relu(bn_i(h_i)))`` for each stage, plus the shortcut, fused.
+
+    Inputs: x, residual, proj_weight, then per stage (conv weight, bn weight, bn bias,
+    running mean, running var).
+
+    Forward: BatchNorm statistics of x by a statistics kernel, of every later stage's input in
+    the previous convolution's epilogue; BN-apply + ReLU in each convolution's prologue; the
+    shortcut added in the last convolution's epilogue. Saved for backward: x, each inner
+    convolution output, the weights and per-channel fp32 statistics — no activation.
+    """
+
+    name = "preact_chain"
+
+    @staticmethod
+    def encode(spec: ChainSpec) -> tuple[list[int], list[float]]:
+        ints = [SHORTCUTS.index(spec.shortcut), spec.proj_stride, int(spec.out_channels_last)]
+        floats: list[float] = []
+        for st in spec.stages:
+            ints += stage_ints(st)
+            floats += [st.eps, st.momentum]
+        return ints, floats
+
+    @staticmethod
+    @functools.cache
+    def _decode(ints: tuple[int, ...], floats: tuple[float, ...]) -> ChainSpec:
+        n = (len(ints) - 3) // 3
+        stages = tuple(stage_from(ints[3 + 3 * i : 6 + 3 * i], floats[2 * i : 2 * i + 2]) for i in range(n))
+        return ChainSpec(stages, SHORTCUTS[ints[0]], int(ints[1]), bool(ints[2]))
+
+    @staticmethod
+    def decode(ints: Sequence[int], floats: Sequence[float]) -> ChainSpec:
+        return Chain._decode(tuple(ints), tuple(floats))
+
+    @staticmethod
+    def slots(spec: ChainSpec) -> list[tuple[StageSpec, int, int]]:
+        return [(st, ChainInputs.bn(i) + BN_RUNNING_MEAN, ChainInputs.bn(i) + BN_RUNNING_VAR)
+                for i, st in enumerate(spec.stages)]
+
+    @staticmethod
+    def weights(spec: ChainSpec) -> list[int]:
+        return [ChainInputs.PROJ_WEIGHT] + [ChainInputs.weight(i) for i in range(len(spec.stages))]
+
+    @staticmethod
+    def unsaved(spec: ChainSpec) -> set[int]:
+        return {ChainInputs.RESIDUAL}  # its gradient is dout
+
+    @staticmethod
+    def forward(spec: ChainSpec, t: Tensors, running_out: list[torch.Tensor] | None) -> tuple[torch.Tensor, list]:
+        x, residual, proj_weight = t[ChainInputs.X], t[ChainInputs.RESIDUAL], t[ChainInputs.PROJ_WEIGHT]
+        n_stages = len(spec.stages)
+        take = running_pairs(running_out)
+        h = x
+        inner: list[torch.Tensor] = []
+        all_stats: list[torch.Tensor] = []
+        # The eager path (no running_out: not a custom op under torch.compile) of a training block
+        # computes its output's statistics for the next block (see batchnorm.input_stats).
+        passes_stats = running_out is None and spec.stages[0].batch_stats and spec.out_channels_last
+        partials = input_stats(x) if spec.stages[0].batch_stats else None
+        shortcut = None
+        for i, st in enumerate(spec.stages):
+            w, g, b, rm, rv = ChainInputs.stage(t, i)
+            stats, (mean, invstd, scale, shift) = finalize(partials, h, st, (g, b, rm, rv),
+                                                            take(st.batch_stats and rm is not None))
+            all_stats.append(stats)
+            if i == 0:
+                if spec.shortcut == "projection":
+                    shortcut, _ = route.conv_fprop(
+                        x, kernel_weight(proj_weight), stride=spec.proj_stride, padding=0, scale=scale, shift=shift,
+                    )
+                elif spec.shortcut == "identity":
+                    shortcut = x
+                elif spec.shortcut == "residual":
+                    shortcut = residual
+            else:
+                inner.append(h)
+            last = i == n_stages - 1
+            next_batch_stats = passes_stats if last else spec.stages[i + 1].batch_stats
+            h, partials = route.conv_fprop(
+                h, kernel_weight(w), stride=st.stride, padding=st.padding, scale=scale, shift=shift,
+                residual=shortcut if last else None, stats=next_batch_stats,
+            )
+        if passes_stats and partials is not None:
+            hand_off(h, partials)
+        if not spec.out_channels_last:
+            h = h.contiguous()
+        return h, inner + all_stats
+
+    @staticmethod
+    def fake_forward(spec: ChainSpec, t: Tensors) -> tuple[torch.Tensor, list]:
+        x = t[ChainInputs.X]
+        N, C, H, W = x.shape
+        inner, all_stats = [], []
+        for i, st in enumerate(spec.stages):
+            w = t[ChainInputs.weight(i)]
+            all_stats.append(stats_empty(C, x))
+            H = conv_ops.conv_out_size(H, w.shape[2], st.stride, st.padding)
+            W = conv_ops.conv_out_size(W, w.shape[3], st.stride, st.padding)
+            C = w.shape[0]
+            if i < len(spec.stages) - 1:
+                inner.append(cl_empty((N, C, H, W), x))
+        return cl_empty((N, C, H, W), x, spec.out_channels_last), inner + all_stats
+
+    @staticmethod
+    def backward(spec: ChainSpec, t: Tensors, saved: Sequence[torch.Tensor], dout: torch.Tensor,
+                 needs: Sequence[bool]) -> list[torch.Tensor | None]:
+        n_stages = len(spec.stages)
+        x, proj_weight = t[ChainInputs.X], t[ChainInputs.PROJ_WEIGHT]
+        inputs = [x, *saved[: n_stages - 1]]
+        all_stats = saved[n_stages - 1 :]
+        need_x = needs[ChainInputs.X]
+        grads: list[torch.Tensor | None] = [None] * len(t)
+        stage_needs = [ChainInputs.stage(needs, i) for i in range(n_stages)]
+        dh = dout
+        for i in reversed(range(n_stages)):
+            st = spec.stages[i]
+            w, g, b = ChainInputs.stage(t, i)[:3]
+            stats = all_stats[i]
+            mean, invstd, scale, shift = stats.unbind(0)[:4]
+            h = inputs[i]
+            need_w, need_g, need_b = stage_needs[i][:3]
+            pending = None  # a weight gradient whose split sums the backward-sum launch reduces
+            if need_w:
+                dw = route.conv_wgrad(
+                    dh, h, w, stride=st.stride, padding=st.padding, scale=scale, shift=shift, defer_reduce=True,
+                )
+                if isinstance(dw, conv_ops.PendingWgrad):
+                    pending, dw = dw, dw.dw
+                grads[ChainInputs.weight(i)] = dw
+            if i == 0 and spec.shortcut == "projection" and needs[ChainInputs.PROJ_WEIGHT]:
+                grads[ChainInputs.PROJ_WEIGHT] = route.conv_wgrad(
+                    dout, h, proj_weight, stride=spec.proj_stride, padding=0, scale=scale, shift=shift,
+                )
+            below = need_x or need_g or need_b or any(any(n[:3]) for n in stage_needs[:i])
+            if not below:
+                if pending is not None:
+                    pending.finish()
+                break
+            add = None
+            if i == 0 and spec.shortcut == "projection":
+                add, _ = route.conv_dgrad(dout, kernel_weight(proj_weight), tuple(h.shape),
+                                             stride=spec.proj_stride, padding=0)
+            dz, (psum, psumx) = route.conv_dgrad(
+                dh, kernel_weight(w), tuple(h.shape), stride=st.stride, padding=st.padding,
+                bn=(h, scale, shift, mean, invstd), add=add,
+            )
+            dh = add = None  # used up: their memory can hold the next gradient
+            sum_dz, sum_dzx, apply_dz, apply_dzx = bwd_sums(psum, psumx, st, stats, pending)
+            if need_g and g is not None:
+                grads[ChainInputs.bn(i) + BN_WEIGHT] = sum_dzx.to(g.dtype)
+            if need_b and b is not None:
+                grads[ChainInputs.bn(i) + BN_BIAS] = sum_dz.to(b.dtype)
+            if i > 0 or need_x:
+                identity = i == 0 and spec.shortcut == "identity"
+                dh = bn_ops.bn_bwd_apply(
+                    dz, h, mean, invstd, g, apply_dz, apply_dzx, training=st.batch_stats,
+                    add=dout if identity else None,
+                )
+        if need_x:
+            grads[ChainInputs.X] = dh
+        if spec.shortcut == "residual" and needs[ChainInputs.RESIDUAL]:
+            grads[ChainInputs.RESIDUAL] = dout
+        return grads
+
+
+class Pool(Impl):
+    """``mean over H, W of relu(bn(x))`` — a pre-activation network's head — fused.
+
+    Inputs: x, bn weight, bn bias, running mean, running var.
+    """
+
+    name = "bn_relu_pool"
+
+    @staticmethod
+    def encode(spec: StageSpec) -> tuple[list[int], list[float]]:
+        return stage_ints(spec), [spec.eps, spec.momentum]
+
+    @staticmethod
+    def decode(ints: Sequence[int], floats: Sequence[float]) -> StageSpec:
+        return stage_from(ints, floats)
+
+    @staticmethod
+    def slots(spec: StageSpec) -> list[tuple[StageSpec, int, int]]:
+        return [(spec, PoolInputs.BN + BN_RUNNING_MEAN, PoolInputs.BN + BN_RUNNING_VAR)]
+
+    @staticmethod
+    def forward(spec: StageSpec, t: Tensors, running_out: list[torch.Tensor] | None) -> tuple[torch.Tensor, list]:
+        x, g, b, rm, rv = t
+        partials = input_stats(x) if spec.batch_stats else None
+        stats, (_, _, scale, shift) = finalize(partials, x, spec, (g, b, rm, rv),
+                                                running_pairs(running_out)(spec.batch_stats and rm is not None))
+        return bn_ops.bn_relu_pool(x, scale, shift), [stats]
+
+    @staticmethod
+    def fake_forward(spec: StageSpec, t: Tensors) -> tuple[torch.Tensor, list]:
+        x = t[PoolInputs.X]
+        N, C = x.shape[:2]
+        return x.new_empty((N, C)), [stats_empty(C, x)]
+
+    @staticmethod
+    def backward(spec: StageSpec, t: Tensors, saved: Sequence[torch.Tensor], dout: torch.Tensor,
+                 needs: Sequence[bool]) -> list[torch.Tensor | None]:
+        x, g, b = t[PoolInputs.X], t[PoolInputs.BN + BN_WEIGHT], t[PoolInputs.BN + BN_BIAS]
+        (stats,) = saved
+        mean, invstd, scale, shift = stats.unbind(0)[:4]
+        dz, psum, psumx = bn_ops.bn_relu_pool_bwd(dout, x, scale, shift, mean, invstd)
+        s, sx, apply_s, apply_sx = bwd_sums(psum, psumx, spec, stats)
+        grads: list[torch.Tensor | None] = [None] * len(t)
+        if needs[PoolInputs.X]:
+            grads[PoolInputs.X] = bn_ops.bn_bwd_apply(dz, x, mean, invstd, g, apply_s, apply_sx,
+                                                      training=spec.batch_stats)
+        if needs[PoolInputs.BN + BN_WEIGHT] and g is not None:
+            grads[PoolInputs.BN + BN_WEIGHT] = sx.to(g.dtype)
+        if needs[PoolInputs.BN + BN_BIAS] and b is not None:
+            grads[PoolInputs.BN + BN_BIAS] = s.to(b.dtype)
+        return grads

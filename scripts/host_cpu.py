@@ -1,0 +1,137 @@
+"""Our own host time per block training step, on this CPU, with every Triton launch stubbed out.
+
+What a fused step costs the host besides Triton's launcher and the driver: our Python (module
+checks, specs, BatchNorm sequence, launchers, grids, allocations) and PyTorch's autograd around
+it. The kernels never run (``launch`` records nothing and returns), so the numbers say nothing
+about the GPU; they are what ``benchmarks/NOTES.md`` reports as "our Python per step".
+
+    python scripts/host_cpu.py [--block bottleneck|basic] [--steps 200] [--repeats 5]
+    python scripts/host_cpu.py --against /path/to/other/checkout    # interleaved A/B
+
+The block is a 64/16 ``PreActBottleneck`` (or a 64-channel ``PreActBasicBlock``) in fp32 on a
+small CPU input, channels_last, on the Triton route, its input the output of a previous fused
+block (as inside a network: the statistics hand-off applies). Each repeat times ``--steps``
+training steps (gradients set to None first) and forwards alone; the best repeat is reported.
+With ``--against``, the same measurement runs in a subprocess on the other checkout, the two
+alternating repeat by repeat, so that a loaded machine slows both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+
+@contextlib.contextmanager
+def stubbed() -> Iterator[None]:
+    """Triton launches do nothing, and CPU tensors take the fused path (as CUDA tensors would)."""
+    from fusedres import _runtime
+    from fusedres.ops import bn, conv, route
+
+    def launch(kernel, grid, *args, **kwargs) -> None:  # noqa: ANN001 - the launcher's signature
+        return None
+
+    with contextlib.ExitStack() as stack:
+        for module in (_runtime, conv, bn):
+            stack.enter_context(mock.patch.object(module, "launch", launch))
+        stack.enter_context(mock.patch.object(_runtime, "triton_enabled", lambda device: True))
+        stack.enter_context(route.force("triton"))
+        yield
+
+
+def _models(kind: str) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    import fusedres
+
+    cl = torch.channels_last
+    torch.manual_seed(0)
+    if kind == "bottleneck":
+        first, block = fusedres.PreActBottleneck(64, 16), fusedres.PreActBottleneck(64, 16)
+    else:
+        first, block = fusedres.PreActBasicBlock(64, 64), fusedres.PreActBasicBlock(64, 64)
+    # small enough that no buffer leaves malloc's heap (as the caching allocator serves a GPU step)
+    x = torch.randn(2, 64, 8, 8).contiguous(memory_format=cl)
+    return first.to(memory_format=cl), block.to(memory_format=cl), x
+
+
+def measure(kind: str, steps: int) -> dict[str, float]:
+    """µs per training step and per forward of ``block``, one repeat."""
+    first, block, x = _models(kind)
+    params = list(block.parameters())
+    with stubbed():
+        with torch.no_grad():
+            h = first(x)  # hands its output statistics to ``block``
+        h.requires_grad_(True)
+        dy = torch.randn_like(h)
+
+        def step() -> None:
+            for p in params:
+                p.grad = None
+            h.grad = None
+            with torch.no_grad():
+                first(x)  # re-arm the hand-off slot, as the previous block of a network does
+            block(h).backward(dy)
+
+        def forward() -> None:
+            with torch.no_grad():
+                first(x)
+            block(h)
+
+        def first_only() -> None:
+            with torch.no_grad():
+                first(x)
+
+        out = {}
+        for name, fn in (("step", step), ("forward", forward), ("previous block", first_only)):
+            for _ in range(5):
+                fn()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            out[name] = (time.perf_counter() - t0) / steps * 1e6
+    # the previous block's no-grad forward is part of every timed call: take it out
+    return {"step": out["step"] - out["previous block"], "forward": out["forward"] - out["previous block"]}
+
+
+def _child(checkout: str, kind: str, steps: int) -> dict[str, float]:
+    env = dict(os.environ, PYTHONPATH=checkout)
+    env.pop("TRITON_INTERPRET", None)
+    code = f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import host_cpu; " \
+           f"print(json.dumps(host_cpu.measure({kind!r}, {steps})))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=checkout, env=env, capture_output=True, text=True,
+                          check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--block", choices=("bottleneck", "basic"), default="bottleneck")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--against", metavar="CHECKOUT", help="another checkout, measured interleaved")
+    args = parser.parse_args()
+    here = str(Path(__file__).resolve().parents[1])
+    runs: dict[str, list[dict[str, float]]] = {"this": [], "other": []}
+    for _ in range(args.repeats):
+        runs["this"].append(_child(here, args.block, args.steps))
+        if args.against:
+            runs["other"].append(_child(args.against, args.block, args.steps))
+    for label, rows in runs.items():
+        if rows:
+            best = {k: min(r[k] for r in rows) for k in rows[0]}
+            where = here if label == "this" else args.against
+            print(f"{where}: {args.block} training step {best['step']:.0f} µs, forward {best['forward']:.0f} µs "
+                  f"(best of {len(rows)} x {args.steps})")
+
+
+if __name__ == "__main__":
+    main()
