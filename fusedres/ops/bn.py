@@ -24,6 +24,21 @@ from .configs import APPLY_CONFIG, FINALIZE_BLOCK_C, FINALIZE_BLOCK_T, STATS_CON
 
 
 @triton.jit
+def relu(v):
+    """max(v, 0) as ``torch.relu`` computes it: NaN stays NaN. (Plain ``tl.maximum`` compiles to
+    PTX ``max.f32``, which returns the operand that is not NaN: a NaN would come out as 0.)"""
+    return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def relu_passes(pre):
+    """Where ReLU's backward lets the gradient through, as eager's ``threshold_backward(grad,
+    relu(pre), 0)`` does: everywhere but ``relu(pre) <= 0`` — so also where ``pre`` is NaN (a
+    NaN compares false), which ``pre > 0`` would block."""
+    return ~(pre <= 0.0)
+
+
+@triton.jit
 def tile_mean_m2(vals, mask, count):
     """Per-column mean and sum of squared deviations of the masked rows of a tile (the partials
     that :func:`bn_finalize` merges); also used by the convolution epilogue."""
@@ -146,7 +161,11 @@ def bn_finalize_kernel(
             n_b, mean_b, m2_b = _chunk_mean_m2(pmean_ptr, pm2_ptr, t0, T, C, M, TILE_ROWS, offs_c, c_ok, BLOCK_T)
             n_ab = n_a + n_b
             delta = mean_b - mean_a
-            mean_a = mean_a + delta * (n_b / n_ab)
+            # A mean of +-Inf (an infinite input) makes delta infinite or NaN: the weighted form
+            # then gives the mean eager PyTorch gives (the sum over the count), where
+            # mean_a + delta * w would give NaN. M2 is NaN there already (Inf - Inf in the tile).
+            mean_a = tl.where(tl.abs(delta) < float("inf"), mean_a + delta * (n_b / n_ab),
+                              mean_a * (n_a / n_ab) + mean_b * (n_b / n_ab))
             m2_a = m2_a + m2_b + delta * delta * (n_a * n_b / n_ab)
             n_a = n_ab
         mean = mean_a
@@ -259,7 +278,7 @@ def bn_relu_pool_kernel(
         ptrs = x_ptr + n * sxn + ((p // W).to(tl.int64) * sxh + (p % W).to(tl.int64) * sxw)[:, None] \
             + offs_c.to(tl.int64)[None, :] * sxc
         v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        acc += tl.sum(tl.where(mask, tl.maximum(v * sc[None, :] + sh[None, :], 0.0), 0.0), axis=0)
+        acc += tl.sum(tl.where(mask, relu(v * sc[None, :] + sh[None, :]), 0.0), axis=0)
     tl.store(out_ptr + n * son + offs_c * soc, (acc / HW).to(out_ptr.dtype.element_ty), mask=c_ok)
 
 
@@ -270,13 +289,14 @@ def bn_relu_pool_bwd_kernel(
     sdn, sdc, sxn, sxc, sxh, sxw, szn, szc, szh, szw,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dz = dpool[n, c] / (H*W) * (x*scale + shift > 0), stored, with per-tile sums of dz and dz*xhat."""
+    """dz = dpool[n, c] / (H*W) where relu_passes(x*scale + shift) (else 0), stored, with per-tile sums
+    of dz and dz*xhat."""
     pid_m, offs_c, c_ok, n, h, w, c64, mask = _pixel_tile(M, H, W, C, BLOCK_M, BLOCK_C)
     x = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + c64 * sxc, mask=mask, other=0.0).to(tl.float32)
     dp = tl.load(dp_ptr + (n * sdn)[:, None] + c64 * sdc, mask=mask, other=0.0).to(tl.float32)
     sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
     sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
-    keep = mask & (x * sc[None, :] + sh[None, :] > 0.0)
+    keep = mask & relu_passes(x * sc[None, :] + sh[None, :])
     dz = tl.where(keep, dp / (H * W), 0.0).to(dz_ptr.dtype.element_ty)
     tl.store(dz_ptr + (n * szn + h * szh + w * szw)[:, None] + c64 * szc, dz, mask=mask)
     dzf = dz.to(tl.float32)
@@ -300,7 +320,7 @@ def bn_add_relu_kernel(
     _, offs_c, c_ok, n, h, w, c64, mask = _pixel_tile(M, H, W, C, BLOCK_M, BLOCK_C)
     pre = _bn_add_pre(y_ptr, r_ptr, sy_ptr, by_ptr, sr_ptr, br_ptr, n, h, w, c64, offs_c, c_ok, mask,
                       syn, syc, syh, syw, srn, src, srh, srw, RES_BN)
-    out = tl.maximum(pre, 0.0).to(out_ptr.dtype.element_ty)
+    out = relu(pre).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + (n * son + h * soh + w * sow)[:, None] + c64 * soc, out, mask=mask)
 
 
@@ -333,12 +353,13 @@ def bn_add_relu_bwd_kernel(
     sgn, sgc, sgh, sgw,
     RES_BN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """g = dout * (pre > 0), stored, with per-tile sums of g, g*xhat_y and (RES_BN) g*xhat_r."""
+    """g = dout where relu_passes(pre) (else 0), stored, with per-tile sums of g, g*xhat_y and (RES_BN)
+    g*xhat_r."""
     pid_m, offs_c, c_ok, n, h, w, c64, mask = _pixel_tile(M, H, W, C, BLOCK_M, BLOCK_C)
     pre = _bn_add_pre(y_ptr, r_ptr, sy_ptr, by_ptr, sr_ptr, br_ptr, n, h, w, c64, offs_c, c_ok, mask,
                       syn, syc, syh, syw, srn, src, srh, srw, RES_BN)
     d = tl.load(dout_ptr + (n * sdn + h * sdh + w * sdw)[:, None] + c64 * sdc, mask=mask, other=0.0)
-    g = tl.where(mask & (pre > 0.0), d.to(tl.float32), 0.0).to(g_ptr.dtype.element_ty)
+    g = tl.where(mask & relu_passes(pre), d.to(tl.float32), 0.0).to(g_ptr.dtype.element_ty)
     tl.store(g_ptr + (n * sgn + h * sgh + w * sgw)[:, None] + c64 * sgc, g, mask=mask)
     gf = g.to(tl.float32)
     tl.store(psum_ptr + pid_m * C + offs_c, tl.sum(gf, axis=0), mask=c_ok)
@@ -367,20 +388,20 @@ def bn_relu_apply_kernel(
     x = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + c64 * sxc, mask=mask, other=0.0)
     sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
     sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
-    a = tl.maximum(x.to(tl.float32) * sc[None, :] + sh[None, :], 0.0)
+    a = relu(x.to(tl.float32) * sc[None, :] + sh[None, :])
     tl.store(out_ptr + (n * son + h * soh + w * sow)[:, None] + c64 * soc, a.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def relu_bn_bwd_tile(da, x_ptrs, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, offs_c, c_ok, mask, dz_ptr):
     """The BatchNorm-ReLU backward of one (pixels x channels) tile of the gradient ``da`` (fp32):
-    dz = da * (x*scale + shift > 0) rounded to dz's dtype, and the column sums of dz and dz * xhat
-    over the masked rows, taken from the rounded dz (the values the apply pass reads). Shared by the
+    dz = da where relu_passes(x*scale + shift) (else 0) rounded to dz's dtype, and the column sums
+    of dz and dz * xhat over the masked rows, taken from the rounded dz (the values the apply pass reads). Shared by the
     dgrad epilogue and the pass after a cuDNN dgrad."""
     xv = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
     sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
-    keep = mask & (xv * sc[None, :] + sh[None, :] > 0.0)
+    keep = mask & relu_passes(xv * sc[None, :] + sh[None, :])
     dz = tl.where(keep, da, 0.0).to(dz_ptr.dtype.element_ty)
     dzf = dz.to(tl.float32)
     mu = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
@@ -398,7 +419,7 @@ def relu_bn_bwd_partials_kernel(
     szn, szc, szh, szw,
     HAS_ADD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dz = (da [+ add]) * (x*scale + shift > 0) and per-tile sums of dz and dz * xhat: the dgrad
+    """dz = (da [+ add]) where relu_passes(x*scale + shift) (else 0) and per-tile sums of dz and dz * xhat: the dgrad
     epilogue's BatchNorm-ReLU backward (and its HAS_ADD), for a dgrad computed by cuDNN. dz may be
     da itself (each element is read before it is written, by the same program)."""
     pid_m, offs_c, c_ok, n, h, w, c64, mask = _pixel_tile(M, H, W, C, BLOCK_M, BLOCK_C)
