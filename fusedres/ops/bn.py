@@ -22,6 +22,21 @@ import triton.language as tl
 from .._runtime import cdiv, launch
 from .configs import APPLY_CONFIG, FINALIZE_BLOCK_C, FINALIZE_BLOCK_T, STATS_CONFIG, TWO_LEVEL_TILES
 
+#: Most pixels (N*H*W) one launch may cover. The kernels index pixels in int32 (``pid * BLOCK_M +
+#: row``, tile starts ``t * TILE_ROWS``) and turn them into int64 only after splitting them into
+#: (n, h, w), so every address is int64 and tensors of more than 2**31 elements are fine; the
+#: margin keeps the last tile's row indices below 2**31 too.
+MAX_PIXELS = 2**31 - 2**16
+
+
+def pixels(n: int, h: int, w: int) -> int:
+    """``n * h * w``, the pixel count of a launch; a ValueError past :data:`MAX_PIXELS`."""
+    m = n * h * w
+    if m > MAX_PIXELS:
+        raise ValueError(f"fusedres: {n}x{h}x{w} = {m} pixels in one tensor; the kernels take at most "
+                         f"{MAX_PIXELS} (split the batch)")
+    return m
+
 
 @triton.jit
 def relu(v):
@@ -108,11 +123,12 @@ def bn_merge_kernel(
     pmean_ptr, pm2_ptr, T, C, M, TILE_ROWS, out_mean_ptr, out_m2_ptr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """First level of a two-level merge: program (c, j) merges tiles [j*BLOCK_T, (j+1)*BLOCK_T)
-    into row j of the output partials (whose tiles then hold BLOCK_T*TILE_ROWS rows each)."""
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    """First level of a two-level merge: program (j, c) merges tiles [j*BLOCK_T, (j+1)*BLOCK_T)
+    into row j of the output partials (whose tiles then hold BLOCK_T*TILE_ROWS rows each). The
+    chunks run along grid x: a grid's y extent stops at 65535, reached past ~2.7e8 pixels."""
+    j = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
-    j = tl.program_id(1)
     _, mean_b, m2_b = _chunk_mean_m2(pmean_ptr, pm2_ptr, j * BLOCK_T, T, C, M, TILE_ROWS, offs_c, c_ok, BLOCK_T)
     tl.store(out_mean_ptr + j * C + offs_c, mean_b, mask=c_ok)
     tl.store(out_m2_ptr + j * C + offs_c, m2_b, mask=c_ok)
@@ -123,10 +139,11 @@ def bn_sum_chunks_kernel(
     psum_ptr, psumx_ptr, T, C, out_sum_ptr, out_sumx_ptr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """First level of a two-level sum: program (c, j) sums rows [j*BLOCK_T, (j+1)*BLOCK_T)."""
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    """First level of a two-level sum: program (j, c) sums rows [j*BLOCK_T, (j+1)*BLOCK_T) (chunks
+    along grid x, as in :func:`bn_merge_kernel`)."""
+    j = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
-    j = tl.program_id(1)
     t = j * BLOCK_T + tl.arange(0, BLOCK_T)
     mask = (t < T)[:, None] & c_ok[None, :]
     idx = t.to(tl.int64)[:, None] * C + offs_c[None, :]
@@ -440,7 +457,7 @@ def bn_stats(x: torch.Tensor, add: torch.Tensor | None = None) -> tuple[torch.Te
     ``add`` (shaped and typed like x), of ``x.add_(add)``, done in the same pass."""
     N, C, H, W = x.shape
     cfg = STATS_CONFIG
-    M = N * H * W
+    M = pixels(N, H, W)
     grid = (cdiv(M, cfg.block_m), cdiv(C, cfg.block_c))
     pmean = torch.empty((grid[0], C), device=x.device, dtype=torch.float32)
     pm2 = torch.empty_like(pmean)
@@ -491,7 +508,7 @@ def bn_finalize(
             cmean = torch.empty((chunks, C), device=device, dtype=torch.float32)
             cm2 = torch.empty_like(cmean)
             launch(
-                bn_merge_kernel, (cdiv(C, FINALIZE_BLOCK_C), chunks),
+                bn_merge_kernel, (chunks, cdiv(C, FINALIZE_BLOCK_C)),
                 pmean, pm2, T, C, count, tile_rows, cmean, cm2,
                 BLOCK_T=FINALIZE_BLOCK_T, BLOCK_C=FINALIZE_BLOCK_C,
             )
@@ -527,7 +544,7 @@ def bn_bwd_chunks(psum: torch.Tensor, psumx: torch.Tensor) -> tuple[torch.Tensor
     csum = torch.empty((chunks, C), device=psum.device, dtype=torch.float32)
     csumx = torch.empty_like(csum)
     launch(
-        bn_sum_chunks_kernel, (cdiv(C, FINALIZE_BLOCK_C), chunks),
+        bn_sum_chunks_kernel, (chunks, cdiv(C, FINALIZE_BLOCK_C)),
         psum, psumx, T, C, csum, csumx, BLOCK_T=FINALIZE_BLOCK_T, BLOCK_C=FINALIZE_BLOCK_C,
     )
     return csum, csumx
@@ -562,7 +579,7 @@ def bn_bwd_apply(
     N, C, H, W = x.shape
     dx = torch.empty_like(x)
     cfg = APPLY_CONFIG
-    M = N * H * W
+    M = pixels(N, H, W)
     a = add if add is not None else dx
     launch(
         bn_bwd_apply_kernel, (cdiv(M, cfg.block_m), cdiv(C, cfg.block_c)),
@@ -600,7 +617,7 @@ def bn_relu_pool_bwd(
     the per-tile partial sums that :func:`bn_bwd_reduce` turns into the BatchNorm-backward sums."""
     N, C, H, W = x.shape
     cfg = STATS_CONFIG
-    M = N * H * W
+    M = pixels(N, H, W)
     grid = (cdiv(M, cfg.block_m), cdiv(C, cfg.block_c))
     dz = torch.empty((N, C, H, W), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     psum = torch.empty((grid[0], C), device=x.device, dtype=torch.float32)
@@ -628,7 +645,7 @@ def bn_add_relu(
     N, C, H, W = y.shape
     out = torch.empty((N, C, H, W), device=y.device, dtype=y.dtype, memory_format=torch.channels_last)
     cfg = APPLY_CONFIG
-    M = N * H * W
+    M = pixels(N, H, W)
     res_bn = sr is not None
     launch(
         bn_add_relu_kernel, (cdiv(M, cfg.block_m), cdiv(C, cfg.block_c)),
@@ -656,7 +673,7 @@ def bn_add_relu_bwd(
     ``r_bn = (sr, br, mean_r, invstd_r)`` is given, for r's."""
     N, C, H, W = y.shape
     cfg = APPLY_CONFIG
-    M = N * H * W
+    M = pixels(N, H, W)
     grid = (cdiv(M, cfg.block_m), cdiv(C, cfg.block_c))
     g = torch.empty((N, C, H, W), device=y.device, dtype=y.dtype, memory_format=torch.channels_last)
     psum = torch.empty((grid[0], C), device=y.device, dtype=torch.float32)
@@ -682,7 +699,7 @@ def bn_relu_apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> 
     N, C, H, W = x.shape
     out = torch.empty((N, C, H, W), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     cfg = APPLY_CONFIG
-    M = N * H * W
+    M = pixels(N, H, W)
     launch(
         bn_relu_apply_kernel, (cdiv(M, cfg.block_m), cdiv(C, cfg.block_c)),
         x, scale, shift, out, H, W, C, M,
@@ -706,7 +723,7 @@ def relu_bn_bwd_partials(
     else:
         dz = torch.empty((N, C, H, W), device=x.device, dtype=da.dtype, memory_format=torch.channels_last)
     cfg = APPLY_CONFIG
-    M = N * H * W
+    M = pixels(N, H, W)
     grid = (cdiv(M, cfg.block_m), cdiv(C, cfg.block_c))
     psum = torch.empty((grid[0], C), device=x.device, dtype=torch.float32)
     psumx = torch.empty_like(psum)

@@ -11,7 +11,8 @@ Layout contract of every launcher here (no autograd, no modules):
   zero padding are 0 after it.
 - Inputs are fp32, fp16 or bf16; accumulation is fp32; outputs take the input dtype.
   fp32 dots use TF32 exactly when ``torch.backends.cudnn.allow_tf32`` is True.
-- Index arithmetic that multiplies sizes is done in int64.
+- Index arithmetic that multiplies sizes is done in int64; pixel indices are int32 until split
+  into (n, h, w), so one launch covers at most :data:`fusedres.ops.bn.MAX_PIXELS` pixels.
 - Per-channel statistics come out as per-tile partials (fp32 mean and M2 of each
   BLOCK_M-row tile) that :mod:`fusedres.ops.bn` merges in a fixed order.
 """
@@ -23,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import cdiv, launch, sm_count
-from .bn import bn_bwd_chunks, bn_bwd_reduce_block, relu, relu_bn_bwd_tile, tile_mean_m2
+from .bn import bn_bwd_chunks, bn_bwd_reduce_block, pixels, relu, relu_bn_bwd_tile, tile_mean_m2
 from .configs import FINALIZE_BLOCK_C, FINALIZE_BLOCK_T, ConvConfig, dgrad_config, fprop_config, wgrad_config
 
 
@@ -341,7 +342,7 @@ def conv_fprop(
     cfg = config or fprop_config(C, K, R, stride, x.dtype)
     if out is None:
         out = torch.empty((N, K, OH, OW), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
-    M = N * OH * OW
+    M = pixels(N, OH, OW)
     grid = (cdiv(M, cfg.block_m), cdiv(K, cfg.block_n))
     partials = None
     pmean = pm2 = out  # placeholders; never read when STATS is off
@@ -395,7 +396,7 @@ def conv_dgrad(
     _, _, OH, OW = dy.shape
     cfg = config or dgrad_config(C, K, R, stride, dy.dtype)
     dz = torch.empty((N, C, H, W), device=dy.device, dtype=dy.dtype, memory_format=torch.channels_last)
-    M = N * H * W
+    M = pixels(N, H, W)
     grid = (cdiv(M, cfg.block_m), cdiv(C, cfg.block_n))
     if bn is not None:
         x, scale, shift, mean, invstd = bn
@@ -447,7 +448,7 @@ def conv_wgrad(
     K, _, R, S = weight_like.shape
     _, _, OH, OW = dy.shape
     cfg = config or wgrad_config(C, K, R, stride, x.dtype)
-    P = N * OH * OW
+    P = pixels(N, OH, OW)
     tiles = cdiv(K, cfg.block_m) * R * S * cdiv(C, cfg.block_n)
     if splits is None:
         splits = max(1, min(cdiv(2 * sm_count(x.device), tiles), cdiv(P, 4 * cfg.block_k)))
