@@ -473,7 +473,7 @@ def nan_dropping_ops(ptx: str) -> dict[str, int]:
     do not count.
     """
     found: dict[str, int] = {}
-    for op in _PTX_MINMAX.findall(ptx):
+    for op in _PTX_MINMAX.findall(re.sub(r"//[^\n]*", "", ptx)):
         mods = op.split(".")[1:]
         if mods[-1] in _PTX_FLOAT_TYPES and "NaN" not in mods:
             found[op] = found.get(op, 0) + 1
