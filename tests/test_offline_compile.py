@@ -69,6 +69,13 @@ def test_every_kernel_compiles_within_shared_memory(tmp_path: Path) -> None:
         kernels = {r["role"] for r in rows if r["arch"] == arch}
         assert PER_CHANNEL_KERNELS <= kernels, f"{arch}: missing {PER_CHANNEL_KERNELS - kernels}"
 
+    # Every float max/min in the PTX propagates NaN (max.NaN.f32), as torch.relu does.
+    dropping = [r for r in rows if r["arch"] in ARCHS and r["status"] == "ok" and r["nan_dropping"] != 0]
+    assert not dropping, "float max/min that drop NaN:\n" + "\n".join(
+        f"{r['role']} {r['dtype']} {r['tile']} stride {r['stride']} {r['arch']}: {r['nan_dropping_ops']}"
+        for r in dropping
+    )
+
     bad = [
         r for r in rows
         if (r["status"] != "ok" and not (r["arch"] == "gfx942" and r["status"] == "skipped"))
@@ -117,3 +124,36 @@ def test_sass_profile_reads_the_main_loop() -> None:
     }
     assert "HGMMA.64x64x16 1/iter" in format_sass(p)
     assert sass_profile("")["mma"] == "none"
+
+
+def test_nan_dropping_ops_reads_ptx() -> None:
+    # Float max/min without .NaN drop NaN (also f16x2/bf16 and f64, which has no .NaN form);
+    # .NaN ones, integer max/min, registers named like one and comments do not count.
+    from fusedres.ops.offline import nan_dropping_ops
+
+    ptx = """
+        max.f32 %f3, %f1, %f2;
+        @%p1 max.ftz.f32 %f4, %f3, 0f00000000;
+        max.NaN.f32 %f5, %f4, 0f00000000;
+        max.ftz.NaN.f32 %f6, %f5, %f1;
+        min.f32 %f7, %f6, %f1;
+        max.bf16x2 %r1, %r2, %r3;
+        max.NaN.bf16x2 %r4, %r2, %r3;
+        min.NaN.f16 %rs1, %rs2, %rs3;
+        max.f16x2 %r5, %r2, %r3;
+        max.f64 %fd3, %fd1, %fd2;
+        max.s32 %r6, %r7, %r8;
+        min.u64 %rd3, %rd1, %rd2;
+        max.relu.s32 %r9, %r7, %r8;
+        mov.u32 %r10, %max.f32_like;
+        // max.f32 in a comment
+    """
+    assert nan_dropping_ops(ptx) == {
+        "max.f32": 1,
+        "max.ftz.f32": 1,
+        "min.f32": 1,
+        "max.bf16x2": 1,
+        "max.f16x2": 1,
+        "max.f64": 1,
+    }
+    assert nan_dropping_ops("max.NaN.f32 %f1, %f2, %f3;\nmin.s32 %r1, %r2, %r3;") == {}

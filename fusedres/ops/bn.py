@@ -22,6 +22,36 @@ import triton.language as tl
 from .._runtime import cdiv, launch
 from .configs import APPLY_CONFIG, FINALIZE_BLOCK_C, FINALIZE_BLOCK_T, STATS_CONFIG, TWO_LEVEL_TILES
 
+#: Most pixels (N*H*W) one launch may cover. The kernels index pixels in int32 (``pid * BLOCK_M +
+#: row``, tile starts ``t * TILE_ROWS``) and turn them into int64 only after splitting them into
+#: (n, h, w), so every address is int64 and tensors of more than 2**31 elements are fine; the
+#: margin keeps the last tile's row indices below 2**31 too.
+MAX_PIXELS = 2**31 - 2**16
+
+
+def pixels(n: int, h: int, w: int) -> int:
+    """``n * h * w``, the pixel count of a launch; a ValueError past :data:`MAX_PIXELS`."""
+    m = n * h * w
+    if m > MAX_PIXELS:
+        raise ValueError(f"fusedres: {n}x{h}x{w} = {m} pixels in one tensor; the kernels take at most "
+                         f"{MAX_PIXELS} (split the batch)")
+    return m
+
+
+@triton.jit
+def relu(v):
+    """max(v, 0) as ``torch.relu`` computes it: NaN stays NaN. (Plain ``tl.maximum`` compiles to
+    PTX ``max.f32``, which returns the operand that is not NaN: a NaN would come out as 0.)"""
+    return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def relu_passes(pre):
+    """Where ReLU's backward lets the gradient through, as eager's ``threshold_backward(grad,
+    relu(pre), 0)`` does: everywhere but ``relu(pre) <= 0`` — so also where ``pre`` is NaN (a
+    NaN compares false), which ``pre > 0`` would block."""
+    return ~(pre <= 0.0)
+
 
 @triton.jit
 def tile_mean_m2(vals, mask, count):
@@ -93,11 +123,12 @@ def bn_merge_kernel(
     pmean_ptr, pm2_ptr, T, C, M, TILE_ROWS, out_mean_ptr, out_m2_ptr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """First level of a two-level merge: program (c, j) merges tiles [j*BLOCK_T, (j+1)*BLOCK_T)
-    into row j of the output partials (whose tiles then hold BLOCK_T*TILE_ROWS rows each)."""
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    """First level of a two-level merge: program (j, c) merges tiles [j*BLOCK_T, (j+1)*BLOCK_T)
+    into row j of the output partials (whose tiles then hold BLOCK_T*TILE_ROWS rows each). The
+    chunks run along grid x: a grid's y extent stops at 65535, reached past ~2.7e8 pixels."""
+    j = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
-    j = tl.program_id(1)
     _, mean_b, m2_b = _chunk_mean_m2(pmean_ptr, pm2_ptr, j * BLOCK_T, T, C, M, TILE_ROWS, offs_c, c_ok, BLOCK_T)
     tl.store(out_mean_ptr + j * C + offs_c, mean_b, mask=c_ok)
     tl.store(out_m2_ptr + j * C + offs_c, m2_b, mask=c_ok)
@@ -108,10 +139,11 @@ def bn_sum_chunks_kernel(
     psum_ptr, psumx_ptr, T, C, out_sum_ptr, out_sumx_ptr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """First level of a two-level sum: program (c, j) sums rows [j*BLOCK_T, (j+1)*BLOCK_T)."""
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    """First level of a two-level sum: program (j, c) sums rows [j*BLOCK_T, (j+1)*BLOCK_T) (chunks
+    along grid x, as in :func:`bn_merge_kernel`)."""
+    j = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
-    j = tl.program_id(1)
     t = j * BLOCK_T + tl.arange(0, BLOCK_T)
     mask = (t < T)[:, None] & c_ok[None, :]
     idx = t.to(tl.int64)[:, None] * C + offs_c[None, :]
@@ -146,7 +178,11 @@ def bn_finalize_kernel(
             n_b, mean_b, m2_b = _chunk_mean_m2(pmean_ptr, pm2_ptr, t0, T, C, M, TILE_ROWS, offs_c, c_ok, BLOCK_T)
             n_ab = n_a + n_b
             delta = mean_b - mean_a
-            mean_a = mean_a + delta * (n_b / n_ab)
+            # A mean of +-Inf (an infinite input) makes delta infinite or NaN: the weighted form
+            # then gives the mean eager PyTorch gives (the sum over the count), where
+            # mean_a + delta * w would give NaN. M2 is NaN there already (Inf - Inf in the tile).
+            mean_a = tl.where(tl.abs(delta) < float("inf"), mean_a + delta * (n_b / n_ab),
+                              mean_a * (n_a / n_ab) + mean_b * (n_b / n_ab))
             m2_a = m2_a + m2_b + delta * delta * (n_a * n_b / n_ab)
             n_a = n_ab
         mean = mean_a
@@ -259,7 +295,7 @@ def bn_relu_pool_kernel(
         ptrs = x_ptr + n * sxn + ((p // W).to(tl.int64) * sxh + (p % W).to(tl.int64) * sxw)[:, None] \
             + offs_c.to(tl.int64)[None, :] * sxc
         v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        acc += tl.sum(tl.where(mask, tl.maximum(v * sc[None, :] + sh[None, :], 0.0), 0.0), axis=0)
+        acc += tl.sum(tl.where(mask, relu(v * sc[None, :] + sh[None, :]), 0.0), axis=0)
     tl.store(out_ptr + n * son + offs_c * soc, (acc / HW).to(out_ptr.dtype.element_ty), mask=c_ok)
 
 
@@ -270,13 +306,14 @@ def bn_relu_pool_bwd_kernel(
     sdn, sdc, sxn, sxc, sxh, sxw, szn, szc, szh, szw,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dz = dpool[n, c] / (H*W) * (x*scale + shift > 0), stored, with per-tile sums of dz and dz*xhat."""
+    """dz = dpool[n, c] / (H*W) where relu_passes(x*scale + shift) (else 0), stored, with per-tile sums
+    of dz and dz*xhat."""
     pid_m, offs_c, c_ok, n, h, w, c64, mask = _pixel_tile(M, H, W, C, BLOCK_M, BLOCK_C)
     x = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + c64 * sxc, mask=mask, other=0.0).to(tl.float32)
     dp = tl.load(dp_ptr + (n * sdn)[:, None] + c64 * sdc, mask=mask, other=0.0).to(tl.float32)
     sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
     sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
-    keep = mask & (x * sc[None, :] + sh[None, :] > 0.0)
+    keep = mask & relu_passes(x * sc[None, :] + sh[None, :])
     dz = tl.where(keep, dp / (H * W), 0.0).to(dz_ptr.dtype.element_ty)
     tl.store(dz_ptr + (n * szn + h * szh + w * szw)[:, None] + c64 * szc, dz, mask=mask)
     dzf = dz.to(tl.float32)
@@ -300,7 +337,7 @@ def bn_add_relu_kernel(
     _, offs_c, c_ok, n, h, w, c64, mask = _pixel_tile(M, H, W, C, BLOCK_M, BLOCK_C)
     pre = _bn_add_pre(y_ptr, r_ptr, sy_ptr, by_ptr, sr_ptr, br_ptr, n, h, w, c64, offs_c, c_ok, mask,
                       syn, syc, syh, syw, srn, src, srh, srw, RES_BN)
-    out = tl.maximum(pre, 0.0).to(out_ptr.dtype.element_ty)
+    out = relu(pre).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + (n * son + h * soh + w * sow)[:, None] + c64 * soc, out, mask=mask)
 
 
@@ -333,12 +370,13 @@ def bn_add_relu_bwd_kernel(
     sgn, sgc, sgh, sgw,
     RES_BN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """g = dout * (pre > 0), stored, with per-tile sums of g, g*xhat_y and (RES_BN) g*xhat_r."""
+    """g = dout where relu_passes(pre) (else 0), stored, with per-tile sums of g, g*xhat_y and (RES_BN)
+    g*xhat_r."""
     pid_m, offs_c, c_ok, n, h, w, c64, mask = _pixel_tile(M, H, W, C, BLOCK_M, BLOCK_C)
     pre = _bn_add_pre(y_ptr, r_ptr, sy_ptr, by_ptr, sr_ptr, br_ptr, n, h, w, c64, offs_c, c_ok, mask,
                       syn, syc, syh, syw, srn, src, srh, srw, RES_BN)
     d = tl.load(dout_ptr + (n * sdn + h * sdh + w * sdw)[:, None] + c64 * sdc, mask=mask, other=0.0)
-    g = tl.where(mask & (pre > 0.0), d.to(tl.float32), 0.0).to(g_ptr.dtype.element_ty)
+    g = tl.where(mask & relu_passes(pre), d.to(tl.float32), 0.0).to(g_ptr.dtype.element_ty)
     tl.store(g_ptr + (n * sgn + h * sgh + w * sgw)[:, None] + c64 * sgc, g, mask=mask)
     gf = g.to(tl.float32)
     tl.store(psum_ptr + pid_m * C + offs_c, tl.sum(gf, axis=0), mask=c_ok)
@@ -367,20 +405,20 @@ def bn_relu_apply_kernel(
     x = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + c64 * sxc, mask=mask, other=0.0)
     sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
     sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
-    a = tl.maximum(x.to(tl.float32) * sc[None, :] + sh[None, :], 0.0)
+    a = relu(x.to(tl.float32) * sc[None, :] + sh[None, :])
     tl.store(out_ptr + (n * son + h * soh + w * sow)[:, None] + c64 * soc, a.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def relu_bn_bwd_tile(da, x_ptrs, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, offs_c, c_ok, mask, dz_ptr):
     """The BatchNorm-ReLU backward of one (pixels x channels) tile of the gradient ``da`` (fp32):
-    dz = da * (x*scale + shift > 0) rounded to dz's dtype, and the column sums of dz and dz * xhat
-    over the masked rows, taken from the rounded dz (the values the apply pass reads). Shared by the
+    dz = da where relu_passes(x*scale + shift) (else 0) rounded to dz's dtype, and the column sums
+    of dz and dz * xhat over the masked rows, taken from the rounded dz (the values the apply pass reads). Shared by the
     dgrad epilogue and the pass after a cuDNN dgrad."""
     xv = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
     sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
-    keep = mask & (xv * sc[None, :] + sh[None, :] > 0.0)
+    keep = mask & relu_passes(xv * sc[None, :] + sh[None, :])
     dz = tl.where(keep, da, 0.0).to(dz_ptr.dtype.element_ty)
     dzf = dz.to(tl.float32)
     mu = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
@@ -398,7 +436,7 @@ def relu_bn_bwd_partials_kernel(
     szn, szc, szh, szw,
     HAS_ADD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dz = (da [+ add]) * (x*scale + shift > 0) and per-tile sums of dz and dz * xhat: the dgrad
+    """dz = (da [+ add]) where relu_passes(x*scale + shift) (else 0) and per-tile sums of dz and dz * xhat: the dgrad
     epilogue's BatchNorm-ReLU backward (and its HAS_ADD), for a dgrad computed by cuDNN. dz may be
     da itself (each element is read before it is written, by the same program)."""
     pid_m, offs_c, c_ok, n, h, w, c64, mask = _pixel_tile(M, H, W, C, BLOCK_M, BLOCK_C)
@@ -419,7 +457,7 @@ def bn_stats(x: torch.Tensor, add: torch.Tensor | None = None) -> tuple[torch.Te
     ``add`` (shaped and typed like x), of ``x.add_(add)``, done in the same pass."""
     N, C, H, W = x.shape
     cfg = STATS_CONFIG
-    M = N * H * W
+    M = pixels(N, H, W)
     grid = (cdiv(M, cfg.block_m), cdiv(C, cfg.block_c))
     pmean = torch.empty((grid[0], C), device=x.device, dtype=torch.float32)
     pm2 = torch.empty_like(pmean)
@@ -470,7 +508,7 @@ def bn_finalize(
             cmean = torch.empty((chunks, C), device=device, dtype=torch.float32)
             cm2 = torch.empty_like(cmean)
             launch(
-                bn_merge_kernel, (cdiv(C, FINALIZE_BLOCK_C), chunks),
+                bn_merge_kernel, (chunks, cdiv(C, FINALIZE_BLOCK_C)),
                 pmean, pm2, T, C, count, tile_rows, cmean, cm2,
                 BLOCK_T=FINALIZE_BLOCK_T, BLOCK_C=FINALIZE_BLOCK_C,
             )
@@ -506,7 +544,7 @@ def bn_bwd_chunks(psum: torch.Tensor, psumx: torch.Tensor) -> tuple[torch.Tensor
     csum = torch.empty((chunks, C), device=psum.device, dtype=torch.float32)
     csumx = torch.empty_like(csum)
     launch(
-        bn_sum_chunks_kernel, (cdiv(C, FINALIZE_BLOCK_C), chunks),
+        bn_sum_chunks_kernel, (chunks, cdiv(C, FINALIZE_BLOCK_C)),
         psum, psumx, T, C, csum, csumx, BLOCK_T=FINALIZE_BLOCK_T, BLOCK_C=FINALIZE_BLOCK_C,
     )
     return csum, csumx
@@ -541,7 +579,7 @@ def bn_bwd_apply(
     N, C, H, W = x.shape
     dx = torch.empty_like(x)
     cfg = APPLY_CONFIG
-    M = N * H * W
+    M = pixels(N, H, W)
     a = add if add is not None else dx
     launch(
         bn_bwd_apply_kernel, (cdiv(M, cfg.block_m), cdiv(C, cfg.block_c)),
@@ -579,7 +617,7 @@ def bn_relu_pool_bwd(
     the per-tile partial sums that :func:`bn_bwd_reduce` turns into the BatchNorm-backward sums."""
     N, C, H, W = x.shape
     cfg = STATS_CONFIG
-    M = N * H * W
+    M = pixels(N, H, W)
     grid = (cdiv(M, cfg.block_m), cdiv(C, cfg.block_c))
     dz = torch.empty((N, C, H, W), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     psum = torch.empty((grid[0], C), device=x.device, dtype=torch.float32)
@@ -607,7 +645,7 @@ def bn_add_relu(
     N, C, H, W = y.shape
     out = torch.empty((N, C, H, W), device=y.device, dtype=y.dtype, memory_format=torch.channels_last)
     cfg = APPLY_CONFIG
-    M = N * H * W
+    M = pixels(N, H, W)
     res_bn = sr is not None
     launch(
         bn_add_relu_kernel, (cdiv(M, cfg.block_m), cdiv(C, cfg.block_c)),
@@ -635,7 +673,7 @@ def bn_add_relu_bwd(
     ``r_bn = (sr, br, mean_r, invstd_r)`` is given, for r's."""
     N, C, H, W = y.shape
     cfg = APPLY_CONFIG
-    M = N * H * W
+    M = pixels(N, H, W)
     grid = (cdiv(M, cfg.block_m), cdiv(C, cfg.block_c))
     g = torch.empty((N, C, H, W), device=y.device, dtype=y.dtype, memory_format=torch.channels_last)
     psum = torch.empty((grid[0], C), device=y.device, dtype=torch.float32)
@@ -661,7 +699,7 @@ def bn_relu_apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> 
     N, C, H, W = x.shape
     out = torch.empty((N, C, H, W), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     cfg = APPLY_CONFIG
-    M = N * H * W
+    M = pixels(N, H, W)
     launch(
         bn_relu_apply_kernel, (cdiv(M, cfg.block_m), cdiv(C, cfg.block_c)),
         x, scale, shift, out, H, W, C, M,
@@ -685,7 +723,7 @@ def relu_bn_bwd_partials(
     else:
         dz = torch.empty((N, C, H, W), device=x.device, dtype=da.dtype, memory_format=torch.channels_last)
     cfg = APPLY_CONFIG
-    M = N * H * W
+    M = pixels(N, H, W)
     grid = (cdiv(M, cfg.block_m), cdiv(C, cfg.block_c))
     psum = torch.empty((grid[0], C), device=x.device, dtype=torch.float32)
     psumx = torch.empty_like(psum)

@@ -7,10 +7,12 @@ Layout contract of every launcher here (no autograd, no modules):
   give coalesced, vectorised loads and contiguous NCHW tensors still compute correctly.
 - Weights are ``(Cout, Cin, R, S)`` with any strides (channels_last weights read best).
 - ``scale``/``shift``/``mean``/``invstd`` are fp32 vectors of length Cin: the prologue
-  applies ``a = max(x * scale + shift, 0)``; taps in the zero padding are 0 after it.
+  applies ``a = max(x * scale + shift, 0)`` (NaN-propagating, as ``torch.relu``); taps in the
+  zero padding are 0 after it.
 - Inputs are fp32, fp16 or bf16; accumulation is fp32; outputs take the input dtype.
   fp32 dots use TF32 exactly when ``torch.backends.cudnn.allow_tf32`` is True.
-- Index arithmetic that multiplies sizes is done in int64.
+- Index arithmetic that multiplies sizes is done in int64; pixel indices are int32 until split
+  into (n, h, w), so one launch covers at most :data:`fusedres.ops.bn.MAX_PIXELS` pixels.
 - Per-channel statistics come out as per-tile partials (fp32 mean and M2 of each
   BLOCK_M-row tile) that :mod:`fusedres.ops.bn` merges in a fixed order.
 """
@@ -22,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import cdiv, launch, sm_count
-from .bn import bn_bwd_chunks, bn_bwd_reduce_block, relu_bn_bwd_tile, tile_mean_m2
+from .bn import bn_bwd_chunks, bn_bwd_reduce_block, pixels, relu, relu_bn_bwd_tile, tile_mean_m2
 from .configs import FINALIZE_BLOCK_C, FINALIZE_BLOCK_T, ConvConfig, dgrad_config, fprop_config, wgrad_config
 
 
@@ -80,7 +82,7 @@ def conv_fprop_kernel(
         if PROLOGUE:
             sc = tl.load(scale_ptr + cc, mask=c_ok, other=0.0)
             sh = tl.load(shift_ptr + cc, mask=c_ok, other=0.0)
-            act = tl.maximum(a.to(tl.float32) * sc[None, :] + sh[None, :], 0.0)
+            act = relu(a.to(tl.float32) * sc[None, :] + sh[None, :])
             # Padded taps are zero after the activation, not relu(shift).
             a = tl.where(a_mask, act, 0.0).to(x_ptr.dtype.element_ty)
         b_ptrs = w_ptr + (r * swr + s * sws) + cc.to(tl.int64)[:, None] * swc + w_col[None, :]
@@ -97,7 +99,7 @@ def conv_fprop_kernel(
     if OUT_SHIFT:
         acc += tl.load(oshift_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     if OUT_RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = relu(acc)
     y = acc.to(out_ptr.dtype.element_ty)
     tl.store(o_ptrs, y, mask=mask)
     if STATS:
@@ -125,7 +127,8 @@ def conv_dgrad_kernel(
 
     HAS_ADD adds another gradient of the same activation first (the projection shortcut's).
     With BN_BWD the epilogue applies the ReLU mask recomputed from the pre-BN input x,
-    stores dz = da * (x*scale + shift > 0) and writes per-tile sums of dz and dz * xhat.
+    stores dz = da where relu_passes(x*scale + shift) (else 0; NaN passes, as in eager) and writes
+    per-tile sums of dz and dz * xhat.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -229,18 +232,21 @@ def conv_wgrad_kernel(
         t = p // OW
         oh = t % OH
         n = (t // OH).to(tl.int64)
-        a_ptrs = dy_ptr + (n * sdn + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw)[None, :] \
-            + offs_m.to(tl.int64)[:, None] * sdk
-        a = tl.load(a_ptrs, mask=m_ok[:, None] & p_ok[None, :], other=0.0)
         ih = oh * STRIDE - PAD + r
         iw = ow * STRIDE - PAD + s
         pix_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        # dy of a pixel whose tap lands in the padding is not loaded either: its product with the
+        # padding's zero is no term of the gradient (eager leaves it out), and an infinite dy
+        # would make it a NaN.
+        a_ptrs = dy_ptr + (n * sdn + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw)[None, :] \
+            + offs_m.to(tl.int64)[:, None] * sdk
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & pix_ok[None, :], other=0.0)
         b_mask = pix_ok[:, None] & n_ok[None, :]
         b_ptrs = x_ptr + (n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None] \
             + offs_n.to(tl.int64)[None, :] * sxc
         b = tl.load(b_ptrs, mask=b_mask, other=0.0)
         if PROLOGUE:
-            act = tl.maximum(b.to(tl.float32) * sc[None, :] + sh[None, :], 0.0)
+            act = relu(b.to(tl.float32) * sc[None, :] + sh[None, :])
             b = tl.where(b_mask, act, 0.0).to(x_ptr.dtype.element_ty)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
@@ -336,7 +342,7 @@ def conv_fprop(
     cfg = config or fprop_config(C, K, R, stride, x.dtype)
     if out is None:
         out = torch.empty((N, K, OH, OW), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
-    M = N * OH * OW
+    M = pixels(N, OH, OW)
     grid = (cdiv(M, cfg.block_m), cdiv(K, cfg.block_n))
     partials = None
     pmean = pm2 = out  # placeholders; never read when STATS is off
@@ -390,7 +396,7 @@ def conv_dgrad(
     _, _, OH, OW = dy.shape
     cfg = config or dgrad_config(C, K, R, stride, dy.dtype)
     dz = torch.empty((N, C, H, W), device=dy.device, dtype=dy.dtype, memory_format=torch.channels_last)
-    M = N * H * W
+    M = pixels(N, H, W)
     grid = (cdiv(M, cfg.block_m), cdiv(C, cfg.block_n))
     if bn is not None:
         x, scale, shift, mean, invstd = bn
@@ -442,7 +448,7 @@ def conv_wgrad(
     K, _, R, S = weight_like.shape
     _, _, OH, OW = dy.shape
     cfg = config or wgrad_config(C, K, R, stride, x.dtype)
-    P = N * OH * OW
+    P = pixels(N, OH, OW)
     tiles = cdiv(K, cfg.block_m) * R * S * cdiv(C, cfg.block_n)
     if splits is None:
         splits = max(1, min(cdiv(2 * sm_count(x.device), tiles), cdiv(P, 4 * cfg.block_k)))

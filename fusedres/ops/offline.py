@@ -9,9 +9,12 @@ wgrad) for every ``(ConvConfig, dtype)`` of :func:`fusedres.ops.configs.all_conv
 heaviest fusion on, and the per-channel kernels (BatchNorm statistics, finalize, backward
 reduce and apply, wgrad split reduce) for each dtype. Each build prints the shared memory it
 needs against the architecture's per-block opt-in maximum, the registers per thread and the
-spill traffic; a build over the shared-memory limit, or one that does not compile, fails the
-run (exit status 1). With ``--amd`` the kernels are also built for gfx942, where a build that
-does not compile is reported as "skipped" rather than as an error.
+spill traffic, and for CUDA the floating-point max/min instructions of its PTX that drop NaN
+(``max.f32`` returns the operand that is not NaN; PyTorch's ``relu`` propagates NaN, as
+``max.NaN.f32`` does); a build over the shared-memory limit, one with a NaN-dropping max/min,
+or one that does not compile, fails the run (exit status 1). With ``--amd`` the kernels are also
+built for gfx942, where a build that does not compile is reported as "skipped" rather than as an
+error (the NaN check reads PTX: it is not made for gfx942).
 
 What gets compiled is exactly what the launchers would launch. Each launcher of
 :mod:`fusedres.ops.conv` and :mod:`fusedres.ops.bn` is called on empty CPU tensors with the
@@ -137,6 +140,10 @@ class Row:
     seconds: float = 0.0  # build and measurement time (near 0 when Triton's cache had the build)
     error: str | None = None
     sass: dict[str, Any] | None = None  # --sass: see sass_profile
+    # NVIDIA only: floating-point max/min instructions in the PTX that return the other operand
+    # for a NaN (see nan_dropping_ops); PyTorch propagates NaN, so any is an error
+    nan_dropping: int | None = None
+    nan_dropping_ops: dict[str, int] | None = None
 
 
 # --------------------------------------------------------------------------- what to compile
@@ -450,6 +457,29 @@ def sass_profile(sass: str, ttgir: str = "") -> dict[str, Any]:
     }
 
 
+# A PTX max/min instruction, e.g. "max.NaN.f32 %f3, %f1, %f2;" or "@%p1 min.ftz.bf16x2 %r4, ...": the
+# opcode and its modifiers (the last one is the operand type).
+_PTX_MINMAX = re.compile(r"(?<![\w.%$])((?:max|min)(?:\.\w+)+)\s")
+_PTX_FLOAT_TYPES = ("f16", "f16x2", "bf16", "bf16x2", "f32", "f64")
+
+
+def nan_dropping_ops(ptx: str) -> dict[str, int]:
+    """The floating-point max/min instructions of ``ptx`` that drop NaN, as {opcode: count}.
+
+    PTX ``max``/``min`` on floats return the operand that is not NaN unless the ``.NaN``
+    modifier is given (``max.NaN.f32``, what ``tl.maximum(..., propagate_nan=tl.PropagateNan.ALL)``
+    compiles to); PyTorch's ``relu``/``maximum``/``clamp`` propagate NaN. ``max.f64`` has no
+    ``.NaN`` form and counts too. Integer max/min (``.s32``, ``.u64``, ...) are not floats and
+    do not count.
+    """
+    found: dict[str, int] = {}
+    for op in _PTX_MINMAX.findall(re.sub(r"//[^\n]*", "", ptx)):
+        mods = op.split(".")[1:]
+        if mods[-1] in _PTX_FLOAT_TYPES and "NaN" not in mods:
+            found[op] = found.get(op, 0) + 1
+    return dict(sorted(found.items()))
+
+
 def _access_bytes(modifiers: str) -> int:
     """Bytes one thread moves with an LDL/STL carrying ``modifiers`` (e.g. ".64", ".LU.128", ".U8")."""
     sizes = {".U8": 1, ".S8": 1, ".U16": 2, ".S16": 2, ".64": 8, ".128": 16}
@@ -480,6 +510,8 @@ def compile_job(job: Job, sass: bool = False) -> Row:
         row.shared = int(compiled.metadata.shared)
         if "cubin" in compiled.asm:
             usage = _cuda_usage(compiled.asm["cubin"], sass, compiled.asm.get("ttgir", ""))
+            usage["nan_dropping_ops"] = nan_dropping_ops(compiled.asm["ptx"])
+            usage["nan_dropping"] = sum(usage["nan_dropping_ops"].values())
         else:
             usage = _amd_usage(compiled.asm["amdgcn"])
     except Exception as e:  # every failure becomes a reported row
@@ -507,6 +539,9 @@ def format_row(row: Row) -> str:
         f"shared {_fmt(row.shared):>6}/{row.limit:<6} regs {_fmt(row.regs):>3} "
         f"spill st/ld {spills:>9} local {_fmt(row.local):>5}  {row.status}"
     )
+    if row.nan_dropping:
+        ops = " ".join(f"{n}x{op}" for op, n in (row.nan_dropping_ops or {}).items())
+        line += f"  NaN-dropping {row.nan_dropping} ({ops})"
     line += f"  {row.error}" if row.error else ""
     if row.sass is not None:
         line += "\n" + format_sass(row.sass)
@@ -563,10 +598,16 @@ def summarize(rows: list[Row]) -> str:
         if done:
             top = max(done, key=lambda r: r.shared or 0)
             spilling = sum(bool(r.spill_stores or r.local) for r in done)
-            lines.append(
+            line = (
                 f"  {arch}: max shared {top.shared}/{top.limit} ({top.role} {top.dtype} {top.tile}), "
                 f"max regs {max(r.regs or 0 for r in done)}, {spilling} builds spill"
             )
+            if arch.startswith("sm_"):
+                dropping = [r for r in done if r.nan_dropping]
+                line += f", {len(dropping)} builds drop NaN in a float max/min"
+                if dropping:
+                    line += f" ({', '.join(sorted({r.role for r in dropping}))})"
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -606,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
-    return 1 if any(r.status in ("FAIL", "ERROR") for r in rows) else 0
+    return 1 if any(r.status in ("FAIL", "ERROR") or r.nan_dropping for r in rows) else 0
 
 
 if __name__ == "__main__":
