@@ -178,9 +178,10 @@ def test_resnetv2_identity_blocks(poison, device, no_tf32, basic):
     converted = _quiet_convert(model)
     blocks = [b for s in converted.stages for b in s.blocks]
     assert [type(b) for b in blocks] == [TimmPreActBlock] * 3 and blocks[1].downsample is None
+    stages = converted.stages  # the blocks alone: the stem and head are not what is tested here
     with launched("conv_fprop_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel"):
-        _assert_ok(check_module(converted, (2, 3, 16, 16), dtype=torch.float32, device=device, steps=2))
-    assert_low_precision_block(converted, (2, 3, 16, 16), torch.bfloat16, device)
+        _assert_ok(check_module(stages, (2, 8, 7, 7), dtype=torch.float32, device=device, steps=2))
+    assert_low_precision_block(stages, (2, 8, 7, 7), torch.bfloat16, device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,3 +288,27 @@ def test_dropout_between_convolutions_is_never_dropped(device, make):
             torch.manual_seed(3)
             got = converted(x)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+class _TrainOnlyScale(_PreActBlock):
+    """No random numbers, yet another function in training than in eval."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out * 0.5 if self.training else out
+
+
+class _BatchNormTwice(_PreActBlock):
+    """The same output, but bn1 runs twice: its running statistics move twice per step."""
+
+    def forward(self, x):
+        self.bn1(x)
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("cls,why", [(_TrainOnlyScale, "its training forward computes another function"),
+                                     (_BatchNormTwice, "its training forward updates its buffers")])
+def test_train_only_behaviour_is_named(cls, why):
+    report = fusedres.inspect(nn.Sequential(cls(8, 8), _PreActBlock(8, 8)))
+    assert [b.fused for b in report.blocks] == [False, True]
+    assert report.blocks[0].reason.startswith(why), report.blocks[0].reason
