@@ -420,23 +420,28 @@ class _RandomTensors:
         return torch.randn(1, channels, 5, 3, generator=self.gen)
 
 
-def _signature(m: nn.Module) -> tuple:
+def _signature(m: nn.Module) -> tuple[tuple, bool]:
     """What the verification of ``m`` depends on: its class and every submodule's class with
     the ``forward`` it runs (a patched one included), their settings and plain attributes
     (any other attribute by identity), and every tensor's shape. Blocks with equal signatures
-    compute the same function of their tensors, so one verification serves them all."""
+    compute the same function of their tensors, so one verification serves them all. The flag
+    says whether the signature holds no identity, so that it stays valid after the model is gone
+    (an identity can be reused by another object)."""
     plain = (bool, int, float, str, tuple, type(None))
-    parts = []
+    parts, lasting = [], True
     for name, sub in m.named_modules():
-        attrs = tuple(sorted((k, repr(v) if isinstance(v, plain) else id(v)) for k, v in vars(sub).items()
-                             if not k.startswith("_") and k != "training"))
-        parts.append((name, type(sub), type(sub).forward, sub.extra_repr(), attrs))
+        attrs = []
+        for k, v in vars(sub).items():
+            if not k.startswith("_") and k != "training":
+                lasting = lasting and isinstance(v, plain)
+                attrs.append((k, repr(v) if isinstance(v, plain) else id(v)))
+        parts.append((name, type(sub), type(sub).forward, sub.extra_repr(), tuple(sorted(attrs))))
     shapes = tuple((n, tuple(t.shape)) for n, t in itertools.chain(m.named_parameters(), m.named_buffers()))
-    return (tuple(parts), shapes)
+    return (tuple(parts), shapes), lasting
 
 
-#: Verification results by block signature, shared by every convert / inspect call of the
-#: process (the layers of resnet50, resnet101 and resnet152 are verified once). Bounded.
+#: Verification results by lasting block signature, shared by every convert / inspect call of
+#: the process (the layers of resnet50, resnet101 and resnet152 are verified once). Bounded.
 _VERIFIED: dict[tuple, str | None] = {}
 _VERIFIED_MAX = 1024
 
@@ -515,6 +520,7 @@ def _note(new: nn.Module) -> str | None:
 def _walk(model: nn.Module, replace: bool) -> ConversionReport:
     report = ConversionReport(type(model).__name__)
     rand = _RandomTensors()
+    verified_here: dict[tuple, str | None] = {}  # signatures that hold identities of this model's objects
 
     def visit(parent: nn.Module, prefix: str) -> None:
         for name, child in list(parent.named_children()):
@@ -530,12 +536,13 @@ def _walk(model: nn.Module, replace: bool) -> ConversionReport:
             _check_declared_shapes(path, child)
             reason = plan if isinstance(plan, str) else "; ".join(_hook_issues(child)) or None
             if reason is None:
-                key = _signature(child)
-                if key not in _VERIFIED:
-                    if len(_VERIFIED) >= _VERIFIED_MAX:
-                        _VERIFIED.clear()
-                    _VERIFIED[key] = _verify(child, plan, _in_channels(plan), rand)
-                reason = _VERIFIED[key]
+                key, lasting = _signature(child)
+                verified = _VERIFIED if lasting else verified_here
+                if key not in verified:
+                    if len(verified) >= _VERIFIED_MAX:
+                        verified.clear()
+                    verified[key] = _verify(child, plan, _in_channels(plan), rand)
+                reason = verified[key]
             if reason is not None:
                 report.blocks.append(BlockReport(path, type(child).__name__, reason=reason))
                 visit(child, path)
