@@ -3,18 +3,20 @@
 from . import functional, models
 from ._runtime import launch_counts
 from .blocks import PreActBasicBlock, PreActBottleneck
-from .convert import convert
+from .convert import ConversionReport, convert, inspect
 from .functional import bn_relu_conv2d
 from .resnet import BasicBlock, Bottleneck
 
 __all__ = [
     "BasicBlock",
     "Bottleneck",
+    "ConversionReport",
     "PreActBasicBlock",
     "PreActBottleneck",
     "bn_relu_conv2d",
     "convert",
     "functional",
+    "inspect",
     "launch_counts",
     "models",
 ]

@@ -39,25 +39,6 @@ class _PreActBlock(nn.Module):
         shortcut = self._modules.get("shortcut")
         return shortcut[0] if shortcut is not None else None
 
-    def unit_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The pre-activation unit in eval mode, computed from the parameters alone (not from the
-        submodules' forward): what the fused path computes, for verifying a converted block."""
-        stages = self._stages()
-
-        def act(bn: nn.BatchNorm2d, h: torch.Tensor) -> torch.Tensor:
-            return F.relu(F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
-
-        def conv(c: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
-            return F.conv2d(h, c.weight, None, c.stride, c.padding)
-
-        a = act(stages[0][0], x)
-        proj = self._projection()
-        shortcut = conv(proj, a) if proj is not None else x
-        h = conv(stages[0][1], a)
-        for bn, c in stages[1:]:
-            h = conv(c, act(bn, h))
-        return h + shortcut
-
     def _make_shortcut(self, in_channels: int, out_channels: int, stride: int) -> None:
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False))

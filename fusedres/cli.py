@@ -1,4 +1,4 @@
-"""The ``fusedres`` command (``python -m fusedres``): ``check``, ``bench`` and ``train``.
+"""The ``fusedres`` command (``python -m fusedres``): ``check``, ``bench``, ``train`` and ``inspect``.
 
 Without a command it runs ``check``, then ``bench`` when a CUDA GPU is present. Without CUDA,
 ``check`` and ``train --fused`` re-run the command under the Triton interpreter
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fusedres", description="Triton-fused pre-activation ResNet blocks: self-check, benchmark, training.",
         epilog="Without a command: check, then bench when a CUDA GPU is present.")
-    sub = parser.add_subparsers(dest="command", metavar="{check,bench,train}")
+    sub = parser.add_subparsers(dest="command", metavar="{check,bench,train,inspect}")
     sub.add_parser("check", help="the fused op and blocks against float64 PyTorch (errors per block and dtype)",
                    description="Run the fused op and blocks against float64 PyTorch on this machine (CUDA, or "
                                "the Triton interpreter on the CPU) and print their errors next to eager "
@@ -63,11 +63,67 @@ def build_parser() -> argparse.ArgumentParser:
                         description=train.__doc__.replace("``", ""),
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_arguments(tp)
+    ip = sub.add_parser("inspect", help="which residual blocks of a torchvision/timm model convert() fuses, why not",
+                        description="Build each model without pretrained weights (on the meta device: nothing is "
+                                    "downloaded or allocated) and print, per residual block, whether "
+                                    "fusedres.convert() fuses it and why not, then a one-line summary.")
+    ip.add_argument("models", nargs="+", metavar="SOURCE:NAME",
+                    help="torchvision:<classification model> or timm:<model> (torchvision:resnet50, timm:resnet50d)")
+    ip.add_argument("--markdown", action="store_true",
+                    help="one markdown table row per model (model, blocks fused / total, why not) instead")
     return parser
+
+
+def build_model(spec: str) -> torch.nn.Module:
+    """The model named ``SOURCE:NAME``, randomly initialised (meta device when it builds there)."""
+    source, _, name = spec.partition(":")
+    if not name or source not in ("torchvision", "timm"):
+        raise CLIError(f"expected SOURCE:NAME with SOURCE torchvision or timm (e.g. torchvision:resnet50, "
+                       f"timm:resnet50d), got {spec!r}")
+    try:
+        if source == "torchvision":
+            import torchvision
+
+            if name not in torchvision.models.list_models(module=torchvision.models):
+                raise CLIError(f"{spec}: not a torchvision classification model")
+
+            def build() -> torch.nn.Module:
+                return torchvision.models.get_model(name, weights=None)
+        else:
+            import timm
+
+            if not timm.is_model(name):
+                raise CLIError(f"{spec}: not a timm model")
+
+            def build() -> torch.nn.Module:
+                return timm.create_model(name, pretrained=False)
+    except ImportError as e:
+        raise CLIError(f"{spec}: {source} is not installed ({e})") from None
+    try:
+        with torch.device("meta"):  # shapes are all inspect() reads
+            return build()
+    except Exception:  # a model whose construction computes with its tensors: build it for real
+        return build()
+
+
+def _inspect(specs: list[str], markdown: bool) -> int:
+    from .convert import inspect
+
+    models = [(spec, build_model(spec)) for spec in specs]  # every name checked before any output
+    for spec, model in models:
+        report = inspect(model, spec)
+        if markdown:
+            why = sorted({b.reason for b in report.left})
+            print(f"| {spec} | {len(report.fused)} / {len(report.blocks)} | {'; '.join(why) or '-'} |")
+        else:
+            print(report)
+    return 0
 
 
 def _run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "inspect":
+        return _inspect(args.models, args.markdown)
     if args.command == "train":
         from . import train
 

@@ -152,3 +152,39 @@ def test_bad_data_directory_in_process(capsys, tmp_path):
     (tmp_path / "readme.txt").write_text("not CIFAR")
     assert main(["train", "--eager", "--data", str(tmp_path)]) == 2
     assert "no CIFAR-10 batches" in capsys.readouterr().err
+
+
+def test_inspect_fusable_model(capsys):
+    assert main(["inspect", "torchvision:resnet18"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 9 and all(" BasicBlock  fused -> fusedres.BasicBlock" in line for line in lines[:8])
+    assert lines[-1] == "torchvision:resnet18: 8 of 8 residual blocks fused"
+
+
+def test_inspect_partly_fusable_model(capsys):
+    assert main(["inspect", "timm:resnetaa50"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    left = [line.split()[0] for line in lines if "not fused: aa is AvgPool2d" in line]
+    assert left == ["layer2.0", "layer3.0", "layer4.0"]
+    assert lines[-1] == "timm:resnetaa50: 13 of 16 residual blocks fused, 3 left as they are"
+
+
+def test_inspect_markdown_row(capsys):
+    assert main(["inspect", "--markdown", "torchvision:resnext50_32x4d"]) == 0
+    assert capsys.readouterr().out == ("| torchvision:resnext50_32x4d | 0 / 16 | conv2 has groups=32 "
+                                       "(the fused kernels take groups=1) |\n")
+
+
+def test_inspect_bad_name_ends_in_one_line():
+    r = _cli("inspect", "timm:no_such_net")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr == "fusedres: error: timm:no_such_net: not a timm model\n" and not r.stdout
+
+
+@pytest.mark.parametrize("name,message", [("torchvision:fasterrcnn_resnet50_fpn", "not a torchvision classification"),
+                                          ("resnet50", "expected SOURCE:NAME")])
+def test_inspect_bad_names_in_process(capsys, name, message):
+    # every name is built before anything is printed: no partial report before the error
+    assert main(["inspect", "torchvision:resnet18", name]) == 2
+    out, err = capsys.readouterr()
+    assert not out and err.startswith("fusedres: error: ") and message in err and len(err.splitlines()) == 1

@@ -1,0 +1,48 @@
+"""Fused blocks that keep another library's module names, ``state_dict`` keys and eager forward.
+
+:func:`fusedres.convert` makes them from timm's blocks: the adapter holds the very submodules of
+the block it replaces (timm's names, registered in timm's order) and runs the fused kernels of
+:mod:`fusedres.blocks` / :mod:`fusedres.resnet`; its eager path (``fused=False``, or a device
+the kernels don't run on) is timm's own ``forward`` on those submodules.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .blocks import _PreActBlock
+from .resnet import _PostActBlock
+
+
+class TimmPreActBlock(_PreActBlock):
+    """timm's ResNetV2 ``PreActBasic`` / ``PreActBottleneck`` on the fused pre-activation chain.
+
+    ``norm1/conv1/norm2/conv2[/norm3/conv3]`` are the stages (``BatchNormAct2d`` with ReLU), and
+    ``downsample.conv`` the 1x1 projection of the pre-activated input. Made by :func:`convert` only.
+    """
+
+    _timm_cls: type[nn.Module]
+
+    def _projection(self) -> nn.Conv2d | None:
+        return self.downsample.conv if self.downsample is not None else None
+
+    def forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        return self._timm_cls.forward(self, x)
+
+
+class TimmPostActBlock(_PostActBlock):
+    """timm's ResNet ``BasicBlock`` / ``Bottleneck`` on the fused post-activation path.
+
+    The ``conv*/bn*`` pairs run as the torchvision blocks do (one fused Function in training,
+    BatchNorm folded into the convolutions in eval under ``no_grad``); a ``downsample`` that is
+    ``Sequential(Conv2d 1x1, BatchNorm2d)`` is fused too, any other (the -d variants'
+    ``Sequential(AvgPool2d, Conv2d, BatchNorm2d)``) runs as a module and its output is added in
+    the fused closing pass. ``act*``, ``aa`` and ``drop_block`` stay registered (for timm's
+    forward and names); :func:`convert` makes this block only where they are ReLU and identities.
+    """
+
+    _timm_cls: type[nn.Module]
+
+    def forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        return self._timm_cls.forward(self, x)
