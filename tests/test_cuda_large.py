@@ -6,8 +6,9 @@ Each check builds its big tensors inside a helper that returns only slices and p
 results, so that the memory is free again when the assertions run (a failed assertion's
 traceback then holds no 4 GB tensors). Where a result sums over every pixel (weight gradients,
 statistics), the inputs are zero except on the checked images, so that the float64 reference
-needs those images alone. Skipped without CUDA; ``scripts/gpu_check.sh`` runs them in a stage
-of their own, one at a time (``-m large``): about 30 GB of device memory at the peak.
+needs those images alone. Skipped without CUDA. About 30 GB of device memory at the peak, so
+they run one at a time: ``scripts/gpu_check.sh`` runs the suite with ``--dist loadgroup``, which
+keeps them on one xdist worker (``-m large`` selects them alone).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from fusedres.testing import ATOL, rel_error, within_bound
 
 pytestmark = [
     pytest.mark.large,
+    # under pytest-xdist's --dist loadgroup (scripts/gpu_check.sh): all on one worker, one at a time
+    pytest.mark.xdist_group("large"),
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (and about 30 GB of its memory)"),
 ]
 
