@@ -134,7 +134,7 @@ class _PreActBlock(nn.Module):
         proj = self._projection()
         weights = [conv.weight for _, conv in stages]
         proj_weight = proj.weight if proj is not None else None
-        out_cl = _wants_channels_last(x, weights[-1])
+        out_cl = _wants_channels_last(x, *weights)
         add_outside = False
         if amp is not None:
             # As nn.Conv2d under autocast: convolutions in the autocast dtype; BatchNorm parameters

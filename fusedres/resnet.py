@@ -108,9 +108,11 @@ class _PostActBlock(nn.Module):
         pairs = self._pairs()
         ds = self._fused_downsample()
         all_bns = [bn for _, bn in pairs] + ([ds[1]] if ds else [])
+        out_cl = _wants_channels_last(x, *(conv.weight for conv, _ in pairs))
         foldable = not self.training and all(bn.running_mean is not None for bn in all_bns)
         if foldable and not torch.is_grad_enabled() and amp is None and not torch.compiler.is_compiling():
-            return self._forward_folded(x, pairs, ds)
+            out = self._forward_folded(x, pairs, ds)
+            return out if out_cl else out.contiguous()
         modes = bn_modes(all_bns)
         if modes is None:  # SyncBatchNorm under torch.compile: the modules' own forward
             return self.forward_eager(x)
@@ -130,7 +132,7 @@ class _PostActBlock(nn.Module):
         shortcut = self.downsample(x) if (self.downsample is not None and ds is None) else None
         spec = PostActSpec(tuple((c.stride[0], c.padding[0]) for c, _ in pairs),
                            tuple(m.stage(bn) for m, (_, bn) in zip(modes, pairs)), ds_spec,
-                           out_channels_last=_wants_channels_last(x, pairs[-1][0].weight))
+                           out_channels_last=out_cl)
         averaging = cumulative_update(modes)
         out = post_act_block(spec, x, [weight(c) for c, _ in pairs] + tensors, shortcut=shortcut)
         averaging.finish()
