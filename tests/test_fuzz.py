@@ -226,11 +226,13 @@ def check_case(case: Case, device: torch.device) -> None:
     ref = _run(ref_model, x64, dy64, case, fused=False)
     for hook in hooks:
         hook.remove()
-    # A BatchNorm normalising two values per channel in training outputs +-1 (up to eps) whatever
-    # its input: the gradient through it is a cancellation of terms ~1e4 times larger, whose fp32
-    # error eager PyTorch on the CPU hides by accumulating its BatchNorm sums in double (found by
-    # the long fuzz: fused 1.6e-4 against eager 4.4e-6 for the gradients above such a BatchNorm).
-    degenerate = case.mode.startswith("train") and 2 in seen
+    # A BatchNorm normalising n values per channel in training removes 2 of their n degrees of
+    # freedom from the gradient (two values: it outputs +-1 up to eps whatever its input): for
+    # tiny n the gradient through it is a cancellation of much larger terms, whose fp32 error eager
+    # PyTorch on the CPU hides by accumulating its BatchNorm sums in double. Found by the fuzz:
+    # n=2, fused 1.6e-4 against eager 4.4e-6; n=4, 3.4e-4 against 7.8e-5 (the fused sums are fp32,
+    # as eager's on CUDA). Gradients above such a BatchNorm are checked for finiteness only.
+    degenerate = case.mode.startswith("train") and min(seen, default=5) <= 4
     fused = _run(place(fused_block, dt, device), x, dy64, case, fused=True)
     if isinstance(ref, BaseException):
         assert isinstance(fused, BaseException), f"the eager twin raised {ref!r}; the fused block did not"
@@ -242,7 +244,11 @@ def check_case(case: Case, device: torch.device) -> None:
     assert not isinstance(eager, BaseException), f"eager in {dt} raised {eager!r}; float64 did not"
     assert fused.keys() == ref.keys(), f"fused gave {sorted(fused)}, eager {sorted(ref)}"
     assert fused["out"].dtype == eager["out"].dtype, f"output dtype {fused['out'].dtype} vs {eager['out'].dtype}"
-    if case.layout in ("contiguous", "channels_last"):  # (a strided view's output layout is PyTorch's choice)
+    # The layout where eager's is well defined: a strided view's output layout is PyTorch's choice,
+    # and a one-channel or one-pixel tensor inside the block is both layouts at once (eager's
+    # convolutions then drop a channels_last input's layout).
+    if case.layout in ("contiguous", "channels_last") and min(case.cin, case.channels) > 1 \
+            and fused["out"].shape[2] * fused["out"].shape[3] > 1:
         def fmt(t: torch.Tensor) -> tuple[bool, bool]:
             return t.is_contiguous(), t.is_contiguous(memory_format=torch.channels_last)
 
