@@ -68,9 +68,15 @@ class _PreActBlock(nn.Module):
                                 f"got {g.dtype}")
         if proj is not None and proj.weight.device != dev:
             self._raise_device(x)
-        if self.training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
-            raise ValueError(f"{name}: expected more than 1 value per channel when training, "
-                             f"got input size {tuple(x.shape)}")
+        # As each BatchNorm of the eager forward would: one that normalises with batch statistics
+        # refuses one value per channel (stride 2 can make that of an inner stage's input).
+        n, h, w = x.shape[0], x.shape[2], x.shape[3]
+        for (bn_name, _), (bn, conv) in zip(self._stage_names, stages):
+            if n * h * w == 1 and (bn.training or (bn.running_mean is None and bn.running_var is None)):
+                raise ValueError(f"{name}: expected more than 1 value per channel when training, got input size "
+                                 f"{(n, conv.in_channels, h, w)} at {bn_name} (block input {tuple(x.shape)})")
+            h = (h + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+            w = (w + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
 
     def _raise_device(self, x: torch.Tensor) -> None:
         """The error for a parameter on another device than the input, naming the first one."""
@@ -106,7 +112,7 @@ class _PreActBlock(nn.Module):
         proj = self._projection()
         weights = [conv.weight for _, conv in stages]
         proj_weight = proj.weight if proj is not None else None
-        out_cl = _wants_channels_last(x, weights[-1])
+        out_cl = _wants_channels_last(x, *weights)
         add_outside = False
         if amp is not None:
             # As nn.Conv2d under autocast: convolutions in the autocast dtype; BatchNorm parameters

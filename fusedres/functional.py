@@ -127,13 +127,16 @@ def _check_inputs(
             raise ValueError(f"bn_relu_conv2d: {name} is on {t.device} but x is on {x.device}")
 
 
-def _wants_channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether PyTorch's convolution would return a channels_last tensor for these operands."""
+def _wants_channels_last(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether PyTorch's convolution would return a channels_last tensor for these operands; for a
+    chain of convolutions (``weights`` in order), whether its last one would: a channels_last
+    operand makes every later output channels_last (a 1x1 weight is both layouts at once, so a
+    chain's 3x3 weight decides even when its last convolution is 1x1)."""
 
     def cl(t: torch.Tensor) -> bool:
         return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
-    return cl(x) or cl(weight)
+    return cl(x) or any(cl(w) for w in weights)
 
 
 def bn_relu_conv_chain(

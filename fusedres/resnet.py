@@ -71,18 +71,32 @@ class _PostActBlock(nn.Module):
 
     def _check(self, x: torch.Tensor, amp: torch.dtype | None = None) -> None:
         name = type(self).__name__
-        cin = self._pairs()[0][0].in_channels
+        pairs = self._pairs()
+        cin = pairs[0][0].in_channels
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != cin:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"fusedres.{name}: expected a 4-D input with {cin} channels, got {shape}")
         if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"fusedres.{name}: the fused kernels compute in float32, float16 or bfloat16, "
                             f"got {x.dtype} (set block.fused = False to run it in eager PyTorch)")
-        for conv, _ in self._pairs():
+        for conv, _ in pairs:
             if amp is None and conv.weight.dtype != x.dtype:
                 raise TypeError(f"fusedres.{name}: input dtype {x.dtype} differs from the weights' {conv.weight.dtype}")
             if conv.weight.device != x.device:
                 raise ValueError(f"fusedres.{name}: weights are on {conv.weight.device} but the input is on {x.device}")
+        # As each BatchNorm of torchvision's forward would: one that normalises with batch
+        # statistics refuses one value per channel of its input (a convolution's output).
+        ds = self._fused_downsample()
+        n, h, w = x.shape[0], x.shape[2], x.shape[3]
+        for i, (conv, bn) in enumerate(pairs + ([ds] if ds is not None else [])):
+            if i == len(pairs):  # the downsample reads the block input
+                h, w = x.shape[2], x.shape[3]
+            h = (h + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+            w = (w + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
+            if n * h * w == 1 and (bn.training or (bn.running_mean is None and bn.running_var is None)):
+                raise ValueError(f"fusedres.{name}: expected more than 1 value per channel when training, got "
+                                 f"{(n, conv.out_channels, h, w)} at the BatchNorm after a convolution "
+                                 f"(block input {tuple(x.shape)})")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         amp = autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
@@ -94,9 +108,11 @@ class _PostActBlock(nn.Module):
         pairs = self._pairs()
         ds = self._fused_downsample()
         all_bns = [bn for _, bn in pairs] + ([ds[1]] if ds else [])
+        out_cl = _wants_channels_last(x, *(conv.weight for conv, _ in pairs))
         foldable = not self.training and all(bn.running_mean is not None for bn in all_bns)
         if foldable and not torch.is_grad_enabled() and amp is None and not torch.compiler.is_compiling():
-            return self._forward_folded(x, pairs, ds)
+            out = self._forward_folded(x, pairs, ds)
+            return out if out_cl else out.contiguous()
 
         def weight(conv: nn.Conv2d) -> torch.Tensor:
             w = conv.weight
@@ -114,7 +130,7 @@ class _PostActBlock(nn.Module):
             shortcut = self.downsample(x) if (self.downsample is not None and ds is None) else None
             spec = PostActSpec(tuple((c.stride[0], c.padding[0]) for c, _ in pairs),
                                tuple(m.stage(bn) for m, (_, bn) in zip(modes, pairs)), ds_spec,
-                               out_channels_last=_wants_channels_last(x, pairs[-1][0].weight))
+                               out_channels_last=out_cl)
             return post_act_block(spec, x, [weight(c) for c, _ in pairs] + tensors, shortcut=shortcut)
 
         out = with_bn_modes(all_bns, compute)

@@ -19,7 +19,10 @@
 #                capped at FUSEDRES_BENCH_COMPILE_CAP_S (default 75 s); it gets the time the other
 #                stages leave, and being cut short is expected (rows measured so far are kept)
 #                                                                -> bench.txt (appended), bench/<card>/run-*.json
-#   tests        pytest tests on CUDA (12 xdist workers)                -> pytest.txt
+#   tests        pytest tests on CUDA (12 xdist workers, --dist loadgroup): the suite, the CUDA-only
+#                files (tests/test_cuda_semantics.py: NaN/Inf positions on both routes, fp16 GradScaler
+#                parity; tests/test_cuda_large.py: every kernel role past 2**31 elements, ~30 GB,
+#                kept on one worker by its xdist_group) and the fuzz's CI profile -> pytest.txt
 #   selfcheck    python3 -m fusedres check, beside the tests (both only check correctness, and the
 #                tests leave 4 of the 16 cores free; with a cold Triton cache it took 137 s on the
 #                H200, too long to run alone; plain `python3 -m fusedres` adds a torch.compile bench)
@@ -171,7 +174,7 @@ FUSEDRES_BENCH_COMPILE=1 FUSEDRES_BENCH_COMPILE_CAP_S=${FUSEDRES_BENCH_COMPILE_C
 # does; skip it here to save device time.
 export TORCHINDUCTOR_COMPILE_THREADS=1
 bg_stage selfcheck 160 0 "$OUT/selfcheck.txt" python3 -m fusedres check
-stage tests 160 0 "$OUT/pytest.txt" python3 -m pytest tests -q -n 12 -p no:cacheprovider \
+stage tests 160 0 "$OUT/pytest.txt" python3 -m pytest tests -q -n 12 --dist loadgroup --durations=20 -p no:cacheprovider \
   --deselect tests/test_offline_compile.py
 bg_wait
 
