@@ -16,7 +16,14 @@ from torch import nn
 from . import _runtime
 from ._fused import ChainSpec, bn_modes, cumulative_update
 from ._fused import autocast_dtype as _autocast_dtype
-from .functional import _wants_channels_last, bn_relu_conv_chain
+from .functional import (
+    _check_block_convs,
+    _check_block_devices,
+    _check_single_values,
+    _wants_channels_last,
+    bn_relu_conv_chain,
+)
+from .ops import conv as conv_ops
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -75,32 +82,37 @@ class _PreActBlock(nn.Module):
         stages = self._stages() if stages is None else stages
         proj = self._projection()
         dev, dtype = x.device, x.dtype
-        for bn, conv in stages:  # every parameter of the block, without walking the module tree
-            w, g, b = conv.weight, bn.weight, bn.bias
-            if w.device != dev or (g is not None and g.device != dev) or (b is not None and b.device != dev):
-                self._raise_device(x)
+        for bn, conv in stages:  # every tensor of the block, without walking the module tree
+            w, g, b, rm, rv = conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var
+            if any(t is not None and t.device != dev for t in (w, g, b, rm, rv)):
+                _check_block_devices(name, self, x)
             if amp is None and w.dtype != dtype:
                 raise TypeError(f"{name}: input dtype {dtype} differs from the convolution weights' "
                                 f"dtype {w.dtype}")
             if g is not None and g.dtype != torch.float32 and g.dtype != (amp or dtype):
-                raise TypeError(f"{name}: BatchNorm parameters must be float32 or {amp or dtype}, "
-                                f"got {g.dtype}")
+                raise TypeError(f"{name}: BatchNorm parameters must be float32 or the input's dtype "
+                                f"{amp or dtype}, got {g.dtype}")
         if proj is not None and proj.weight.device != dev:
-            self._raise_device(x)
-        if self.training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
-            raise ValueError(f"{name}: expected more than 1 value per channel when training, "
-                             f"got input size {tuple(x.shape)}")
+            _check_block_devices(name, self, x)
 
-    def _raise_device(self, x: torch.Tensor) -> None:
-        """The error for a parameter on another device than the input, naming the first one."""
+    def _check_fused(self, x: torch.Tensor, stages: list[tuple[nn.BatchNorm2d, nn.Conv2d]]) -> None:
+        """What only the fused path refuses (eager PyTorch raises its own errors or computes it)."""
+        name = type(self).__name__
+        if x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f"{name}: empty images are not supported, got input size {tuple(x.shape)}")
         proj = self._projection()
-        tensors = [(f"{b}.{t}", getattr(getattr(self, b), t)) for b, c in self._stage_names for t in ("weight", "bias")]
-        tensors += [(f"{c}.weight", getattr(self, c).weight) for _, c in self._stage_names]
-        tensors += [("shortcut.0.weight", proj.weight)] if proj is not None else []
-        for pname, p in tensors:
-            if p is not None and p.device != x.device:
-                raise ValueError(f"{type(self).__name__}: parameter {pname} is on {p.device} but the input is on "
-                                 f"{x.device}")
+        convs = [(c, self._modules[c]) for _, c in self._stage_names]
+        _check_block_convs(name, convs + ([("the projection shortcut", proj)] if proj is not None else []))
+        if proj is not None and (proj.kernel_size != (1, 1) or proj.padding != (0, 0)):
+            raise ValueError(f"{name}: the projection shortcut must be a 1x1 convolution without padding, got "
+                             f"kernel_size={proj.kernel_size}, padding={proj.padding}")
+        h, w = x.shape[2], x.shape[3]
+        sizes = []  # the (H, W) each BatchNorm normalises over
+        for bn, conv in stages:
+            sizes.append((bn, (h, w)))
+            h = conv_ops.conv_out_size(h, conv.kernel_size[0], conv.stride[0], conv.padding[0])
+            w = conv_ops.conv_out_size(w, conv.kernel_size[0], conv.stride[0], conv.padding[0])
+        _check_single_values(name, x, sizes)
 
     def forward_eager(self, x: torch.Tensor) -> torch.Tensor:
         """The same function with the submodules in plain PyTorch (the ``fused=False`` path)."""
@@ -117,11 +129,13 @@ class _PreActBlock(nn.Module):
         amp = _autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
         stages = self._stages()
         self._check(x, amp, stages)
-        if not self.fused or not _runtime.triton_enabled(x.device):
+        # an empty batch: eager PyTorch's result and buffer updates (nothing to compute)
+        if not self.fused or not _runtime.triton_enabled(x.device) or x.shape[0] == 0:
             return self.forward_eager(x)
         if x.dtype not in _FUSED_DTYPES:
             raise TypeError(f"{type(self).__name__}: the fused kernels compute in float32, float16 or bfloat16, "
                             f"got {x.dtype} (fused=False runs the block in eager PyTorch)")
+        self._check_fused(x, stages)
         modes = bn_modes([bn for bn, _ in stages])
         if modes is None:  # SyncBatchNorm under torch.compile: the modules' own forward
             return self.forward_eager(x)
