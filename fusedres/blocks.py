@@ -20,6 +20,7 @@ from .functional import (
     _check_block_convs,
     _check_block_devices,
     _check_single_values,
+    _misplaced,
     _wants_channels_last,
     bn_relu_conv_chain,
 )
@@ -83,8 +84,8 @@ class _PreActBlock(nn.Module):
         proj = self._projection()
         dev, dtype = x.device, x.dtype
         for bn, conv in stages:  # every tensor of the block, without walking the module tree
-            w, g, b, rm, rv = conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var
-            if any(t is not None and t.device != dev for t in (w, g, b, rm, rv)):
+            w, g = conv.weight, bn.weight
+            if _misplaced([bn, conv], dev):
                 _check_block_devices(name, self, x)
             if amp is None and w.dtype != dtype:
                 raise TypeError(f"{name}: input dtype {dtype} differs from the convolution weights' "
@@ -106,6 +107,8 @@ class _PreActBlock(nn.Module):
         if proj is not None and (proj.kernel_size != (1, 1) or proj.padding != (0, 0)):
             raise ValueError(f"{name}: the projection shortcut must be a 1x1 convolution without padding, got "
                              f"kernel_size={proj.kernel_size}, padding={proj.padding}")
+        if x.shape[0] != 1:  # a batch of two or more always gives a BatchNorm two values
+            return
         h, w = x.shape[2], x.shape[3]
         sizes = []  # the (H, W) each BatchNorm normalises over
         for bn, conv in stages:

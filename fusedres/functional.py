@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import _fused, _runtime
-from ._fused import ChainSpec, PostActSpec, StageSpec, kernel_weight
+from ._fused import ChainSpec, PostActSpec, StageSpec, _sync_group, kernel_weight
 from .ops import conv as conv_ops
 from .reference import bn_relu_conv2d_reference
 
@@ -141,11 +141,11 @@ def _conv_problems(conv: nn.Conv2d) -> list[str]:
         problems.append(f"padding={p!r}")
     if conv.groups != 1:
         problems.append(f"groups={conv.groups}")
-    if tuple(conv.dilation) != (1, 1):
+    if conv.dilation != (1, 1):
         problems.append(f"dilation={conv.dilation}")
     if conv.padding_mode != "zeros":
         problems.append(f"padding_mode={conv.padding_mode!r}")
-    if conv.bias is not None:
+    if conv._parameters.get("bias") is not None:  # (not conv.bias: nn.Module.__getattr__ is slow, every call)
         problems.append("a bias")
     return problems
 
@@ -162,6 +162,13 @@ def _check_block_convs(block: str, convs: list[tuple[str, nn.Conv2d]]) -> None:
             )
 
 
+def _misplaced(modules: list[nn.Module], device: torch.device) -> bool:
+    """Whether a parameter or buffer of ``modules`` (not their children) is on another device; read
+    from the modules' dicts, not through nn.Module.__getattr__, which is slow, every call."""
+    return any(t is not None and t.device != device
+               for m in modules for d in (m._parameters, m._buffers) for t in d.values())
+
+
 def _check_block_devices(block: str, module: nn.Module, x: torch.Tensor) -> None:
     """ValueError naming the first parameter or buffer of ``module`` on another device than ``x``."""
     for kind, named in (("parameter", module.named_parameters()), ("buffer", module.named_buffers())):
@@ -173,8 +180,6 @@ def _check_block_devices(block: str, module: nn.Module, x: torch.Tensor) -> None
 def _check_single_values(block: str, x: torch.Tensor, stages: list[tuple[nn.Module, tuple[int, int]]]) -> None:
     """eager BatchNorm's ValueError for a training-mode BatchNorm that would see one value per
     channel; ``stages`` holds each BatchNorm with the (H, W) of its input."""
-    from ._fused import _sync_group
-
     for bn, (h, w) in stages:
         # SyncBatchNorm across processes counts the values of every rank: eager checks the total
         batch_stats = bn.training or bn.running_mean is None

@@ -22,6 +22,7 @@ from .functional import (
     _check_block_convs,
     _check_block_devices,
     _check_single_values,
+    _misplaced,
     _wants_channels_last,
     post_act_block,
 )
@@ -87,22 +88,23 @@ class _PostActBlock(nn.Module):
         if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"{name}: the fused kernels compute in float32, float16 or bfloat16, "
                             f"got {x.dtype} (set block.fused = False to run it in eager PyTorch)")
-        ds = self._fused_downsample()
+        for conv, _ in pairs:
+            if amp is None and conv.weight.dtype != x.dtype:
+                raise TypeError(f"{name}: input dtype {x.dtype} differs from the weights' {conv.weight.dtype}")
+        modules = [m for pair in pairs for m in pair]
+        if self.downsample is not None:  # (a downsample nested deeper runs as a module: PyTorch checks it)
+            modules += [self.downsample, *self.downsample.children()]
+        if _misplaced(modules, x.device):
+            _check_block_devices(name, self, x)
+        _check_block_convs(name, [(c, self._modules[c]) for c, _ in self._pair_names])
+        if x.shape[0] != 1:  # a batch of two or more always gives a BatchNorm two values
+            return
         h, w = x.shape[2], x.shape[3]
         sizes = []  # the (H, W) each BatchNorm normalises over
         for conv, bn in pairs:
-            if amp is None and conv.weight.dtype != x.dtype:
-                raise TypeError(f"{name}: input dtype {x.dtype} differs from the weights' {conv.weight.dtype}")
-            if any(t is not None and t.device != x.device
-                   for t in (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)):
-                _check_block_devices(name, self, x)
             h = conv_ops.conv_out_size(h, conv.kernel_size[0], conv.stride[0], conv.padding[0])
             w = conv_ops.conv_out_size(w, conv.kernel_size[0], conv.stride[0], conv.padding[0])
             sizes.append((bn, (h, w)))
-        if ds is not None and any(t is not None and t.device != x.device for t in (
-                ds[0].weight, ds[1].weight, ds[1].bias, ds[1].running_mean, ds[1].running_var)):
-            _check_block_devices(name, self, x)
-        _check_block_convs(name, [(c, getattr(self, c)) for c, _ in self._pair_names])
         _check_single_values(name, x, sizes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
