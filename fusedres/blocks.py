@@ -16,7 +16,15 @@ from torch import nn
 from . import _runtime
 from ._fused import BnMode, ChainSpec, with_bn_modes
 from ._fused import autocast_dtype as _autocast_dtype
-from .functional import _wants_channels_last, bn_relu_conv_chain
+from .functional import (
+    _check_block_convs,
+    _check_block_devices,
+    _check_single_values,
+    _misplaced,
+    _wants_channels_last,
+    bn_relu_conv_chain,
+)
+from .ops import conv as conv_ops
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -56,38 +64,39 @@ class _PreActBlock(nn.Module):
         stages = self._stages() if stages is None else stages
         proj = self._projection()
         dev, dtype = x.device, x.dtype
-        for bn, conv in stages:  # every parameter of the block, without walking the module tree
-            w, g, b = conv.weight, bn.weight, bn.bias
-            if w.device != dev or (g is not None and g.device != dev) or (b is not None and b.device != dev):
-                self._raise_device(x)
+        for bn, conv in stages:  # every tensor of the block, without walking the module tree
+            w, g = conv.weight, bn.weight
+            if _misplaced([bn, conv], dev):
+                _check_block_devices(name, self, x)
             if amp is None and w.dtype != dtype:
                 raise TypeError(f"{name}: input dtype {dtype} differs from the convolution weights' "
                                 f"dtype {w.dtype}")
             if g is not None and g.dtype != torch.float32 and g.dtype != (amp or dtype):
-                raise TypeError(f"{name}: BatchNorm parameters must be float32 or {amp or dtype}, "
-                                f"got {g.dtype}")
+                raise TypeError(f"{name}: BatchNorm parameters must be float32 or the input's dtype "
+                                f"{amp or dtype}, got {g.dtype}")
         if proj is not None and proj.weight.device != dev:
-            self._raise_device(x)
-        # As each BatchNorm of the eager forward would: one that normalises with batch statistics
-        # refuses one value per channel (stride 2 can make that of an inner stage's input).
-        n, h, w = x.shape[0], x.shape[2], x.shape[3]
-        for (bn_name, _), (bn, conv) in zip(self._stage_names, stages):
-            if n * h * w == 1 and (bn.training or (bn.running_mean is None and bn.running_var is None)):
-                raise ValueError(f"{name}: expected more than 1 value per channel when training, got input size "
-                                 f"{(n, conv.in_channels, h, w)} at {bn_name} (block input {tuple(x.shape)})")
-            h = (h + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
-            w = (w + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
+            _check_block_devices(name, self, x)
 
-    def _raise_device(self, x: torch.Tensor) -> None:
-        """The error for a parameter on another device than the input, naming the first one."""
+    def _check_fused(self, x: torch.Tensor, stages: list[tuple[nn.BatchNorm2d, nn.Conv2d]]) -> None:
+        """What only the fused path refuses (eager PyTorch raises its own errors or computes it)."""
+        name = type(self).__name__
+        if x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f"{name}: empty images are not supported, got input size {tuple(x.shape)}")
         proj = self._projection()
-        tensors = [(f"{b}.{t}", getattr(getattr(self, b), t)) for b, c in self._stage_names for t in ("weight", "bias")]
-        tensors += [(f"{c}.weight", getattr(self, c).weight) for _, c in self._stage_names]
-        tensors += [("shortcut.0.weight", proj.weight)] if proj is not None else []
-        for pname, p in tensors:
-            if p is not None and p.device != x.device:
-                raise ValueError(f"{type(self).__name__}: parameter {pname} is on {p.device} but the input is on "
-                                 f"{x.device}")
+        convs = [(c, self._modules[c]) for _, c in self._stage_names]
+        _check_block_convs(name, convs + ([("the projection shortcut", proj)] if proj is not None else []))
+        if proj is not None and (proj.kernel_size != (1, 1) or proj.padding != (0, 0)):
+            raise ValueError(f"{name}: the projection shortcut must be a 1x1 convolution without padding, got "
+                             f"kernel_size={proj.kernel_size}, padding={proj.padding}")
+        if x.shape[0] != 1:  # a batch of two or more always gives a BatchNorm two values
+            return
+        h, w = x.shape[2], x.shape[3]
+        sizes = []  # the (H, W) each BatchNorm normalises over
+        for bn, conv in stages:
+            sizes.append((bn, (h, w)))
+            h = conv_ops.conv_out_size(h, conv.kernel_size[0], conv.stride[0], conv.padding[0])
+            w = conv_ops.conv_out_size(w, conv.kernel_size[0], conv.stride[0], conv.padding[0])
+        _check_single_values(name, x, sizes)
 
     def forward_eager(self, x: torch.Tensor) -> torch.Tensor:
         """The same function with the submodules in plain PyTorch (the ``fused=False`` path)."""
@@ -104,11 +113,13 @@ class _PreActBlock(nn.Module):
         amp = _autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
         stages = self._stages()
         self._check(x, amp, stages)
-        if not self.fused or not _runtime.triton_enabled(x.device):
+        # an empty batch: eager PyTorch's result and buffer updates (nothing to compute)
+        if not self.fused or not _runtime.triton_enabled(x.device) or x.shape[0] == 0:
             return self.forward_eager(x)
         if x.dtype not in _FUSED_DTYPES:
             raise TypeError(f"{type(self).__name__}: the fused kernels compute in float32, float16 or bfloat16, "
                             f"got {x.dtype} (fused=False runs the block in eager PyTorch)")
+        self._check_fused(x, stages)
         proj = self._projection()
         weights = [conv.weight for _, conv in stages]
         proj_weight = proj.weight if proj is not None else None

@@ -15,9 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from . import _fused, _runtime
-from ._fused import ChainSpec, PostActSpec, StageSpec, kernel_weight
+from ._fused import ChainSpec, PostActSpec, StageSpec, kernel_weight, sync_group
 from .ops import conv as conv_ops
 from .reference import bn_relu_conv2d_reference
 
@@ -76,9 +77,10 @@ def _check_inputs(
         raise ValueError(f"bn_relu_conv2d: only square kernels are supported, got {R}x{S}")
     if R % 2 == 0:
         raise ValueError(f"bn_relu_conv2d: only odd kernel sizes are supported, got {R}x{S}")
-    if min(x.shape) == 0 or min(weight.shape) == 0:
+    if min(x.shape[1:]) == 0 or min(weight.shape) == 0:  # an empty batch (N=0) is computed as eager PyTorch does
         raise ValueError(
-            f"bn_relu_conv2d: empty tensors are not supported, got x {tuple(x.shape)}, weight {tuple(weight.shape)}"
+            f"bn_relu_conv2d: empty channels or images are not supported, got x {tuple(x.shape)}, "
+            f"weight {tuple(weight.shape)}"
         )
     OH, OW = conv_ops.conv_out_size(H, R, stride, padding), conv_ops.conv_out_size(W, S, stride, padding)
     if OH < 1 or OW < 1:
@@ -125,6 +127,65 @@ def _check_inputs(
     for name, t in {"weight": weight, **named, "residual": residual}.items():
         if t is not None and t.device != x.device:
             raise ValueError(f"bn_relu_conv2d: {name} is on {t.device} but x is on {x.device}")
+
+
+def _conv_problems(conv: nn.Conv2d) -> list[str]:
+    """What in a block's convolution the fused kernels do not compute (empty when it is fine)."""
+    problems = []
+    k, s, p = conv.kernel_size, conv.stride, conv.padding
+    if k[0] != k[1] or k[0] % 2 == 0:
+        problems.append(f"kernel_size={k}")
+    if s[0] != s[1]:
+        problems.append(f"stride={s}")
+    if isinstance(p, str) or p[0] != p[1]:
+        problems.append(f"padding={p!r}")
+    if conv.groups != 1:
+        problems.append(f"groups={conv.groups}")
+    if conv.dilation != (1, 1):
+        problems.append(f"dilation={conv.dilation}")
+    if conv.padding_mode != "zeros":
+        problems.append(f"padding_mode={conv.padding_mode!r}")
+    if conv._parameters.get("bias") is not None:  # (not conv.bias: nn.Module.__getattr__ is slow, every call)
+        problems.append("a bias")
+    return problems
+
+
+def _check_block_convs(block: str, convs: list[tuple[str, nn.Conv2d]]) -> None:
+    """ValueError naming the first convolution of ``block`` that the fused kernels cannot compute."""
+    for name, conv in convs:
+        problems = _conv_problems(conv)
+        if problems:
+            raise ValueError(
+                f"{block}: {name} has {', '.join(problems)}; the fused kernels take square odd kernels, equal "
+                f"strides and paddings, groups=1, dilation=1, zero padding and no bias (fused=False runs the "
+                f"block in eager PyTorch)"
+            )
+
+
+def _misplaced(modules: list[nn.Module], device: torch.device) -> bool:
+    """Whether a parameter or buffer of ``modules`` (not their children) is on another device; read
+    from the modules' dicts, not through nn.Module.__getattr__, which is slow, every call."""
+    return any(t is not None and t.device != device
+               for m in modules for d in (m._parameters, m._buffers) for t in d.values())
+
+
+def _check_block_devices(block: str, module: nn.Module, x: torch.Tensor) -> None:
+    """ValueError naming the first parameter or buffer of ``module`` on another device than ``x``."""
+    for kind, named in (("parameter", module.named_parameters()), ("buffer", module.named_buffers())):
+        for name, t in named:
+            if t.device != x.device:
+                raise ValueError(f"{block}: {kind} {name} is on {t.device} but the input is on {x.device}")
+
+
+def _check_single_values(block: str, x: torch.Tensor, stages: list[tuple[nn.Module, tuple[int, int]]]) -> None:
+    """eager BatchNorm's ValueError for a training-mode BatchNorm that would see one value per
+    channel; ``stages`` holds each BatchNorm with the (H, W) of its input."""
+    for bn, (h, w) in stages:
+        # SyncBatchNorm across processes counts the values of every rank: eager checks the total
+        batch_stats = bn.training or bn.running_mean is None
+        if batch_stats and x.shape[0] * h * w == 1 and sync_group(bn) is None:
+            raise ValueError(f"{block}: expected more than 1 value per channel when training, got input size "
+                             f"{tuple(x.shape)} ({h}x{w} values per channel at a BatchNorm)")
 
 
 def _wants_channels_last(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -199,7 +260,12 @@ def bn_relu_conv2d(
         raise ValueError(f"bn_relu_conv2d: groups={groups} is not supported (only 1)")
     training = bool(training)
     _check_inputs(x, weight, bn_weight, bn_bias, running_mean, running_var, residual, training, stride, padding)
-    if not _runtime.triton_enabled(x.device):
+    if training and not eps > 0 or not eps >= 0:  # F.batch_norm's own rule (NaN refused too)
+        raise ValueError(f"bn_relu_conv2d: eps must be {'positive' if training else 'non-negative'}"
+                         f"{' when training' if training else ''}, got {eps}")
+    # An empty batch has nothing to compute: eager PyTorch's result (an empty output, running
+    # statistics untouched, zero parameter gradients) comes from the reference.
+    if not _runtime.triton_enabled(x.device) or x.shape[0] == 0:
         return bn_relu_conv2d_reference(
             x, weight, bn_weight, bn_bias, running_mean, running_var, training=training,
             momentum=momentum, eps=eps, stride=stride, padding=padding, residual=residual,

@@ -18,7 +18,15 @@ from torch import nn
 
 from . import _runtime
 from ._fused import BnMode, PostActSpec, autocast_dtype, capturing, kernel_weight, with_bn_modes
-from .functional import _wants_channels_last, post_act_block
+from .functional import (
+    _check_block_convs,
+    _check_block_devices,
+    _check_single_values,
+    _misplaced,
+    _wants_channels_last,
+    post_act_block,
+)
+from .ops import conv as conv_ops
 from .ops import route
 
 #: Norm layers the fused path computes (SyncBatchNorm: statistics reduced over its process group).
@@ -70,41 +78,46 @@ class _PostActBlock(nn.Module):
         return self.relu(h + identity)
 
     def _check(self, x: torch.Tensor, amp: torch.dtype | None = None) -> None:
-        name = type(self).__name__
+        name = f"fusedres.{type(self).__name__}"
         pairs = self._pairs()
         cin = pairs[0][0].in_channels
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != cin:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"fusedres.{name}: expected a 4-D input with {cin} channels, got {shape}")
+        if x.dim() != 4 or x.shape[1] != cin:
+            raise ValueError(f"{name}: expected a 4-D input with {cin} channels, got {tuple(x.shape)}")
+        if x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f"{name}: empty images are not supported, got input size {tuple(x.shape)}")
         if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"fusedres.{name}: the fused kernels compute in float32, float16 or bfloat16, "
+            raise TypeError(f"{name}: the fused kernels compute in float32, float16 or bfloat16, "
                             f"got {x.dtype} (set block.fused = False to run it in eager PyTorch)")
         for conv, _ in pairs:
             if amp is None and conv.weight.dtype != x.dtype:
-                raise TypeError(f"fusedres.{name}: input dtype {x.dtype} differs from the weights' {conv.weight.dtype}")
-            if conv.weight.device != x.device:
-                raise ValueError(f"fusedres.{name}: weights are on {conv.weight.device} but the input is on {x.device}")
-        # As each BatchNorm of torchvision's forward would: one that normalises with batch
-        # statistics refuses one value per channel of its input (a convolution's output).
-        ds = self._fused_downsample()
-        n, h, w = x.shape[0], x.shape[2], x.shape[3]
-        for i, (conv, bn) in enumerate(pairs + ([ds] if ds is not None else [])):
-            if i == len(pairs):  # the downsample reads the block input
-                h, w = x.shape[2], x.shape[3]
-            h = (h + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
-            w = (w + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
-            if n * h * w == 1 and (bn.training or (bn.running_mean is None and bn.running_var is None)):
-                raise ValueError(f"fusedres.{name}: expected more than 1 value per channel when training, got "
-                                 f"{(n, conv.out_channels, h, w)} at the BatchNorm after a convolution "
-                                 f"(block input {tuple(x.shape)})")
+                raise TypeError(f"{name}: input dtype {x.dtype} differs from the weights' {conv.weight.dtype}")
+        modules = [m for pair in pairs for m in pair]
+        if self.downsample is not None:  # (a downsample nested deeper runs as a module: PyTorch checks it)
+            modules += [self.downsample, *self.downsample.children()]
+        if _misplaced(modules, x.device):
+            _check_block_devices(name, self, x)
+        _check_block_convs(name, [(c, self._modules[c]) for c, _ in self._pair_names])
+        if x.shape[0] != 1:  # a batch of two or more always gives a BatchNorm two values
+            return
+        h, w = x.shape[2], x.shape[3]
+        sizes = []  # the (H, W) each BatchNorm normalises over
+        for conv, bn in pairs:
+            h = conv_ops.conv_out_size(h, conv.kernel_size[0], conv.stride[0], conv.padding[0])
+            w = conv_ops.conv_out_size(w, conv.kernel_size[0], conv.stride[0], conv.padding[0])
+            sizes.append((bn, (h, w)))
+        _check_single_values(name, x, sizes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        amp = autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"fusedres.{type(self).__name__}: input must be a tensor, got {type(x).__name__}")
+        amp = autocast_dtype(x.device)
         if not self.fused or not _runtime.triton_enabled(x.device) or (amp is not None and x.dtype != amp):
             # Under autocast an input in another dtype (fp32 into the first block) is promoted by
             # eager PyTorch's final add: the modules' own forward gives exactly that.
             return self.forward_eager(x)
         self._check(x, amp)
+        if x.shape[0] == 0:  # an empty batch: eager PyTorch's result and buffer updates
+            return self.forward_eager(x)
         pairs = self._pairs()
         ds = self._fused_downsample()
         all_bns = [bn for _, bn in pairs] + ([ds[1]] if ds else [])

@@ -13,6 +13,19 @@ from fusedres.testing import atol, rel_error
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
 
+# What each fused path launches (fusedres.launch_counts names), for the launch guards below.
+#: The three convolution roles of a training step on the Triton route.
+CONV_KERNELS = ("conv_fprop_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel")
+#: A pre-activation chain's training step (fusedres._fused.Chain), also in eval with gradients.
+CHAIN_KERNELS = (*CONV_KERNELS, "bn_finalize_kernel", "bn_bwd_apply_kernel")
+#: A torchvision-style block's training step (fusedres._fused.PostAct): the closing
+#: relu(bn(y) + shortcut) pass and its backward besides the convolutions.
+POSTACT_KERNELS = (*CONV_KERNELS, "bn_add_relu_kernel", "bn_add_relu_bwd_kernel")
+#: A pre-activation network's head (fusedres._fused.Pool), forward and backward.
+HEAD_KERNELS = ("bn_relu_pool_kernel", "bn_relu_pool_bwd_kernel")
+#: The passes the cuDNN route keeps around PyTorch's convolution (fusedres.ops.route).
+ROUTE_KERNELS = ("bn_relu_apply_kernel", "relu_bn_bwd_partials_kernel")
+
 
 def rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """float64 copy of ``t`` after rounding to ``dtype``: the exact values a kernel in ``dtype`` sees."""
@@ -36,15 +49,32 @@ def assert_close64(value: torch.Tensor, ref64: torch.Tensor, tol: float, what: s
 
 @contextlib.contextmanager
 def launched(*names: str) -> Iterator[None]:
-    """Assert that each named Triton kernel was launched inside the block."""
+    """Assert that each named Triton kernel was launched inside the block.
+
+    Names are required: a fused path is proven by the kernels it must run, and a guard without
+    names would pass with the path silently replaced by eager PyTorch.
+    """
+    if not names:
+        raise TypeError("launched() needs the names of the kernels the fused path must launch")
     before = {n: _runtime.launch_counts[n] for n in names}
     yield
     missing = [n for n in names if _runtime.launch_counts[n] == before[n]]
     assert not missing, f"Triton kernels not launched: {missing}"
 
 
-def assert_low_precision_block(module, input_shape, dtype, device, steps: int = 2) -> None:
-    """A block or network in fp16/bf16: outputs (train and eval) and running statistics by the 2x rule.
+@contextlib.contextmanager
+def nothing_launched() -> Iterator[None]:
+    """Assert that no fusedres kernel was launched inside the block (a documented eager path)."""
+    before = dict(_runtime.launch_counts)
+    yield
+    ran = {k: n - before.get(k, 0) for k, n in _runtime.launch_counts.items() if n != before.get(k, 0)}
+    assert not ran, f"fusedres kernels launched on a path that must run eager PyTorch: {ran}"
+
+
+def assert_low_precision_block(module, input_shape, dtype, device, *, kernels: tuple[str, ...],
+                                steps: int = 2) -> None:
+    """A block or network in fp16/bf16: outputs (train and eval) and running statistics by the 2x
+    rule, with each of ``kernels`` launched by the fused run.
 
     Gradients of chained BatchNorm-ReLU stages are not compared at low precision: a
     pre-activation within a rounding of zero flips its ReLU mask against the float64 reference,
@@ -56,6 +86,7 @@ def assert_low_precision_block(module, input_shape, dtype, device, steps: int = 
     """
     from fusedres.testing import check_module
 
-    r = check_module(module, input_shape, dtype=dtype, device=device, steps=steps)
+    with launched(*kernels):
+        r = check_module(module, input_shape, dtype=dtype, device=device, steps=steps)
     bad = [f for f in r.failures(dtype) if f.startswith(("out", "eval_out", "buffer"))]
     assert not bad, "; ".join(bad)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import DTYPE_IDS, DTYPES, launched
+from _helpers import CONV_KERNELS, DTYPE_IDS, DTYPES, launched
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -47,36 +47,41 @@ def test_matches_pytorch(poison, device, dtype, ksize, stride, pad, residual, tr
 
 def test_fp32_without_tf32_is_fp32_exact(poison, device, no_tf32):
     """With TF32 off the fp32 path is held to the fp32 floor on every device."""
-    r = check_bn_relu_conv2d(n=2, c=19, h=9, w=7, cout=21, ksize=3, stride=2, padding=1, dtype=torch.float32,
-                             device=device, residual=True, steps=2)
+    with launched(*ALL_KERNELS):
+        r = check_bn_relu_conv2d(n=2, c=19, h=9, w=7, cout=21, ksize=3, stride=2, padding=1, dtype=torch.float32,
+                                 device=device, residual=True, steps=2)
     _assert_ok(r, torch.float32)
 
 
 @pytest.mark.parametrize("affine,running", [(False, True), (True, False), (False, False)],
                          ids=["affine=False", "no-running-stats", "neither"])
 def test_optional_bn_parameters(poison, device, affine, running):
-    r = check_bn_relu_conv2d(n=2, c=6, h=5, w=5, cout=7, ksize=3, stride=1, padding=1, dtype=torch.float32,
-                             device=device, training=True, affine=affine, running=running, steps=2)
+    with launched(*ALL_KERNELS):
+        r = check_bn_relu_conv2d(n=2, c=6, h=5, w=5, cout=7, ksize=3, stride=1, padding=1, dtype=torch.float32,
+                                 device=device, training=True, affine=affine, running=running, steps=2)
     _assert_ok(r, torch.float32)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_batch_of_one(poison, device, training):
-    r = check_bn_relu_conv2d(n=1, c=5, h=3, w=1, cout=4, ksize=3, stride=2, padding=1, dtype=torch.float32,
-                             device=device, training=training, residual=True, steps=2)
+    with launched(*CONV_KERNELS):
+        r = check_bn_relu_conv2d(n=1, c=5, h=3, w=1, cout=4, ksize=3, stride=2, padding=1, dtype=torch.float32,
+                                 device=device, training=training, residual=True, steps=2)
     _assert_ok(r, torch.float32)
 
 
 def test_contiguous_nchw_input(poison, device):
-    r = check_bn_relu_conv2d(n=2, c=5, h=6, w=7, cout=9, ksize=3, stride=1, padding=1, dtype=torch.float32,
-                             device=device, residual=True, channels_last=False, steps=2)
+    with launched(*ALL_KERNELS):
+        r = check_bn_relu_conv2d(n=2, c=5, h=6, w=7, cout=9, ksize=3, stride=1, padding=1, dtype=torch.float32,
+                                 device=device, residual=True, channels_last=False, steps=2)
     _assert_ok(r, torch.float32)
 
 
 def test_running_stats_exact_when_mean_dominates(poison, device):
     """x around 1000 with unit spread: the batch variance (and so every gradient) must survive."""
-    r = check_bn_relu_conv2d(n=4, c=3, h=16, w=16, cout=4, ksize=1, stride=1, padding=0, dtype=torch.float32,
-                             device=device, mean_offset=1000.0, steps=2)
+    with launched(*ALL_KERNELS):
+        r = check_bn_relu_conv2d(n=4, c=3, h=16, w=16, cout=4, ksize=1, stride=1, padding=0, dtype=torch.float32,
+                                 device=device, mean_offset=1000.0, steps=2)
     _assert_ok(r, torch.float32)
     assert r.fused["running_var"] < 1e-5
 
@@ -89,7 +94,8 @@ def test_running_stats_exact_when_mean_dominates(poison, device):
 def test_memory_format_follows_conv2d(device, x_format, w_format):
     x = torch.randn(2, 4, 5, 5, device=device).contiguous(memory_format=x_format)
     w = torch.randn(6, 4, 3, 3, device=device).contiguous(memory_format=w_format)
-    out = bn_relu_conv2d(x, w, None, None, None, None, training=True, padding=1)
+    with launched("conv_fprop_kernel"):
+        out = bn_relu_conv2d(x, w, None, None, None, None, training=True, padding=1)
     ref = F.conv2d(x, w, None, 1, 1)
     for fmt in (torch.channels_last, torch.contiguous_format):
         assert out.is_contiguous(memory_format=fmt) == ref.is_contiguous(memory_format=fmt)
@@ -114,7 +120,8 @@ def test_expanded_gradient(device, no_tf32):
     torch.manual_seed(0)
     x = torch.randn(2, 4, 5, 5, device=device, requires_grad=True)
     w = torch.randn(6, 4, 3, 3, device=device, requires_grad=True)
-    bn_relu_conv2d(x, w, None, None, None, None, training=True, padding=1).sum().backward()
+    with launched(*CONV_KERNELS):
+        bn_relu_conv2d(x, w, None, None, None, None, training=True, padding=1).sum().backward()
     x64 = x.detach().double().cpu().requires_grad_()
     w64 = w.detach().double().cpu().requires_grad_()
     F.conv2d(F.relu(F.batch_norm(x64, None, None, training=True)), w64, None, 1, 1).sum().backward()
@@ -134,8 +141,9 @@ def test_random_shapes(device, no_tf32, n, c, h, w, cout, ksize, stride, residua
     pad = ksize // 2
     if training and n * h * w == 1:
         return  # refused, as in PyTorch (tested in test_errors)
-    r = check_bn_relu_conv2d(n=n, c=c, h=h, w=w, cout=cout, ksize=ksize, stride=stride, padding=pad,
-                             dtype=torch.float32, device=device, training=training, residual=residual, seed=seed)
+    with launched(*CONV_KERNELS):
+        r = check_bn_relu_conv2d(n=n, c=c, h=h, w=w, cout=cout, ksize=ksize, stride=stride, padding=pad,
+                                 dtype=torch.float32, device=device, training=training, residual=residual, seed=seed)
     _assert_ok(r, torch.float32)
 
 
@@ -171,11 +179,13 @@ def test_weight_reorder_is_cached_against_version(device):
     assert first.is_contiguous(memory_format=torch.channels_last)
     assert kernel_weight(w) is first, "the reorder must be cached, not redone per call"
     x = torch.randn(2, 4, 5, 5, device=device)
-    y1 = bn_relu_conv2d(x, w, None, None, None, None, training=True, padding=1)
+    with launched("conv_fprop_kernel"):
+        y1 = bn_relu_conv2d(x, w, None, None, None, None, training=True, padding=1)
     with torch.no_grad():
         w.mul_(2.0)  # an optimizer step: the version counter moves
     assert kernel_weight(w) is not first
-    y2 = bn_relu_conv2d(x, w, None, None, None, None, training=True, padding=1)
+    with launched("conv_fprop_kernel"):
+        y2 = bn_relu_conv2d(x, w, None, None, None, None, training=True, padding=1)
     torch.testing.assert_close(y2, 2.0 * y1, rtol=1e-5, atol=1e-5)
     cl = w.detach().contiguous(memory_format=torch.channels_last)
     assert kernel_weight(cl) is cl

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import assert_low_precision_block, launched
+from _helpers import CHAIN_KERNELS, POSTACT_KERNELS, assert_low_precision_block, launched
 from torch import nn
 from torchvision.models.resnet import BasicBlock as TVBasic
 from torchvision.models.resnet import Bottleneck as TVBottleneck
@@ -75,15 +75,15 @@ def test_block_matches_twin(poison, device, no_tf32, key):
     """Three training steps (statistics in epilogues, bn-relu in prologues, one closing pass),
     then eval under no_grad (BatchNorm folded into the convolutions)."""
     ours, _ = _pair(key)
-    with launched("conv_fprop_kernel", "bn_add_relu_kernel", "bn_add_relu_bwd_kernel", "conv_dgrad_kernel",
-                  "conv_wgrad_kernel"):
+    with launched(*POSTACT_KERNELS):
         r = check_module(ours, (2, ours.conv1.in_channels, 9, 7), dtype=torch.float32, device=device, steps=3)
     _assert_ok(r)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_block_low_precision(poison, device, dtype):
-    assert_low_precision_block(_randomize_bn(Bottleneck(8, 4, 2, _ds(8, 16, 2))), (4, 8, 8, 8), dtype, device)
+    assert_low_precision_block(_randomize_bn(Bottleneck(8, 4, 2, _ds(8, 16, 2))), (4, 8, 8, 8), dtype, device,
+                               kernels=POSTACT_KERNELS)
 
 
 @pytest.mark.parametrize("key", ["basic-downsample-s2", "bottleneck-identity"])
@@ -94,7 +94,8 @@ def test_eval_with_gradients(poison, device, no_tf32, key):
     ours, tv = ours.to(device).eval(), tv.double().eval()
     x = torch.randn(2, ours.conv1.in_channels, 7, 7, device=device, requires_grad=True)
     x64 = x.detach().cpu().double().requires_grad_()
-    ours(x).square().sum().backward()
+    with launched(*POSTACT_KERNELS):
+        ours(x).square().sum().backward()
     tv(x64).square().sum().backward()
     torch.testing.assert_close(x.grad.double().cpu(), x64.grad, rtol=1e-4, atol=1e-5)
     for (name, p), q in zip(ours.named_parameters(), tv.parameters()):
@@ -126,7 +127,9 @@ def test_folded_weights_follow_parameter_and_buffer_changes(device, no_tf32):
             m.bn1.running_mean.add_(0.5)
             m.conv2.weight.mul_(1.5)
             m.downsample[1].bias.sub_(0.25)
-        torch.testing.assert_close(ours(x), tv(x), rtol=1e-4, atol=1e-4)
+        with launched("conv_fprop_kernel"):
+            y = ours(x)
+        torch.testing.assert_close(y, tv(x), rtol=1e-4, atol=1e-4)
 
 
 def test_resnet_with_fused_blocks_loads_torchvision_state_dicts():
@@ -238,7 +241,9 @@ def test_convert_torchvision_model(poison, device, no_tf32):
     assert list(converted.state_dict()) == keys
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(set_fused(copy.deepcopy(converted), False)(x), original(x), rtol=0, atol=0)
-    _assert_ok(check_module(converted, (2, 3, 9, 9), dtype=torch.float32, device=device, steps=2))
+    with launched(*POSTACT_KERNELS):
+        r = check_module(converted, (2, 3, 9, 9), dtype=torch.float32, device=device, steps=2)
+    _assert_ok(r)
 
 
 def test_convert_inplace_keeps_the_same_tensors():
@@ -256,7 +261,9 @@ def test_convert_hand_written_preact_net(poison, device, no_tf32):
     assert list(converted.state_dict()) == list(original.state_dict())
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(set_fused(copy.deepcopy(converted), False).eval()(x), original.eval()(x))
-    _assert_ok(check_module(converted, (2, 3, 9, 9), dtype=torch.float32, device=device, steps=2))
+    with launched(*CHAIN_KERNELS):
+        r = check_module(converted, (2, 3, 9, 9), dtype=torch.float32, device=device, steps=2)
+    _assert_ok(r)
 
 
 def test_convert_leaves_lookalikes_and_names_them():
@@ -289,7 +296,9 @@ def test_convert_eval_mode_model(device, no_tf32):
         converted = convert(original)
     x = torch.randn(2, 3, 8, 8, device=device)
     with torch.no_grad():
-        torch.testing.assert_close(converted(x), original(x), rtol=1e-4, atol=1e-4)
+        with launched("conv_fprop_kernel"):
+            y = converted(x)
+        torch.testing.assert_close(y, original(x), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("basic", [False, True], ids=["PreActBottleneck", "PreActBasic"])
@@ -308,4 +317,6 @@ def test_convert_timm_resnetv2(poison, device, no_tf32, basic):
     assert list(converted.state_dict()) == keys
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(set_fused(copy.deepcopy(converted), False).eval()(x), model.eval()(x))
-    _assert_ok(check_module(converted, (2, 3, 16, 16), dtype=torch.float32, device=device, steps=2))
+    with launched(*CHAIN_KERNELS):
+        r = check_module(converted, (2, 3, 16, 16), dtype=torch.float32, device=device, steps=2)
+    _assert_ok(r)

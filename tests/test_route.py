@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from _helpers import launched
+from _helpers import CONV_KERNELS, ROUTE_KERNELS, launched
 from torch import nn
 
 import fusedres
@@ -16,9 +16,6 @@ from fusedres.ops import bn as bn_ops
 from fusedres.ops import conv as conv_ops
 from fusedres.ops import route
 from fusedres.testing import check_module
-
-ROUTE_KERNELS = ("bn_relu_apply_kernel", "relu_bn_bwd_partials_kernel", "bn_stats_kernel")
-TRITON_CONVS = ("conv_fprop_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel")
 
 
 def _randomize_bn(model: nn.Module) -> nn.Module:
@@ -54,12 +51,12 @@ CASES = {
 def test_blocks_on_the_cudnn_route_match_eager(poison, device, no_tf32, name):
     block = _randomize_bn(CASES[name]())
     cin = next(m for m in block.modules() if isinstance(m, nn.Conv2d)).in_channels
-    before = {k: launch_counts[k] for k in TRITON_CONVS}
-    with route.force("cudnn"), launched("bn_relu_apply_kernel", "relu_bn_bwd_partials_kernel"):
+    before = {k: launch_counts[k] for k in CONV_KERNELS}
+    with route.force("cudnn"), launched(*ROUTE_KERNELS):
         r = check_module(block, (2, cin, 9, 7), dtype=torch.float32, device=device, steps=2)
     bad = r.failures(torch.float32)
     assert not bad, "; ".join(bad)
-    assert {k: launch_counts[k] for k in TRITON_CONVS} == before, "a Triton convolution ran on the cuDNN route"
+    assert {k: launch_counts[k] for k in CONV_KERNELS} == before, "a Triton convolution ran on the cuDNN route"
 
 
 @pytest.mark.parametrize("stride,ksize", [(1, 3), (2, 3), (2, 1)])
@@ -78,7 +75,7 @@ def test_route_roles_match_triton_kernels(poison, device, no_tf32, stride, ksize
     add = torch.randn(x.shape, device=device).contiguous(memory_format=cl)
     results = {}
     for backend in ("triton", "cudnn"):
-        with route.force(backend):
+        with route.force(backend), launched(*(CONV_KERNELS if backend == "triton" else ROUTE_KERNELS)):
             y, partials = route.conv_fprop(x, w, stride=stride, padding=pad, scale=scale, shift=shift,
                                            residual=residual, stats=True)
             stats = bn_ops.bn_finalize(partials, y.shape[0] * y.shape[2] * y.shape[3], None, None, None, None,
@@ -133,7 +130,7 @@ def test_dispatch_table_lookup(monkeypatch):
     monkeypatch.setattr(route, "_arch", lambda device: "sm_90")
     monkeypatch.delenv("FUSEDRES_CONV_BACKEND", raising=False)
     with monkeypatch.context() as m:
-        m.setattr(route, "_FORCED", [])
+        m.setattr(route, "_OVERRIDES", [])
         dev = torch.device("cpu")
         assert route.choose("fprop", dev, 64, 64, 3, 1, 800000) == "cudnn"
         assert route.choose("fprop", dev, 16, 32, 3, 1, 100000) == "triton"  # nearest: the 16-channel row
@@ -159,7 +156,7 @@ def test_committed_sm90_table_is_consistent():
     dev = torch.device("cuda")
     with pytest.MonkeyPatch.context() as m:  # what the H100/H200 route today, from the table alone
         m.setattr(route, "_arch", lambda device: "sm_90")
-        m.setattr(route, "_FORCED", [])
+        m.setattr(route, "_OVERRIDES", [])
         m.delenv("FUSEDRES_CONV_BACKEND", raising=False)
         assert route.choose("fprop", dev, 16, 16, 3, 1, 131072) == "triton"  # CIFAR-164 stage 1: Triton
         assert route.choose("wgrad", dev, 64, 64, 3, 1, 802816) == "cudnn"  # ImageNet 56^2: cuDNN
@@ -175,8 +172,81 @@ def test_routes_agree_on_a_block_forward(device, no_tf32):
     """The same block forward on either route (a deep copy, so no state is shared)."""
     block = fusedres.PreActBasicBlock(8, 8).to(device)
     x = torch.randn(2, 8, 5, 5, device=device)
-    with route.force("cudnn"):
+    with route.force("cudnn"), launched("bn_relu_apply_kernel"):
         a = block(x)
-    with route.force("triton"):
+    with route.force("triton"), launched("conv_fprop_kernel"):
         b = copy.deepcopy(block)(x)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+# The default dispatch of an H100/H200: the committed sm_90 table applied with route.table. The
+# test suite's autouse fixture (conftest.py) holds route.force("triton") around every test;
+# route.table entered inside the test is the innermost override, and the innermost one decides.
+# PreActBasicBlock(8, 16, 2) on a 9x7 image mixes the routes: the stride-2 3x3 conv1 is nearest
+# to the table's only stride-2 3x3 row (cuDNN), the 3x3 conv2 to the CIFAR bottleneck's 3x3 rows
+# (Triton), and the 1x1 projection to its 1x1 rows (Triton).
+SM90_BLOCK = (8, 16, 2)
+SM90_INPUT = (2, 8, 9, 7)
+
+
+def _sm90_roles() -> dict[str, dict[str, str]]:
+    cin, ch, stride = SM90_BLOCK
+    n, _, h, w = SM90_INPUT
+    oh, ow = conv_ops.conv_out_size(h, 3, stride, 1), conv_ops.conv_out_size(w, 3, stride, 1)
+    dev = torch.device("cpu")
+    convs = {"conv1": (cin, ch, 3, stride), "conv2": (ch, ch, 3, 1), "shortcut.0": (cin, ch, 1, stride)}
+    in_pixels = {"conv1": n * h * w, "conv2": n * oh * ow, "shortcut.0": n * h * w}
+    with route.table("sm_90"):
+        return {name: {role: route.choose(role, dev, ci, co, k, s, in_pixels[name] if role == "dgrad" else n * oh * ow)
+                       for role in route.ROLES} for name, (ci, co, k, s) in convs.items()}
+
+
+def test_sm90_table_mixes_the_routes_of_one_block():
+    assert _sm90_roles() == {
+        "conv1": {"fprop": "cudnn", "dgrad": "cudnn", "wgrad": "cudnn"},
+        "conv2": {"fprop": "triton", "dgrad": "triton", "wgrad": "triton"},
+        "shortcut.0": {"fprop": "triton", "dgrad": "triton", "wgrad": "triton"},
+    }
+
+
+def test_sm90_default_dispatch_matches_eager(poison, device, no_tf32):
+    """The block under the sm_90 table against its eager twin in float64 (two training steps,
+    then eval), with both a Triton convolution and the cuDNN route's passes running."""
+    block = _randomize_bn(fusedres.PreActBasicBlock(*SM90_BLOCK))
+    with route.table("sm_90"), launched(*CONV_KERNELS, *ROUTE_KERNELS):
+        r = check_module(block, SM90_INPUT, dtype=torch.float32, device=device, steps=2)
+    bad = r.failures(torch.float32)
+    assert not bad, "; ".join(bad)
+
+
+def test_sm90_training_step_launches(device):
+    """One training step under the sm_90 table, counted: conv1 on the cuDNN route (its BN-ReLU
+    apply pass for fprop and wgrad, the ReLU-mask + BatchNorm-backward pass after its dgrad), conv2
+    and the projection on the Triton kernels (two launches of each role instead of three)."""
+    block = fusedres.PreActBasicBlock(*SM90_BLOCK).to(device)
+    x = torch.randn(SM90_INPUT, device=device, requires_grad=True)
+    kernels = (*CONV_KERNELS, *ROUTE_KERNELS)
+    before = {k: launch_counts[k] for k in kernels}
+    with route.table("sm_90"):
+        block(x).square().sum().backward()
+    assert {k: launch_counts[k] - before[k] for k in kernels} == {
+        "conv_fprop_kernel": 2, "conv_dgrad_kernel": 2, "conv_wgrad_kernel": 2,
+        "bn_relu_apply_kernel": 2, "relu_bn_bwd_partials_kernel": 1,
+    }
+
+
+def test_table_overrides_nest_and_leave_the_default_alone(monkeypatch):
+    dev = torch.device("cpu")
+    sm90_cudnn = ("wgrad", dev, 64, 64, 3, 1, 802816)  # ImageNet 56^2: cuDNN in the sm_90 table
+    monkeypatch.delenv("FUSEDRES_CONV_BACKEND", raising=False)
+    monkeypatch.setattr(route, "_OVERRIDES", [])
+    assert route.choose(*sm90_cudnn) == "triton"  # no table for a CPU device by default
+    with route.table("sm_90"):
+        assert route.choose(*sm90_cudnn) == "cudnn"
+        with route.force("triton"):
+            assert route.choose(*sm90_cudnn) == "triton"  # the innermost override decides
+        monkeypatch.setenv("FUSEDRES_CONV_BACKEND", "triton")
+        assert route.choose(*sm90_cudnn) == "cudnn"  # an applied table wins over the variable
+    assert route.choose(*sm90_cudnn) == "triton" and route._OVERRIDES == []
+    with pytest.raises(ValueError, match=r"no dispatch table for 'sm_75'.*have: sm_90"):
+        route.table("sm_75")

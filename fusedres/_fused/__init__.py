@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from .batchnorm import BnMode, bn_mode, bn_modes, cumulative_update, with_bn_modes
+from .batchnorm import BnMode, bn_mode, bn_modes, cumulative_update, sync_group, with_bn_modes
 from .dispatch import Impl, autocast_dtype, define_ops, run
 from .memory import capturing, kernel_weight
 from .postact import PostAct
@@ -27,5 +27,5 @@ for _impl in (Chain, Pool, PostAct):
 __all__ = [
     "BnMode", "Chain", "ChainInputs", "ChainSpec", "Impl", "Pool", "PostAct", "PostActInputs", "PostActSpec",
     "StageSpec", "autocast_dtype", "bn_mode", "bn_modes", "capturing", "cumulative_update", "kernel_weight", "run",
-    "with_bn_modes",
+    "sync_group", "with_bn_modes",
 ]

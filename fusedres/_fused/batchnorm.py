@@ -160,7 +160,7 @@ class BnMode(NamedTuple):
         return StageSpec(stride, padding, float(bn.eps), self.momentum, self.batch_stats, self.group)
 
 
-def _sync_group(bn: nn.Module) -> Any:
+def sync_group(bn: nn.Module) -> Any:
     if not (isinstance(bn, nn.SyncBatchNorm) and bn.training):
         return None
     import torch.distributed as dist
@@ -191,14 +191,14 @@ def bn_mode(bn: nn.Module) -> BnMode:
     use_running = not bn.training or bn.track_running_stats
     rm = bn.running_mean if use_running else None
     rv = bn.running_var if use_running else None
-    return BnMode(batch_stats, momentum, rm, rv, cumulative, _sync_group(bn))
+    return BnMode(batch_stats, momentum, rm, rv, cumulative, sync_group(bn))
 
 
 def bn_modes(bns: Sequence[nn.Module]) -> list[BnMode] | None:
     """:func:`bn_mode` of each BatchNorm, or None — nothing counted — when a SyncBatchNorm would
     synchronise while ``torch.compile`` traces (the fused path does that eagerly only; the caller
     runs the modules' own forward instead)."""
-    if torch.compiler.is_compiling() and any(_sync_group(bn) is not None for bn in bns):
+    if torch.compiler.is_compiling() and any(sync_group(bn) is not None for bn in bns):
         return None
     counters = [bn.num_batches_tracked for bn in bns if _counts_batches(bn)]
     if counters:  # as the modules do in training; one multi-tensor kernel for all of them

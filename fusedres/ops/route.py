@@ -14,6 +14,8 @@ A call uses the nearest measured layer of the same role, kernel size and stride.
 table for the GPU's architecture every convolution stays on Triton (nothing is guessed), and
 ``FUSEDRES_CONV_BACKEND=triton|cudnn`` or :func:`force` overrides the table (tests use it to
 run the cuDNN route on the CPU, where PyTorch's own convolution stands in for cuDNN).
+:func:`table` applies a named architecture's table on any device, so that the mixed routing an
+H100/H200 gets by default can be run and checked on the CPU under the interpreter.
 """
 
 from __future__ import annotations
@@ -33,20 +35,39 @@ from . import bn as bn_ops
 from . import conv as conv_ops
 
 _TABLES = Path(__file__).resolve().parent / "dispatch"
-_FORCED: list[str] = []
+#: Overrides entered by :func:`force` (a backend) and :func:`table` (an architecture), innermost last.
+_OVERRIDES: list[str] = []
 ROLES = ("fprop", "dgrad", "wgrad")
+BACKENDS = ("triton", "cudnn")
 
 
 @contextlib.contextmanager
-def force(backend: str) -> Iterator[None]:
-    """Route every convolution to ``backend`` ("triton" or "cudnn") inside the block."""
-    if backend not in ("triton", "cudnn"):
-        raise ValueError(f"backend must be 'triton' or 'cudnn', got {backend!r}")
-    _FORCED.append(backend)
+def _override(entry: str) -> Iterator[None]:
+    _OVERRIDES.append(entry)
     try:
         yield
     finally:
-        _FORCED.pop()
+        _OVERRIDES.pop()
+
+
+def force(backend: str) -> contextlib.AbstractContextManager[None]:
+    """Route every convolution to ``backend`` ("triton" or "cudnn") inside the block."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'triton' or 'cudnn', got {backend!r}")
+    return _override(backend)
+
+
+def table(arch: str) -> contextlib.AbstractContextManager[None]:
+    """Route every convolution by the committed dispatch table of ``arch`` (e.g. "sm_90") inside
+    the block, whatever the device, as :func:`choose` would on a GPU of that architecture.
+
+    The innermost :func:`force` or :func:`table` decides (so a test can apply a table inside the
+    test suite's ``force("triton")``); both take precedence over ``FUSEDRES_CONV_BACKEND``.
+    """
+    if not _table(arch):
+        have = sorted(p.stem for p in _TABLES.glob("sm_*.json"))
+        raise ValueError(f"no dispatch table for {arch!r} in {_TABLES} (have: {', '.join(have) or 'none'})")
+    return _override(arch)
 
 
 @functools.cache
@@ -66,12 +87,15 @@ def _arch(device: torch.device) -> str | None:
 
 def choose(role: str, device: torch.device, cin: int, cout: int, ksize: int, stride: int, pixels: int) -> str:
     """"triton" or "cudnn" for one convolution (see the module docstring)."""
-    if _FORCED:
-        return _FORCED[-1]
-    env = os.environ.get("FUSEDRES_CONV_BACKEND", "auto")
-    if env in ("triton", "cudnn"):
-        return env
-    arch = _arch(device)
+    if _OVERRIDES and _OVERRIDES[-1] in BACKENDS:
+        return _OVERRIDES[-1]
+    if _OVERRIDES:  # a table applied with table()
+        arch: str | None = _OVERRIDES[-1]
+    else:
+        env = os.environ.get("FUSEDRES_CONV_BACKEND", "auto")
+        if env in BACKENDS:
+            return env
+        arch = _arch(device)
     rows = [r for r in _table(arch) if r["role"] == role and r["ksize"] == ksize] if arch else []
     if not rows:
         return "triton"
