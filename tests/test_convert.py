@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from _helpers import assert_low_precision_block, launched
+from _helpers import CHAIN_KERNELS, POSTACT_KERNELS, assert_low_precision_block, launched
 from torch import nn
 from torchvision.models.resnet import BasicBlock as TVBasic
 from torchvision.models.resnet import Bottleneck as TVBottleneck
@@ -26,9 +26,6 @@ timm = pytest.importorskip("timm")
 from timm.layers import BatchNormAct2d, create_conv2d  # noqa: E402
 from timm.models import resnet as timm_resnet  # noqa: E402
 from timm.models import resnetv2 as timm_resnetv2  # noqa: E402
-
-POST_ACT_KERNELS = ("conv_fprop_kernel", "bn_add_relu_kernel", "bn_add_relu_bwd_kernel", "conv_dgrad_kernel",
-                    "conv_wgrad_kernel")
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -161,9 +158,9 @@ def test_post_act_block_numerics(poison, device, no_tf32, key):
     cin = converted[0].conv1.in_channels
     x = torch.randn(2, cin, 9, 7)
     torch.testing.assert_close(set_fused(copy.deepcopy(converted), False)(x), original(x), rtol=0, atol=0)
-    with launched(*POST_ACT_KERNELS):
+    with launched(*POSTACT_KERNELS):
         _assert_ok(check_module(converted, (2, cin, 9, 7), dtype=torch.float32, device=device, steps=2))
-    assert_low_precision_block(converted, (2, cin, 9, 7), torch.bfloat16, device)
+    assert_low_precision_block(converted, (2, cin, 9, 7), torch.bfloat16, device, kernels=POSTACT_KERNELS)
 
 
 def _tiny_resnetv2(basic: bool) -> nn.Module:
@@ -179,9 +176,9 @@ def test_resnetv2_identity_blocks(poison, device, no_tf32, basic):
     blocks = [b for s in converted.stages for b in s.blocks]
     assert [type(b) for b in blocks] == [TimmPreActBlock] * 3 and blocks[1].downsample is None
     stages = converted.stages  # the blocks alone: the stem and head are not what is tested here
-    with launched("conv_fprop_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel"):
+    with launched(*CHAIN_KERNELS):
         _assert_ok(check_module(stages, (2, 8, 7, 7), dtype=torch.float32, device=device, steps=2))
-    assert_low_precision_block(stages, (2, 8, 7, 7), torch.bfloat16, device)
+    assert_low_precision_block(stages, (2, 8, 7, 7), torch.bfloat16, device, kernels=CHAIN_KERNELS)
 
 
 # --------------------------------------------------------------------------------------------
