@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from torch import nn
 
 from fusedres import _runtime
 from fusedres.testing import atol, rel_error
@@ -25,6 +26,21 @@ POSTACT_KERNELS = (*CONV_KERNELS, "bn_add_relu_kernel", "bn_add_relu_bwd_kernel"
 HEAD_KERNELS = ("bn_relu_pool_kernel", "bn_relu_pool_bwd_kernel")
 #: The passes the cuDNN route keeps around PyTorch's convolution (fusedres.ops.route).
 ROUTE_KERNELS = ("bn_relu_apply_kernel", "relu_bn_bwd_partials_kernel")
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BatchNorm parameters and running statistics, O(1) and away from the defaults (a
+    zero-initialised last BatchNorm, as timm makes, would hide the residual branch from every
+    comparison; unit statistics would hide the running-statistics path)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model
 
 
 def rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

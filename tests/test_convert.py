@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from _helpers import CHAIN_KERNELS, POSTACT_KERNELS, assert_low_precision_block, launched
+from _helpers import CHAIN_KERNELS, POSTACT_KERNELS, assert_low_precision_block, launched, randomize_bn
 from torch import nn
 from torchvision.models.resnet import BasicBlock as TVBasic
 from torchvision.models.resnet import Bottleneck as TVBottleneck
@@ -26,19 +26,6 @@ timm = pytest.importorskip("timm")
 from timm.layers import BatchNormAct2d, create_conv2d  # noqa: E402
 from timm.models import resnet as timm_resnet  # noqa: E402
 from timm.models import resnetv2 as timm_resnetv2  # noqa: E402
-
-
-def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BatchNorm parameters and statistics (timm zero-initialises the last BatchNorm of
-    each block, which would hide the residual branch from every comparison)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.data = torch.rand(m.num_features, generator=g) + 0.5
-            m.bias.data = torch.randn(m.num_features, generator=g) * 0.3
-            m.running_mean.data = torch.randn(m.num_features, generator=g) * 0.2
-            m.running_var.data = torch.rand(m.num_features, generator=g) + 0.5
-    return model
 
 
 def _assert_ok(result, dtype=torch.float32):
@@ -151,7 +138,7 @@ def _timm_block(key: str) -> nn.Module:
                                  "timm-wide-bottleneck", "torchvision-wide-bottleneck"])
 def test_post_act_block_numerics(poison, device, no_tf32, key):
     torch.manual_seed(0)
-    original = nn.Sequential(_randomize_bn(_timm_block(key)))
+    original = nn.Sequential(randomize_bn(_timm_block(key)))
     converted = _quiet_convert(original)
     want = fusedres.Bottleneck if key.startswith("torchvision") else TimmPostActBlock
     assert type(converted[0]) is want
@@ -165,8 +152,8 @@ def test_post_act_block_numerics(poison, device, no_tf32, key):
 
 def _tiny_resnetv2(basic: bool) -> nn.Module:
     # [2, 1]: stage 0 holds an identity block (no downsample), the kind convert used to leave
-    return _randomize_bn(timm_resnetv2.ResNetV2(layers=[2, 1], channels=(16, 32), num_classes=5, stem_chs=8,
-                                                conv_layer=create_conv2d, norm_layer=BatchNormAct2d, basic=basic))
+    return randomize_bn(timm_resnetv2.ResNetV2(layers=[2, 1], channels=(16, 32), num_classes=5, stem_chs=8,
+                                               conv_layer=create_conv2d, norm_layer=BatchNormAct2d, basic=basic))
 
 
 @pytest.mark.parametrize("basic", [False, True], ids=["PreActBottleneck", "PreActBasic"])
@@ -271,7 +258,7 @@ class _DropoutModuleBlock(_PreActBlock):
                          ids=["F.dropout", "nn.Dropout"])
 def test_dropout_between_convolutions_is_never_dropped(device, make):
     torch.manual_seed(0)
-    original = _randomize_bn(nn.Sequential(make(), _WideBasic(8, 8, 1, 0.0))).to(device)
+    original = randomize_bn(nn.Sequential(make(), _WideBasic(8, 8, 1, 0.0))).to(device)
     with pytest.warns(UserWarning, match=r"left 1 block\(s\) as they are: 0 \(\w+: its training forward draws "
                                          r"random numbers \(dropout\?\)"):
         converted = convert(original)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import randomize_bn
 from torch import nn
 from torchvision.models.resnet import BasicBlock as TVBasic
 from torchvision.models.resnet import Bottleneck as TVBottleneck
@@ -27,25 +28,13 @@ CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 
-def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model
-
-
 def _ds(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
 
 def _preact(build: Callable[[], nn.Module]) -> Callable[[], tuple[nn.Module, nn.Module]]:
     def make() -> tuple[nn.Module, nn.Module]:
-        fused = _randomize_bn(build())
+        fused = randomize_bn(build())
         return fused, set_fused(copy.deepcopy(fused), False)
 
     return make
@@ -53,7 +42,7 @@ def _preact(build: Callable[[], nn.Module]) -> Callable[[], tuple[nn.Module, nn.
 
 def _torchvision(build: Callable[[], nn.Module]) -> Callable[[], tuple[nn.Module, nn.Module]]:
     def make() -> tuple[nn.Module, nn.Module]:
-        twin = _randomize_bn(nn.Sequential(build()))
+        twin = randomize_bn(nn.Sequential(build()))
         return fusedres.convert(twin), twin
 
     return make

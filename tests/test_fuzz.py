@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from _helpers import DTYPE_IDS, DTYPES
+from _helpers import DTYPE_IDS, DTYPES, randomize_bn
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -114,14 +114,8 @@ def cases(draw: st.DrawFn, kind: str) -> Case:
 def _randomize(model: nn.Module, seed: int, dtype: torch.dtype) -> nn.Module:
     """Non-trivial BatchNorm parameters and running statistics; then every parameter and buffer
     rounded to ``dtype``, so that the float64 reference computes with the very same values."""
-    g = torch.Generator().manual_seed(seed)
+    randomize_bn(model, seed)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
         for t in [*model.parameters(), *model.buffers()]:
             if t.is_floating_point():
                 t.copy_(t.to(dtype).to(t.dtype))

@@ -17,7 +17,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import launched
+from _helpers import launched, randomize_bn
 from torch import nn
 
 import fusedres
@@ -37,17 +37,6 @@ ROUTE_KERNELS = ("bn_relu_apply_kernel", "relu_bn_bwd_partials_kernel")
 
 X_AT = (1, 1, 2, 3)  # the poisoned input element: inside the image, so its whole neighbourhood is seen
 GRAD_AT = (0, 2, 1, 1)  # the poisoned upstream-gradient element
-
-
-def _randomize_bn(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.data = torch.rand(m.num_features, generator=g) + 0.5
-            m.bias.data = torch.randn(m.num_features, generator=g) * 0.3
-            m.running_mean.data = torch.randn(m.num_features, generator=g) * 0.2
-            m.running_var.data = torch.rand(m.num_features, generator=g) + 0.5
-    return model
 
 
 def _torchvision(kind: str) -> nn.Module:
@@ -145,7 +134,7 @@ def _check_module(name: str, case, device, backend: str = "triton") -> None:
     """One poisoned forward and backward of block ``name``, fused against eager."""
     make, cin, kernels = BLOCKS[name]
     what, value, training = case
-    base = _randomize_bn(make())
+    base = randomize_bn(make())
     if what.startswith("bn2."):
         bn2 = next(m for n, m in base.named_modules() if n.endswith("bn2"))
         getattr(bn2, what.split(".")[1]).data[1] = value
@@ -214,7 +203,7 @@ def test_torchvision_eval_no_grad(poison, device, no_tf32, name, case):
     """Eval under no_grad folds BatchNorm into the convolutions: the ReLUs are the convolution
     epilogue's OUT_RELU."""
     make, cin, _ = BLOCKS[name]
-    base = _randomize_bn(make()).eval()
+    base = randomize_bn(make()).eval()
     x64 = _poisoned_inputs((2, cin, 5, 6), CASES[case])
 
     def run(fused: bool, dtype, dev) -> torch.Tensor:

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import CHAIN_KERNELS, POSTACT_KERNELS, assert_low_precision_block, launched
+from _helpers import CHAIN_KERNELS, POSTACT_KERNELS, assert_low_precision_block, launched, randomize_bn
 from torch import nn
 from torchvision.models.resnet import BasicBlock as TVBasic
 from torchvision.models.resnet import Bottleneck as TVBottleneck
@@ -17,17 +17,6 @@ from torchvision.models.resnet import ResNet, resnet18, resnet50
 import fusedres
 from fusedres import BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck, convert
 from fusedres.testing import check_module, set_fused
-
-
-def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.data = torch.rand(m.num_features, generator=g) + 0.5
-            m.bias.data = torch.randn(m.num_features, generator=g) * 0.3
-            m.running_mean.data = torch.randn(m.num_features, generator=g) * 0.2
-            m.running_var.data = torch.rand(m.num_features, generator=g) + 0.5
-    return model
 
 
 def _ds(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -57,7 +46,7 @@ def _pair(key: str) -> tuple[nn.Module, nn.Module]:
     fused_cls = BasicBlock if key.startswith("basic") else Bottleneck
     tv_cls = TVBasic if key.startswith("basic") else TVBottleneck
     torch.manual_seed(0)
-    tv = _randomize_bn(BLOCKS[key](tv_cls))
+    tv = randomize_bn(BLOCKS[key](tv_cls))
     ours = BLOCKS[key](fused_cls)
     ours.load_state_dict(tv.state_dict(), strict=True)
     return ours, tv
@@ -82,7 +71,7 @@ def test_block_matches_twin(poison, device, no_tf32, key):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_block_low_precision(poison, device, dtype):
-    assert_low_precision_block(_randomize_bn(Bottleneck(8, 4, 2, _ds(8, 16, 2))), (4, 8, 8, 8), dtype, device,
+    assert_low_precision_block(randomize_bn(Bottleneck(8, 4, 2, _ds(8, 16, 2))), (4, 8, 8, 8), dtype, device,
                                kernels=POSTACT_KERNELS)
 
 
@@ -232,7 +221,7 @@ class _HandWrittenPreActNet(nn.Module):
 
 
 def test_convert_torchvision_model(poison, device, no_tf32):
-    original = _randomize_bn(_SmallTorchvisionNet())
+    original = randomize_bn(_SmallTorchvisionNet())
     keys = list(original.state_dict())
     converted = convert(original)
     assert type(original.layer1[0]) is TVBasic, "inplace=False must leave the original alone"
@@ -255,7 +244,7 @@ def test_convert_inplace_keeps_the_same_tensors():
 
 
 def test_convert_hand_written_preact_net(poison, device, no_tf32):
-    original = _randomize_bn(_HandWrittenPreActNet())
+    original = randomize_bn(_HandWrittenPreActNet())
     converted = convert(original)
     assert [type(b) for b in converted.layers] == [PreActBasicBlock, PreActBasicBlock, PreActBottleneck]
     assert list(converted.state_dict()) == list(original.state_dict())
@@ -290,7 +279,7 @@ def test_convert_wrong_declared_shapes_raises():
 
 
 def test_convert_eval_mode_model(device, no_tf32):
-    original = _randomize_bn(_SmallTorchvisionNet()).eval().to(device)
+    original = randomize_bn(_SmallTorchvisionNet()).eval().to(device)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         converted = convert(original)
@@ -306,8 +295,8 @@ def test_convert_timm_resnetv2(poison, device, no_tf32, basic):
     timm_resnetv2 = pytest.importorskip("timm.models.resnetv2")
     from timm.layers import BatchNormAct2d, create_conv2d
 
-    model = _randomize_bn(timm_resnetv2.ResNetV2(layers=[1, 1], channels=(16, 32), num_classes=5, stem_chs=8,
-                                                 conv_layer=create_conv2d, norm_layer=BatchNormAct2d, basic=basic))
+    model = randomize_bn(timm_resnetv2.ResNetV2(layers=[1, 1], channels=(16, 32), num_classes=5, stem_chs=8,
+                                                conv_layer=create_conv2d, norm_layer=BatchNormAct2d, basic=basic))
     keys = list(model.state_dict())
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # everything convertible is converted
