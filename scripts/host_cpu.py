@@ -13,7 +13,9 @@ small CPU input, channels_last, on the Triton route, its input the output of a p
 block (as inside a network: the statistics hand-off applies). Each repeat times ``--steps``
 training steps (gradients set to None first) and forwards alone; the best repeat is reported.
 With ``--against``, the same measurement runs in a subprocess on the other checkout, the two
-alternating repeat by repeat, so that a loaded machine slows both alike.
+alternating repeat by repeat, so that a loaded machine slows both alike. Times are the thread's
+CPU time (``time.thread_time``), not wall time: time spent waiting for a core on a shared machine
+is not counted (what sharing still costs — caches — the interleaving evens out).
 """
 
 from __future__ import annotations
@@ -94,10 +96,10 @@ def measure(kind: str, steps: int) -> dict[str, float]:
         for name, fn in (("step", step), ("forward", forward), ("previous block", first_only)):
             for _ in range(5):
                 fn()
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             for _ in range(steps):
                 fn()
-            out[name] = (time.perf_counter() - t0) / steps * 1e6
+            out[name] = (time.thread_time() - t0) / steps * 1e6
     # the previous block's no-grad forward is part of every timed call: take it out
     return {"step": out["step"] - out["previous block"], "forward": out["forward"] - out["previous block"]}
 

@@ -171,8 +171,15 @@ def sync_group(bn: nn.Module) -> Any:
     return group if dist.get_world_size(group) > 1 else None
 
 
-def _counts_batches(bn: nn.Module) -> bool:
-    return bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+# The parameters and buffers below are read from the modules' dicts, not through
+# nn.Module.__getattr__ (~1 µs per read, dozens of reads per block call).
+
+
+def _counter(bn: nn.Module) -> torch.Tensor | None:
+    """``bn.num_batches_tracked`` when this call counts a batch (as the module would), else None."""
+    if bn.training and bn.track_running_stats:
+        return bn._buffers.get("num_batches_tracked")
+    return None
 
 
 def bn_mode(bn: nn.Module) -> BnMode:
@@ -183,15 +190,20 @@ def bn_mode(bn: nn.Module) -> BnMode:
     module itself does in training; :func:`bn_modes` does both)."""
     momentum = 0.0 if bn.momentum is None else float(bn.momentum)
     cumulative = None
-    if _counts_batches(bn):
-        if bn.momentum is None:
-            cumulative = 1.0 / bn.num_batches_tracked
+    if bn.momentum is None:
+        counter = _counter(bn)
+        if counter is not None:
+            cumulative = 1.0 / counter
             momentum = 1.0  # the kernel writes the batch statistics; cumulative_update averages
-    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    use_running = not bn.training or bn.track_running_stats
-    rm = bn.running_mean if use_running else None
-    rv = bn.running_var if use_running else None
-    return BnMode(batch_stats, momentum, rm, rv, cumulative, sync_group(bn))
+    buffers = bn._buffers
+    running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+    training = bn.training
+    batch_stats = training or (running_mean is None and running_var is None)
+    use_running = not training or bn.track_running_stats
+    rm = running_mean if use_running else None
+    rv = running_var if use_running else None
+    group = sync_group(bn) if training and isinstance(bn, nn.SyncBatchNorm) else None
+    return BnMode(batch_stats, momentum, rm, rv, cumulative, group)
 
 
 def bn_modes(bns: Sequence[nn.Module]) -> list[BnMode] | None:
@@ -200,7 +212,7 @@ def bn_modes(bns: Sequence[nn.Module]) -> list[BnMode] | None:
     runs the modules' own forward instead)."""
     if torch.compiler.is_compiling() and any(sync_group(bn) is not None for bn in bns):
         return None
-    counters = [bn.num_batches_tracked for bn in bns if _counts_batches(bn)]
+    counters = [c for c in map(_counter, bns) if c is not None]
     if counters:  # as the modules do in training; one multi-tensor kernel for all of them
         torch._foreach_add_(counters, 1)
     return [bn_mode(bn) for bn in bns]
