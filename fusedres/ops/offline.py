@@ -72,10 +72,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
+from triton.runtime.jit import mangle_type
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import _runtime
-from . import bn, conv
-from .configs import TWO_LEVEL_TILES, ConvConfig, all_conv_configs
+from . import bn, conv, hopper
+from .configs import TWO_LEVEL_TILES, ConvConfig, HopperConfig, all_conv_configs, all_hopper_configs
 
 #: Largest shared memory one block may use (the opt-in maximum), in bytes.
 SMEM_LIMITS: dict[str, int] = {
@@ -158,7 +160,7 @@ def _recorded_launches() -> Iterator[list[tuple[Any, tuple[Any, ...], dict[str, 
         calls.append((kernel, args, kwargs))
 
     with contextlib.ExitStack() as stack:
-        for module in (_runtime, conv, bn):
+        for module in (_runtime, conv, bn, hopper):
             stack.enter_context(mock.patch.object(module, "launch", record))
         yield calls
 
@@ -196,6 +198,24 @@ def _conv_launchers(
             dy, w, tuple(x.shape), bn=(x, scale, shift, mean, invstd), add=res_in, **geom
         ),
         "wgrad": lambda: conv.conv_wgrad(dy, x, w, scale=scale, shift=shift, splits=_SPLITS, **geom),
+    }
+
+
+def _hopper_launchers(
+    dtype: torch.dtype, cfg: HopperConfig, stride: int, ksize: int = 3, fused: bool = True
+) -> dict[str, Callable[[], object]]:
+    """The sm_90 engine's roles (fprop so far) called like :func:`_conv_launchers`' ("fprop-hopper")."""
+    pad = 0 if stride > 1 else ksize // 2  # its strided convolutions: 1x1 without padding
+    ohw = conv.conv_out_size(_HW, ksize, stride, pad)
+    x, res = _act(_C, _HW, dtype), _act(_C, ohw, dtype)
+    w = torch.empty((_C, _C, ksize, ksize), dtype=dtype).to(memory_format=torch.channels_last)
+    geom: dict[str, Any] = {"stride": stride, "padding": pad, "config": cfg}
+    if not fused:
+        return {"fprop-hopper": lambda: hopper.conv_fprop(x, w, **geom)}
+    return {
+        "fprop-hopper": lambda: hopper.conv_fprop(
+            x, w, scale=_vec(), shift=_vec(), residual=res, stats=True, out_shift=_vec(), out_relu=True, **geom
+        ),
     }
 
 
@@ -267,6 +287,9 @@ def _specialize(
             signature[param.name] = "constexpr"
             constexprs[param.name] = value
             continue
+        if isinstance(value, TensorDescriptor):
+            signature[param.name] = mangle_type(value)  # "tensordesc<bf16[1, 8, 16, 64]>", as the JIT names it
+            continue
         if isinstance(value, torch.Tensor):
             signature[param.name] = "*" + _TRITON_TYPES[value.dtype]
             desc = backend.get_tensor_specialization(value, align=True)
@@ -309,7 +332,9 @@ def plan_jobs(archs: list[str], *, plain: bool = False, ksize: int = 3, only: st
             "functions that cannot be compiled. Run it again with TRITON_INTERPRET unset."
         )
     # (conv role, dtype, config, stride, launcher call); the per-channel kernels are named after themselves.
-    launches: list[tuple[str | None, torch.dtype, ConvConfig | None, int | None, Callable[[], object]]] = []
+    launches: list[
+        tuple[str | None, torch.dtype, ConvConfig | HopperConfig | None, int | None, Callable[[], object]]
+    ] = []
     for role, items in sorted(all_conv_configs().items()):
         for cfg, dtype in sorted(items, key=lambda item: (str(item[1]), dataclasses.astuple(item[0]))):
             strides = (1, 2) if dtype == torch.bfloat16 and role in ("fprop", "dgrad") else (1,)
@@ -318,6 +343,14 @@ def plan_jobs(archs: list[str], *, plain: bool = False, ksize: int = 3, only: st
                 if plain:
                     call = _conv_launchers(dtype, cfg, stride, ksize, fused=False)[role]
                     launches.append((f"{role}-plain", dtype, cfg, stride, call))
+    if "sm_90" in archs:  # the TMA + wgmma engine exists for sm_90 only
+        for cfg, dtype in sorted(all_hopper_configs(), key=lambda item: (str(item[1]), dataclasses.astuple(item[0]))):
+            strides = (1, 2) if ksize == 1 and dtype == torch.bfloat16 else (1,)
+            for stride in strides:
+                for fused in (True, False) if plain else (True,):
+                    role = "fprop-hopper" if fused else "fprop-hopper-plain"
+                    call = _hopper_launchers(dtype, cfg, stride, ksize, fused)["fprop-hopper"]
+                    launches.append((role, dtype, cfg, stride, call))
     for dtype in DTYPES:
         launches.extend((None, dtype, None, None, call) for call in _bn_launchers(dtype))
 
@@ -330,6 +363,8 @@ def plan_jobs(archs: list[str], *, plain: bool = False, ksize: int = 3, only: st
             # The first launch is the role's own kernel; later ones (wgrad's split reduce) are helpers.
             own = n == 0 and role is not None
             for arch in archs:
+                if kernel is hopper.hopper_fprop_kernel and arch != "sm_90":
+                    continue
                 sig, constexprs, attrs, options = _specialize(kernel, args, kwargs, _target(arch))
                 job = Job(
                     kernel=f"{kernel.fn.__module__}:{kernel.fn.__name__}",
