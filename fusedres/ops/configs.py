@@ -130,9 +130,20 @@ def hopper_block_k(cin: int, dtype: torch.dtype) -> int:
 @functools.cache  # called per launch: a lookup instead of a new dataclass
 def hopper_fprop_config(cin: int, cout: int, ksize: int, stride: int, dtype: torch.dtype) -> HopperConfig:
     """Output channels (wgmma's M: 64 per warpgroup, rows past Cout zero-filled by the copy
-    engine) x an 8x16-pixel rectangle (wgmma's N = 128), reduced over taps x Cin."""
-    block_n = 64 if cout <= 64 else 128
-    return HopperConfig(8, 16, block_n, hopper_block_k(cin, dtype), 4 if block_n == 64 else 8, 3)
+    engine) x a pixel rectangle (wgmma's N), reduced over taps x Cin.
+
+    From the sm_90 SASS (benchmarks/NOTES.md section 3): Cout >= 128 takes two warpgroups that
+    share one transformed activation tile (80 instructions per HGMMA.64x128); Cout 64 one; Cout
+    <= 32 (the padded rows cost tensor cycles, not instructions) a 16x16 rectangle, HGMMA.64x256,
+    so that the per-iteration cost of the copies and barriers is spread over twice the pixels.
+    512 channels come in 7x7 images in ResNets: an 8x8 rectangle covers 49 of 64 pixels where
+    8x16 would cover 49 of 128."""
+    block_k = hopper_block_k(cin, dtype)
+    if cout <= 32:
+        return HopperConfig(16, 16, 64, block_k, 4, 3)
+    if cout <= 64:
+        return HopperConfig(8, 16, 64, block_k, 4, 3)
+    return HopperConfig(8, 8 if cout >= 512 else 16, 128, block_k, 8, 3)
 
 
 def all_hopper_configs() -> set[tuple[HopperConfig, torch.dtype]]:

@@ -43,10 +43,10 @@ from .conv import conv_out_size, input_precision
 @triton.jit
 def hopper_fprop_kernel(
     x_desc, w_desc, out_ptr, res_ptr, scale_ptr, shift_ptr, oshift_ptr, pmean_ptr, pm2_ptr,
-    H, W, C, OH, OW, K, TILES_H, TILES_W,
+    H, W, OH, OW, K, TILES_H, TILES_W,
     son, soc, soh, sow,
     srn, src, srh, srw,
-    PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
+    NUM_C: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr,
     OUT_SHIFT: tl.constexpr, OUT_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -55,8 +55,8 @@ def hopper_fprop_kernel(
 
     Program (t, j) computes output channels [j*BLOCK_N, (j+1)*BLOCK_N) of the BLOCK_H x BLOCK_W
     pixel rectangle t (row-major over the images' tile grids, TILES_H x TILES_W per image).
-    C is a multiple of BLOCK_K. With STATS it writes the mean and M2 of the rectangle's pixels
-    inside the image, row t of the partials.
+    The input has NUM_C slices of BLOCK_K channels. With STATS it writes the mean and M2 of the
+    rectangle's pixels inside the image, row t of the partials.
     """
     pid = tl.program_id(0)
     per_image = TILES_H * TILES_W
@@ -71,11 +71,15 @@ def hopper_fprop_kernel(
     ows = ow0 + rows % BLOCK_W
     offs_k = tl.arange(0, BLOCK_K)
 
+    C: tl.constexpr = NUM_C * BLOCK_K
+    if PROLOGUE and NUM_C == 1:
+        # One channel slice (C <= 64): the prologue's vectors are loaded once, not per tap.
+        sc = tl.load(scale_ptr + offs_k)
+        sh = tl.load(shift_ptr + offs_k)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    num_c = C // BLOCK_K
-    for kk in range(0, R * S * num_c):
-        rs = kk // num_c
-        c0 = (kk - rs * num_c) * BLOCK_K
+    for kk in range(0, R * S * NUM_C):
+        rs = kk // NUM_C
+        c0 = (kk - rs * NUM_C) * BLOCK_K
         r = rs // S
         s = rs - r * S
         a = x_desc.load([n, oh0 + r - PAD, ow0 + s - PAD, c0]).reshape(BLOCK_M, BLOCK_K)
@@ -83,8 +87,9 @@ def hopper_fprop_kernel(
             ih = ohs + r - PAD
             iw = ows + s - PAD
             inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            sc = tl.load(scale_ptr + c0 + offs_k)
-            sh = tl.load(shift_ptr + c0 + offs_k)
+            if NUM_C > 1:
+                sc = tl.load(scale_ptr + c0 + offs_k)
+                sh = tl.load(shift_ptr + c0 + offs_k)
             # The copy engine's zero padding is 0 before the activation; after it, it must be 0
             # too, not relu(shift).
             a = tl.where(inside[:, None], relu(a.to(tl.float32) * sc[None, :] + sh[None, :]), 0.0)
@@ -236,10 +241,10 @@ def conv_fprop(
         scale if prologue else out, shift if prologue else out,
         out_shift if out_shift is not None else out,
         pmean, pm2,
-        xh, xw, C, OH, OW, K, tiles_h, tiles_w,
+        xh, xw, OH, OW, K, tiles_h, tiles_w,
         *out.stride(),
         *res.stride(),
-        PAD=padding, R=R, S=S,
+        NUM_C=C // cfg.block_k, PAD=padding, R=R, S=S,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, STATS=stats,
         OUT_SHIFT=out_shift is not None, OUT_RELU=out_relu,
         INPUT_PRECISION=input_precision(x.dtype),

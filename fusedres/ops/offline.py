@@ -54,6 +54,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -202,13 +203,15 @@ def _conv_launchers(
 
 
 def _hopper_launchers(
-    dtype: torch.dtype, cfg: HopperConfig, stride: int, ksize: int = 3, fused: bool = True
+    dtype: torch.dtype, cfg: HopperConfig, stride: int, ksize: int = 3, fused: bool = True, slices: int = 1
 ) -> dict[str, Callable[[], object]]:
-    """The sm_90 engine's roles (fprop so far) called like :func:`_conv_launchers`' ("fprop-hopper")."""
+    """The sm_90 engine's roles (fprop so far) called like :func:`_conv_launchers`' ("fprop-hopper"),
+    with ``slices`` channel slices of the config's block_k in the input (the kernel is built per
+    count: one slice loads the prologue's vectors once, more load them per tap and slice)."""
     pad = 0 if stride > 1 else ksize // 2  # its strided convolutions: 1x1 without padding
     ohw = conv.conv_out_size(_HW, ksize, stride, pad)
-    x, res = _act(_C, _HW, dtype), _act(_C, ohw, dtype)
-    w = torch.empty((_C, _C, ksize, ksize), dtype=dtype).to(memory_format=torch.channels_last)
+    x, res = _act(slices * cfg.block_k, _HW, dtype), _act(_C, ohw, dtype)
+    w = torch.empty((_C, slices * cfg.block_k, ksize, ksize), dtype=dtype).to(memory_format=torch.channels_last)
     geom: dict[str, Any] = {"stride": stride, "padding": pad, "config": cfg}
     if not fused:
         return {"fprop-hopper": lambda: hopper.conv_fprop(x, w, **geom)}
@@ -307,10 +310,12 @@ def _specialize(
 
 
 def _tile(constexprs: dict[str, Any], options: dict[str, int]) -> str:
-    """Block sizes and the launch options given, e.g. "M128 N64 K32 w4 s3" (BLOCK_M=128, ...)."""
+    """Block sizes and the launch options given, e.g. "M128 N64 K32 w4 s3" (BLOCK_M=128, ...); "x2" is
+    a Hopper fprop over two channel slices."""
     blocks = [f"{k[len('BLOCK') :].lstrip('_') or 'B'}{v}" for k, v in constexprs.items() if k.startswith("BLOCK")]
     given = [f"{k[len('num_') :][0]}{v}" for k, v in options.items() if k in ("num_warps", "num_stages")]
-    return " ".join(blocks + given)
+    slices = [f"x{constexprs['NUM_C']}" for _ in range("NUM_C" in constexprs)]  # the Hopper fprop's channel slices
+    return " ".join(blocks + slices + given)
 
 
 def _target(arch: str) -> GPUTarget:
@@ -346,10 +351,10 @@ def plan_jobs(archs: list[str], *, plain: bool = False, ksize: int = 3, only: st
     if "sm_90" in archs:  # the TMA + wgmma engine exists for sm_90 only
         for cfg, dtype in sorted(all_hopper_configs(), key=lambda item: (str(item[1]), dataclasses.astuple(item[0]))):
             strides = (1, 2) if ksize == 1 and dtype == torch.bfloat16 else (1,)
-            for stride in strides:
+            for stride, slices in itertools.product(strides, (1, 2)):
                 for fused in (True, False) if plain else (True,):
                     role = "fprop-hopper" if fused else "fprop-hopper-plain"
-                    call = _hopper_launchers(dtype, cfg, stride, ksize, fused)["fprop-hopper"]
+                    call = _hopper_launchers(dtype, cfg, stride, ksize, fused, slices)["fprop-hopper"]
                     launches.append((role, dtype, cfg, stride, call))
     for dtype in DTYPES:
         launches.extend((None, dtype, None, None, call) for call in _bn_launchers(dtype))
