@@ -135,11 +135,12 @@ def hopper_fprop_config(cin: int, cout: int, ksize: int, stride: int, dtype: tor
     From the sm_90 SASS (benchmarks/NOTES.md section 3): Cout >= 128 takes two warpgroups that
     share one transformed activation tile (80 instructions per HGMMA.64x128); Cout 64 one; Cout
     <= 32 (the padded rows cost tensor cycles, not instructions) a 16x16 rectangle, HGMMA.64x256,
-    so that the per-iteration cost of the copies and barriers is spread over twice the pixels.
+    so that the per-iteration cost of the copies and barriers is spread over twice the pixels
+    (16-bit only: in fp32 that tile spills, 140 bytes per thread).
     512 channels come in 7x7 images in ResNets: an 8x8 rectangle covers 49 of 64 pixels where
     8x16 would cover 49 of 128."""
     block_k = hopper_block_k(cin, dtype)
-    if cout <= 32:
+    if cout <= 32 and dtype != torch.float32:
         return HopperConfig(16, 16, 64, block_k, 4, 3)
     if cout <= 64:
         return HopperConfig(8, 16, 64, block_k, 4, 3)
