@@ -14,6 +14,7 @@ import torch
 
 try:
     import triton
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     try:
         from triton import knobs as _knobs
@@ -123,7 +124,9 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
     arguments Triton's own launcher would pass (``JITFunction.run``'s call convention, the same
     in Triton 3.6 and 3.8), unless a launch hook is installed (a profiler).
     """
-    if FAST_LAUNCH:
+    # Host tensor descriptors are expanded by Triton's own launcher (into the TMA descriptor and
+    # its shape and strides): only the public path passes them.
+    if FAST_LAUNCH and not any(type(a) is TensorDescriptor for a in args):
         rt = triton.knobs.runtime
         if rt.launch_enter_hook is None and rt.launch_exit_hook is None:
             device = torch.cuda.current_device()

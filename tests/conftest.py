@@ -58,8 +58,10 @@ def no_tf32() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _triton_convolutions(request: pytest.FixtureRequest) -> Iterator[None]:
     """Tests exercise our Triton convolutions even where the measured dispatch table would send a
-    convolution to cuDNN (tests/test_route.py covers that route and forces it itself)."""
+    convolution to cuDNN (tests/test_route.py covers that route and forces it itself), and on
+    the portable pointer engine even on an sm_90 GPU, whose launch guards name its kernels
+    (tests/test_hopper.py runs the Hopper engine and forces it itself)."""
     from fusedres.ops import route
 
-    with route.force("triton"):
+    with route.force("triton"), route.engine("pointer"):
         yield

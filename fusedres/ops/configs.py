@@ -100,3 +100,59 @@ def all_conv_configs() -> dict[str, set[tuple[ConvConfig, torch.dtype]]]:
                 out["dgrad"].add((dgrad_config(cin, cout, 3, 1, dtype), dtype))
                 out["wgrad"].add((wgrad_config(cin, cout, 3, 1, dtype), dtype))
     return out
+
+
+@dataclass(frozen=True)
+class HopperConfig:
+    """Tile of the sm_90 (TMA + wgmma) convolution engine, :mod:`fusedres.ops.hopper`: a
+    ``block_h`` x ``block_w`` rectangle of output pixels (one TMA box per filter tap) by
+    ``block_n`` output channels, reduced in ``block_k``-channel slices."""
+
+    block_h: int
+    block_w: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def hopper_block_k(cin: int, dtype: torch.dtype) -> int:
+    """The channel slice of one TMA box: the largest power of two up to 64 (32 for fp32, whose
+    tiles take twice the shared memory) that divides ``cin``, so that no box reaches past a tap's
+    channels into the next tap's weights. 0 when that is under 16 (no tensor-core K step)."""
+    top = 32 if dtype == torch.float32 else 64
+    k = top
+    while k >= 16 and cin % k:
+        k //= 2
+    return k if k >= 16 else 0
+
+
+@functools.cache  # called per launch: a lookup instead of a new dataclass
+def hopper_fprop_config(cin: int, cout: int, ksize: int, stride: int, dtype: torch.dtype) -> HopperConfig:
+    """Output channels (wgmma's M: 64 per warpgroup, rows past Cout zero-filled by the copy
+    engine) x a pixel rectangle (wgmma's N), reduced over taps x Cin.
+
+    From the sm_90 SASS (benchmarks/NOTES.md section 3): Cout >= 128 takes two warpgroups that
+    share one transformed activation tile (80 instructions per HGMMA.64x128); Cout 64 one; Cout
+    <= 32 (the padded rows cost tensor cycles, not instructions) a 16x16 rectangle, HGMMA.64x256,
+    so that the per-iteration cost of the copies and barriers is spread over twice the pixels
+    (16-bit only: in fp32 that tile spills, 140 bytes per thread).
+    512 channels come in 7x7 images in ResNets: an 8x8 rectangle covers 49 of 64 pixels where
+    8x16 would cover 49 of 128."""
+    block_k = hopper_block_k(cin, dtype)
+    if cout <= 32 and dtype != torch.float32:
+        return HopperConfig(16, 16, 64, block_k, 4, 3)
+    if cout <= 64:
+        return HopperConfig(8, 16, 64, block_k, 4, 3)
+    return HopperConfig(8, 8 if cout >= 512 else 16, 128, block_k, 8, 3)
+
+
+def all_hopper_configs() -> set[tuple[HopperConfig, torch.dtype]]:
+    """Every (config, dtype) :func:`hopper_fprop_config` can return for a channel count the engine takes."""
+    return {
+        (hopper_fprop_config(cin, cout, 3, 1, dtype), dtype)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16)
+        for cin in _CHANNELS
+        for cout in _CHANNELS
+        if hopper_block_k(cin, dtype)
+    }

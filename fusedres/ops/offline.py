@@ -54,6 +54,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -72,10 +73,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
+from triton.runtime.jit import mangle_type
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import _runtime
-from . import bn, conv
-from .configs import TWO_LEVEL_TILES, ConvConfig, all_conv_configs
+from . import bn, conv, hopper
+from .configs import TWO_LEVEL_TILES, ConvConfig, HopperConfig, all_conv_configs, all_hopper_configs
 
 #: Largest shared memory one block may use (the opt-in maximum), in bytes.
 SMEM_LIMITS: dict[str, int] = {
@@ -158,7 +161,7 @@ def _recorded_launches() -> Iterator[list[tuple[Any, tuple[Any, ...], dict[str, 
         calls.append((kernel, args, kwargs))
 
     with contextlib.ExitStack() as stack:
-        for module in (_runtime, conv, bn):
+        for module in (_runtime, conv, bn, hopper):
             stack.enter_context(mock.patch.object(module, "launch", record))
         yield calls
 
@@ -196,6 +199,26 @@ def _conv_launchers(
             dy, w, tuple(x.shape), bn=(x, scale, shift, mean, invstd), add=res_in, **geom
         ),
         "wgrad": lambda: conv.conv_wgrad(dy, x, w, scale=scale, shift=shift, splits=_SPLITS, **geom),
+    }
+
+
+def _hopper_launchers(
+    dtype: torch.dtype, cfg: HopperConfig, stride: int, ksize: int = 3, fused: bool = True, slices: int = 1
+) -> dict[str, Callable[[], object]]:
+    """The sm_90 engine's roles (fprop so far) called like :func:`_conv_launchers`' ("fprop-hopper"),
+    with ``slices`` channel slices of the config's block_k in the input (the kernel is built per
+    count: one slice loads the prologue's vectors once, more load them per tap and slice)."""
+    pad = 0 if stride > 1 else ksize // 2  # its strided convolutions: 1x1 without padding
+    ohw = conv.conv_out_size(_HW, ksize, stride, pad)
+    x, res = _act(slices * cfg.block_k, _HW, dtype), _act(_C, ohw, dtype)
+    w = torch.empty((_C, slices * cfg.block_k, ksize, ksize), dtype=dtype).to(memory_format=torch.channels_last)
+    geom: dict[str, Any] = {"stride": stride, "padding": pad, "config": cfg}
+    if not fused:
+        return {"fprop-hopper": lambda: hopper.conv_fprop(x, w, **geom)}
+    return {
+        "fprop-hopper": lambda: hopper.conv_fprop(
+            x, w, scale=_vec(), shift=_vec(), residual=res, stats=True, out_shift=_vec(), out_relu=True, **geom
+        ),
     }
 
 
@@ -267,6 +290,9 @@ def _specialize(
             signature[param.name] = "constexpr"
             constexprs[param.name] = value
             continue
+        if isinstance(value, TensorDescriptor):
+            signature[param.name] = mangle_type(value)  # "tensordesc<bf16[1, 8, 16, 64]>", as the JIT names it
+            continue
         if isinstance(value, torch.Tensor):
             signature[param.name] = "*" + _TRITON_TYPES[value.dtype]
             desc = backend.get_tensor_specialization(value, align=True)
@@ -284,10 +310,12 @@ def _specialize(
 
 
 def _tile(constexprs: dict[str, Any], options: dict[str, int]) -> str:
-    """Block sizes and the launch options given, e.g. "M128 N64 K32 w4 s3" (BLOCK_M=128, ...)."""
+    """Block sizes and the launch options given, e.g. "M128 N64 K32 w4 s3" (BLOCK_M=128, ...); "x2" is
+    a Hopper fprop over two channel slices."""
     blocks = [f"{k[len('BLOCK') :].lstrip('_') or 'B'}{v}" for k, v in constexprs.items() if k.startswith("BLOCK")]
     given = [f"{k[len('num_') :][0]}{v}" for k, v in options.items() if k in ("num_warps", "num_stages")]
-    return " ".join(blocks + given)
+    slices = [f"x{constexprs['NUM_C']}" for _ in range("NUM_C" in constexprs)]  # the Hopper fprop's channel slices
+    return " ".join(blocks + slices + given)
 
 
 def _target(arch: str) -> GPUTarget:
@@ -309,7 +337,9 @@ def plan_jobs(archs: list[str], *, plain: bool = False, ksize: int = 3, only: st
             "functions that cannot be compiled. Run it again with TRITON_INTERPRET unset."
         )
     # (conv role, dtype, config, stride, launcher call); the per-channel kernels are named after themselves.
-    launches: list[tuple[str | None, torch.dtype, ConvConfig | None, int | None, Callable[[], object]]] = []
+    launches: list[
+        tuple[str | None, torch.dtype, ConvConfig | HopperConfig | None, int | None, Callable[[], object]]
+    ] = []
     for role, items in sorted(all_conv_configs().items()):
         for cfg, dtype in sorted(items, key=lambda item: (str(item[1]), dataclasses.astuple(item[0]))):
             strides = (1, 2) if dtype == torch.bfloat16 and role in ("fprop", "dgrad") else (1,)
@@ -318,6 +348,14 @@ def plan_jobs(archs: list[str], *, plain: bool = False, ksize: int = 3, only: st
                 if plain:
                     call = _conv_launchers(dtype, cfg, stride, ksize, fused=False)[role]
                     launches.append((f"{role}-plain", dtype, cfg, stride, call))
+    if "sm_90" in archs:  # the TMA + wgmma engine exists for sm_90 only
+        for cfg, dtype in sorted(all_hopper_configs(), key=lambda item: (str(item[1]), dataclasses.astuple(item[0]))):
+            strides = (1, 2) if ksize == 1 and dtype == torch.bfloat16 else (1,)
+            for stride, slices in itertools.product(strides, (1, 2)):
+                for fused in (True, False) if plain else (True,):
+                    role = "fprop-hopper" if fused else "fprop-hopper-plain"
+                    call = _hopper_launchers(dtype, cfg, stride, ksize, fused, slices)["fprop-hopper"]
+                    launches.append((role, dtype, cfg, stride, call))
     for dtype in DTYPES:
         launches.extend((None, dtype, None, None, call) for call in _bn_launchers(dtype))
 
@@ -330,6 +368,8 @@ def plan_jobs(archs: list[str], *, plain: bool = False, ksize: int = 3, only: st
             # The first launch is the role's own kernel; later ones (wgrad's split reduce) are helpers.
             own = n == 0 and role is not None
             for arch in archs:
+                if kernel is hopper.hopper_fprop_kernel and arch != "sm_90":
+                    continue
                 sig, constexprs, attrs, options = _specialize(kernel, args, kwargs, _target(arch))
                 job = Job(
                     kernel=f"{kernel.fn.__module__}:{kernel.fn.__name__}",

@@ -1,5 +1,13 @@
-"""Which engine runs each convolution: our Triton implicit GEMM, or cuDNN with the fusions kept
-around it.
+"""Which engine runs each convolution: one of our two Triton engines, or cuDNN with the fusions
+kept around it. This is the one place that chooses.
+
+The two Triton engines have the same launcher contract: :mod:`fusedres.ops.conv`, the portable
+pointer kernels (any architecture, any strides), and :mod:`fusedres.ops.hopper`, the sm_90 engine
+(TMA tensor descriptors, wgmma; fprop so far). :func:`fprop_engine` takes the Hopper engine on an
+sm_90 GPU wherever its layout rules hold (:func:`fusedres.ops.hopper.unsupported`) and names the
+reason wherever it does not; ``FUSEDRES_CONV_ENGINE=pointer|hopper`` or :func:`engine` overrides
+the device check (tests use ``engine("hopper")`` to run that engine on the CPU under the
+interpreter), never the layout rules.
 
 :func:`conv_fprop`, :func:`conv_dgrad` and :func:`conv_wgrad` have the signatures and results
 of the Triton launchers in :mod:`fusedres.ops.conv`. Routed to cuDNN they keep what the fused
@@ -33,21 +41,28 @@ import torch.nn.functional as F
 
 from . import bn as bn_ops
 from . import conv as conv_ops
+from . import hopper as hopper_ops
 
 _TABLES = Path(__file__).resolve().parent / "dispatch"
 #: Overrides entered by :func:`force` (a backend) and :func:`table` (an architecture), innermost last.
 _OVERRIDES: list[str] = []
 ROLES = ("fprop", "dgrad", "wgrad")
 BACKENDS = ("triton", "cudnn")
+#: The Triton engines: the portable pointer kernels and the sm_90 TMA + wgmma kernels.
+ENGINES = ("pointer", "hopper")
+#: Overrides entered by :func:`engine`, innermost last.
+_ENGINE_OVERRIDES: list[str] = []
 
 
 @contextlib.contextmanager
-def _override(entry: str) -> Iterator[None]:
-    _OVERRIDES.append(entry)
+def _override(entry: str, engines: bool = False) -> Iterator[None]:
+    # the module's lists looked up at entry (tests swap them for empty ones)
+    stack = _ENGINE_OVERRIDES if engines else _OVERRIDES
+    stack.append(entry)
     try:
         yield
     finally:
-        _OVERRIDES.pop()
+        stack.pop()
 
 
 def force(backend: str) -> contextlib.AbstractContextManager[None]:
@@ -68,6 +83,33 @@ def table(arch: str) -> contextlib.AbstractContextManager[None]:
         have = sorted(p.stem for p in _TABLES.glob("sm_*.json"))
         raise ValueError(f"no dispatch table for {arch!r} in {_TABLES} (have: {', '.join(have) or 'none'})")
     return _override(arch)
+
+
+def engine(name: str) -> contextlib.AbstractContextManager[None]:
+    """Run the Triton convolutions on engine ``name`` inside the block: "pointer" always, "hopper"
+    wherever its layout rules hold, on any device (the CPU under the interpreter included). It
+    takes precedence over ``FUSEDRES_CONV_ENGINE``; :func:`force` and :func:`table` still decide
+    between Triton and cuDNN."""
+    if name not in ENGINES:
+        raise ValueError(f"engine must be 'pointer' or 'hopper', got {name!r}")
+    return _override(name, engines=True)
+
+
+def fprop_engine(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> tuple[str, str | None]:
+    """``("hopper", None)``, or ``("pointer", reason)`` with the reason the Hopper engine does not
+    run this forward convolution."""
+    if _ENGINE_OVERRIDES:
+        wanted = _ENGINE_OVERRIDES[-1]
+        if wanted == "pointer":
+            return "pointer", "engine('pointer') in effect"
+    else:
+        wanted = os.environ.get("FUSEDRES_CONV_ENGINE", "auto")
+        if wanted == "pointer":
+            return "pointer", "FUSEDRES_CONV_ENGINE=pointer"
+        if wanted != "hopper" and _arch(x.device) != "sm_90":
+            return "pointer", f"device {x.device} is not an sm_90 GPU ({_arch(x.device) or 'no CUDA'})"
+    reason = hopper_ops.unsupported(x, weight, stride=stride, padding=padding)
+    return ("pointer", reason) if reason else ("hopper", None)
 
 
 @functools.cache
@@ -139,8 +181,10 @@ def conv_fprop(
     OH = conv_ops.conv_out_size(H, R, stride, padding)
     OW = conv_ops.conv_out_size(W, R, stride, padding)
     if choose("fprop", x.device, C, K, R, stride, N * OH * OW) == "triton":
-        return conv_ops.conv_fprop(x, weight, stride=stride, padding=padding, scale=scale, shift=shift,
-                                   residual=residual, stats=stats, out_shift=out_shift, out_relu=out_relu)
+        launcher = hopper_ops.conv_fprop if fprop_engine(x, weight, stride, padding)[0] == "hopper" \
+            else conv_ops.conv_fprop
+        return launcher(x, weight, stride=stride, padding=padding, scale=scale, shift=shift,
+                        residual=residual, stats=stats, out_shift=out_shift, out_relu=out_relu)
     a = bn_ops.bn_relu_apply(x, scale, shift) if scale is not None else _cl(x)
     y = _cl(F.conv2d(a, weight, None, stride, padding))
     if stats and out_shift is None and not out_relu and (residual is None or residual.dtype == y.dtype):

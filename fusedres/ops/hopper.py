@@ -1,0 +1,265 @@
+"""The sm_90 convolution engine: activations and weights through TMA tensor descriptors, wgmma.
+
+:mod:`fusedres.ops.conv` is the portable engine (pointer loads, any strides, any architecture);
+this module is the Hopper one, with the same launcher contract; :mod:`fusedres.ops.route` picks
+between them (and cuDNN) in one place. Built so far: fprop.
+
+Layout contract of :func:`conv_fprop` (what :func:`unsupported` checks; the route falls back to
+the pointer engine, with the reason, wherever one does not hold):
+
+- ``x`` is (N, C, H, W) channels_last with C a multiple of 16 and 16-byte aligned strides and
+  address: a 4-D descriptor over its NHWC memory, box [1, BH, BW, BK] per filter tap, whose
+  out-of-range coordinates (the zero padding, the tile's overhang) the copy engine fills with 0.
+- ``weight`` is (Cout, Cin, R, S) channels_last: its memory is the K-major [Cout, R*S*Cin]
+  matrix a 2-D descriptor reads (``fusedres._fused.memory.kernel_weight`` caches that copy per
+  parameter version).
+- Stride 1 with any kernel size and padding, or a 1x1 kernel without padding at any stride (the
+  projection shortcut: a descriptor over the strided view ``x[:, :, ::s, ::s]``).
+- fp16/bf16, or fp32 where TF32 is allowed (wgmma has no full-fp32 product).
+- ``scale``/``shift``/``residual``/``out_shift``/``out_relu``/``stats`` as in
+  :func:`fusedres.ops.conv.conv_fprop`. The statistics partials come out per image
+  (``tile_rows = OH*OW``), the layout :func:`fusedres.ops.bn.bn_finalize` merges.
+
+The GEMM is computed transposed (swap-AB): out^T[Cout, pixels] = W[Cout, K] . act^T[K, pixels].
+The BN-ReLU'd activation is then dot's right operand, which Triton stores to shared memory for an
+asynchronous wgmma (as its left operand it would feed wgmma from registers and wait for every
+one), and wgmma's N is the pixel count (128) whatever Cout is, so 16- and 32-channel layers run
+HGMMA.64x128 with the weight rows past Cout zero-filled instead of HGMMA.64x16 or mma.sync.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .._runtime import cdiv, launch
+from .bn import pixels, relu
+from .configs import FINALIZE_BLOCK_C, FINALIZE_BLOCK_T, HopperConfig, hopper_block_k, hopper_fprop_config
+from .conv import conv_out_size, input_precision
+
+
+@triton.jit
+def hopper_fprop_kernel(
+    x_desc, w_desc, out_ptr, res_ptr, scale_ptr, shift_ptr, oshift_ptr, pmean_ptr, pm2_ptr,
+    H, W, OH, OW, K, TILES_H, TILES_W,
+    son, soc, soh, sow,
+    srn, src, srh, srw,
+    NUM_C: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
+    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr,
+    OUT_SHIFT: tl.constexpr, OUT_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[n, oh, ow, k] = sum_{r,s,c} act(x)[n, oh + r - PAD, ow + s - PAD, c] * w[k, r, s, c] (+ epilogue).
+
+    Program (t, j) computes output channels [j*BLOCK_N, (j+1)*BLOCK_N) of the BLOCK_H x BLOCK_W
+    pixel rectangle t (row-major over the images' tile grids, TILES_H x TILES_W per image).
+    The input has NUM_C slices of BLOCK_K channels. With STATS it writes the mean and M2 of the
+    rectangle's pixels inside the image, row t of the partials.
+    """
+    pid = tl.program_id(0)
+    per_image = TILES_H * TILES_W
+    n = pid // per_image
+    th = (pid - n * per_image) // TILES_W
+    oh0 = th * BLOCK_H
+    ow0 = (pid - n * per_image - th * TILES_W) * BLOCK_W
+    k0 = tl.program_id(1) * BLOCK_N
+    BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
+    rows = tl.arange(0, BLOCK_M)
+    ohs = oh0 + rows // BLOCK_W
+    ows = ow0 + rows % BLOCK_W
+    offs_k = tl.arange(0, BLOCK_K)
+
+    C: tl.constexpr = NUM_C * BLOCK_K
+    if PROLOGUE and NUM_C == 1:
+        # One channel slice (C <= 64): the prologue's vectors are loaded once, not per tap.
+        sc = tl.load(scale_ptr + offs_k)
+        sh = tl.load(shift_ptr + offs_k)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for kk in range(0, R * S * NUM_C):
+        rs = kk // NUM_C
+        c0 = (kk - rs * NUM_C) * BLOCK_K
+        r = rs // S
+        s = rs - r * S
+        a = x_desc.load([n, oh0 + r - PAD, ow0 + s - PAD, c0]).reshape(BLOCK_M, BLOCK_K)
+        if PROLOGUE:
+            ih = ohs + r - PAD
+            iw = ows + s - PAD
+            inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            if NUM_C > 1:
+                sc = tl.load(scale_ptr + c0 + offs_k)
+                sh = tl.load(shift_ptr + c0 + offs_k)
+            # The copy engine's zero padding is 0 before the activation; after it, it must be 0
+            # too, not relu(shift).
+            a = tl.where(inside[:, None], relu(a.to(tl.float32) * sc[None, :] + sh[None, :]), 0.0)
+            a = a.to(x_desc.dtype)
+        # Without the prologue the padding is exact as loaded, and both operands go from shared
+        # memory to wgmma untouched.
+        acc = tl.dot(w_desc.load([k0, rs * C + c0]), tl.trans(a), acc, input_precision=INPUT_PRECISION)
+
+    offs_n = k0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < K
+    pix_ok = (ohs < OH) & (ows < OW)
+    mask = n_ok[:, None] & pix_ok[None, :]
+    n64 = n.to(tl.int64)
+    oh64 = ohs.to(tl.int64)
+    ow64 = ows.to(tl.int64)
+    ch64 = offs_n.to(tl.int64)[:, None]
+    if HAS_RESIDUAL:
+        r_ptrs = res_ptr + (n64 * srn + oh64 * srh + ow64 * srw)[None, :] + ch64 * src
+        acc += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if OUT_SHIFT:
+        acc += tl.load(oshift_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
+    if OUT_RELU:
+        acc = relu(acc)
+    y = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + (n64 * son + oh64 * soh + ow64 * sow)[None, :] + ch64 * soc, y, mask=mask)
+    if STATS:
+        # Statistics of the stored (rounded) values, over the rectangle's pixels inside the image.
+        count = (tl.minimum(OH - oh0, BLOCK_H) * tl.minimum(OW - ow0, BLOCK_W)).to(tl.float32)
+        v = tl.where(mask, y.to(tl.float32), 0.0)
+        mean = tl.sum(v, axis=1) / count
+        d = tl.where(mask, v - mean[:, None], 0.0)
+        row = pid.to(tl.int64) * K
+        tl.store(pmean_ptr + row + offs_n, mean, mask=n_ok)
+        tl.store(pm2_ptr + row + offs_n, tl.sum(d * d, axis=1), mask=n_ok)
+
+
+@triton.jit
+def hopper_stats_merge_kernel(
+    pmean_ptr, pm2_ptr, K, OH, OW, TILES_H, TILES_W, out_mean_ptr, out_m2_ptr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Program (n, c) merges image n's rectangle partials (mean, M2; the rectangle's count from
+    its place in the tile grid) into row n of the output partials, chunk by chunk in a fixed
+    order with Chan's formula, as :func:`fusedres.ops.bn.bn_finalize_kernel` merges tiles."""
+    n = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < K
+    per_image = TILES_H * TILES_W
+    n_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    mean_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    m2_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t0 in range(0, per_image, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = t < per_image
+        th = t // TILES_W
+        tw = t - th * TILES_W
+        cnt = tl.where(t_ok, tl.minimum(OH - th * BLOCK_H, BLOCK_H) * tl.minimum(OW - tw * BLOCK_W, BLOCK_W), 0)
+        cnt = cnt.to(tl.float32)
+        mask = t_ok[:, None] & c_ok[None, :]
+        idx = (n * per_image + t).to(tl.int64)[:, None] * K + offs_c[None, :]
+        pm = tl.load(pmean_ptr + idx, mask=mask, other=0.0)
+        q = tl.load(pm2_ptr + idx, mask=mask, other=0.0)
+        n_b = tl.sum(cnt, axis=0)
+        mean_b = tl.sum(cnt[:, None] * pm, axis=0) / n_b
+        dev = tl.where(mask, pm - mean_b[None, :], 0.0)
+        m2_b = tl.sum(q, axis=0) + tl.sum(cnt[:, None] * dev * dev, axis=0)
+        n_ab = n_a + n_b
+        delta = mean_b - mean_a
+        # An infinite mean makes delta Inf or NaN: the weighted form keeps eager's sum / count.
+        mean_a = tl.where(tl.abs(delta) < float("inf"), mean_a + delta * (n_b / n_ab),
+                          mean_a * (n_a / n_ab) + mean_b * (n_b / n_ab))
+        m2_a = m2_a + m2_b + delta * delta * (n_a * n_b / n_ab)
+        n_a = n_ab
+    tl.store(out_mean_ptr + n * K + offs_c, mean_a, mask=c_ok)
+    tl.store(out_m2_ptr + n * K + offs_c, m2_a, mask=c_ok)
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """Whether a channels_last tensor is what a descriptor reads: dense NHWC memory (strides then
+    follow from the shape), 16-byte aligned address and rows of channels (TMA's rules)."""
+    return (t.is_contiguous(memory_format=torch.channels_last) and t.data_ptr() % 16 == 0
+            and t.shape[1] * t.element_size() % 16 == 0)
+
+
+def unsupported(x: torch.Tensor, weight: torch.Tensor, *, stride: int, padding: int) -> str | None:
+    """Why :func:`conv_fprop` cannot take this convolution (a reason the route reports), or None."""
+    C = x.shape[1]
+    K, _, R, S = weight.shape
+    if x.dtype == torch.float32 and input_precision(x.dtype) == "ieee":
+        return "fp32 without TF32 (torch.backends.cudnn.allow_tf32 is False): wgmma has no fp32 product"
+    if not hopper_block_k(C, x.dtype):
+        return f"Cin={C} is not a multiple of 16: no whole TMA box of channels per tap"
+    if stride != 1 and (R, S, padding) != (1, 1, 0):
+        return f"stride {stride} with a {R}x{S} kernel (padding {padding}): a TMA box reads a dense window"
+    if not _tma_ready(x):
+        return f"x is not dense channels_last at a 16-byte aligned address (strides {tuple(x.stride())})"
+    if not _tma_ready(weight):
+        return (f"weight is not dense channels_last (K-major) at a 16-byte aligned address "
+                f"(strides {tuple(weight.stride())})")
+    return None
+
+
+def conv_fprop(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    stride: int,
+    padding: int,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    stats: bool = False,
+    out_shift: torch.Tensor | None = None,
+    out_relu: bool = False,
+    config: HopperConfig | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, int] | None]:
+    """:func:`fusedres.ops.conv.conv_fprop` on the sm_90 engine (same arguments and results;
+    the statistics partials are per image). A ValueError when :func:`unsupported` names a reason."""
+    reason = unsupported(x, weight, stride=stride, padding=padding)
+    if reason is not None:
+        raise ValueError(f"fusedres.ops.hopper.conv_fprop: {reason}")
+    N, C, H, W = x.shape
+    K, _, R, S = weight.shape
+    OH, OW = conv_out_size(H, R, stride, padding), conv_out_size(W, S, stride, padding)
+    cfg = config or hopper_fprop_config(C, K, R, stride, x.dtype)
+    if C % cfg.block_k:
+        raise ValueError(f"fusedres.ops.hopper.conv_fprop: Cin={C} is not a multiple of block_k={cfg.block_k}")
+    if out is None:
+        out = torch.empty((N, K, OH, OW), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    pixels(N, OH, OW)
+    # NHWC memory as the descriptor sees it, strides from the shape (a size-1 dimension's stride
+    # may be anything in a dense tensor); a strided 1x1 reads the strided view at stride 1.
+    xh, xw = cdiv(H, stride), cdiv(W, stride)
+    x_desc = TensorDescriptor(x, [N, xh, xw, C], [H * W * C, stride * W * C, stride * C, 1],
+                              [1, cfg.block_h, cfg.block_w, cfg.block_k])
+    w_desc = TensorDescriptor(weight, [K, R * S * C], [R * S * C, 1], [cfg.block_n, cfg.block_k])
+    tiles_h, tiles_w = cdiv(OH, cfg.block_h), cdiv(OW, cfg.block_w)
+    tiles = N * tiles_h * tiles_w
+    pmean = pm2 = out  # placeholders; never read when STATS is off
+    if stats:
+        pmean = torch.empty((tiles, K), device=x.device, dtype=torch.float32)
+        pm2 = torch.empty_like(pmean)
+    prologue = scale is not None
+    res = residual if residual is not None else out
+    launch(
+        hopper_fprop_kernel, (tiles, cdiv(K, cfg.block_n)),
+        x_desc, w_desc, out, res,
+        scale if prologue else out, shift if prologue else out,
+        out_shift if out_shift is not None else out,
+        pmean, pm2,
+        xh, xw, OH, OW, K, tiles_h, tiles_w,
+        *out.stride(),
+        *res.stride(),
+        NUM_C=C // cfg.block_k, PAD=padding, R=R, S=S,
+        PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, STATS=stats,
+        OUT_SHIFT=out_shift is not None, OUT_RELU=out_relu,
+        INPUT_PRECISION=input_precision(x.dtype),
+        BLOCK_H=cfg.block_h, BLOCK_W=cfg.block_w, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if not stats:
+        return out, None
+    if tiles_h * tiles_w == 1:  # one rectangle per image: its partials are the image's
+        return out, (pmean, pm2, OH * OW)
+    merged_mean = torch.empty((N, K), device=x.device, dtype=torch.float32)
+    merged_m2 = torch.empty_like(merged_mean)
+    launch(
+        hopper_stats_merge_kernel, (N, cdiv(K, FINALIZE_BLOCK_C)),
+        pmean, pm2, K, OH, OW, tiles_h, tiles_w, merged_mean, merged_m2,
+        BLOCK_H=cfg.block_h, BLOCK_W=cfg.block_w, BLOCK_T=FINALIZE_BLOCK_T, BLOCK_C=FINALIZE_BLOCK_C,
+    )
+    return out, (merged_mean, merged_m2, OH * OW)

@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""The sm_90 fprop engine on a GPU: same results as the pointer engine, and its time beside the
+pointer engine's and cuDNN's (the cuDNN route: BN-ReLU pass + conv + statistics pass).
+
+    python3 scripts/hopper_fprop_bench.py [reps]
+
+Shapes: DESIGN.md section 5 (bf16, N=256) and the CIFAR bottleneck's three convolutions (N=128,
+32x32), each fused (BN-ReLU prologue, statistics of the output; + residual where the block has
+one) and plain. Prints one line per shape: max relative difference against the pointer engine,
+median microseconds of each engine (triton.testing.do_bench), and the engine the route picks.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import triton
+
+from fusedres.ops import conv, hopper, route
+
+SHAPES = [  # (label, N, Cin, Cout, H, ksize, residual)
+    ("3x3 64->64 56^2", 256, 64, 64, 56, 3, True),
+    ("3x3 128 28^2", 256, 128, 128, 28, 3, True),
+    ("3x3 512 7^2", 256, 512, 512, 7, 3, True),
+    ("1x1 64->16 32^2", 128, 64, 16, 32, 1, False),
+    ("3x3 16->16 32^2", 128, 16, 16, 32, 3, False),
+    ("1x1 16->64 32^2", 128, 16, 64, 32, 1, True),
+]
+
+
+def _time(fn, x: torch.Tensor, w: torch.Tensor, kw: dict, reps: int) -> float:
+    """Median milliseconds of ``fn(x, w, **kw)``."""
+    return triton.testing.do_bench(lambda: fn(x, w, **kw), rep=reps)
+
+
+def main() -> int:
+    reps = int(sys.argv[1]) if len(sys.argv) > 1 else 50
+    dev = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}, triton {triton.__version__}")
+    cl = torch.channels_last
+    bad = 0
+    for label, n, cin, cout, h, k, has_res in SHAPES:
+        x = torch.randn(n, cin, h, h, device=dev, dtype=torch.bfloat16).contiguous(memory_format=cl)
+        w = (torch.randn(cout, cin, k, k, device=dev, dtype=torch.bfloat16) * 0.05).contiguous(memory_format=cl)
+        sc, sh = torch.rand(cin, device=dev) + 0.5, torch.randn(cin, device=dev) * 0.3
+        res = torch.randn(n, cout, h, h, device=dev, dtype=torch.bfloat16).contiguous(memory_format=cl)
+        for fused in (True, False):
+            kw = dict(stride=1, padding=k // 2)
+            if fused:
+                kw.update(scale=sc, shift=sh, stats=True, residual=res if has_res else None)
+            yh, ph = hopper.conv_fprop(x, w, **kw)
+            yp, pp = conv.conv_fprop(x, w, **kw)
+            diff = ((yh.float() - yp.float()).norm() / yp.float().norm()).item()
+            if fused:  # per-image partials against per-tile ones: compare what finalize makes of them
+                m_h = (ph[0] * ph[2]).sum(0) / (yh.numel() // cout)
+                diff = max(diff, ((m_h - yp.float().mean((0, 2, 3))).abs().max()).item())
+            ok = diff < 2e-2
+            bad += not ok
+            with route.force("cudnn"):
+                t_cudnn = _time(route.conv_fprop, x, w, kw, reps)
+            t_h = _time(hopper.conv_fprop, x, w, kw, reps)
+            t_p = _time(conv.conv_fprop, x, w, kw, reps)
+            print(f"{label:18s} {'fused' if fused else 'plain'}  diff {diff:.1e} {'ok' if ok else 'MISMATCH'}  "
+                  f"hopper {1e3 * t_h:8.1f} us  pointer {1e3 * t_p:8.1f} us  cudnn-route {1e3 * t_cudnn:8.1f} us  "
+                  f"route picks {route.fprop_engine(x, w, 1, k // 2)[0]}", flush=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""The sm_90 engine (fusedres.ops.hopper) against float64 PyTorch, and the route's choice of it.
+
+Under the interpreter the tensor descriptors are emulated (out-of-range boxes zero-filled), so
+the same kernel runs here as on an H100/H200. Shapes: 2 images of 9x19 pixels, not a multiple
+of the 8x16 box in either direction (a rectangle hanging over the bottom and the right edge,
+one per image with stats: the per-image merge); 16 input channels (one 16-channel box per tap);
+24 output channels, no multiple of the 64 weight rows of a tile (the descriptor zero-fills the
+rest).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _helpers import DTYPE_IDS, DTYPES, assert_close64, assert_matches, launched, rounded
+
+import fusedres
+from fusedres.ops import bn as bn_ops
+from fusedres.ops import conv as conv_ops
+from fusedres.ops import hopper, route
+from fusedres.ops.configs import HopperConfig
+from fusedres.testing import check_module
+
+N, C, H, W, K = 2, 16, 9, 19, 24
+# (ksize, stride, padding): the geometries the engine takes
+GEOMETRIES = [(1, 1, 0), (1, 2, 0), (3, 1, 1), (3, 1, 0)]
+GEOMETRY_IDS = ["1x1s1", "1x1s2", "3x3s1", "3x3s1-nopad"]
+# epilogue fusions: (residual, out_shift and out_relu); each flag is its own constexpr branch,
+# so all on covers them as well as one at a time would
+EPILOGUES = [(False, False), (True, True)]
+EPILOGUE_IDS = ["plain", "res-shift-relu"]
+CL = torch.channels_last
+
+
+def _inputs(dtype, device, ksize, stride, pad, n=N, c=C, h=H, w=W, k=K, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x64 = rounded(torch.randn(n, c, h, w, generator=g, dtype=torch.float64) + 0.2, dtype)
+    w64 = rounded(torch.randn(k, c, ksize, ksize, generator=g, dtype=torch.float64) * 0.2, dtype)
+    scale = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).float()
+    shift = (torch.randn(c, generator=g, dtype=torch.float64) * 0.5).float()
+    oh, ow = conv_ops.conv_out_size(h, ksize, stride, pad), conv_ops.conv_out_size(w, ksize, stride, pad)
+    res64 = rounded(torch.randn(n, k, oh, ow, generator=g, dtype=torch.float64), dtype)
+    oshift = torch.randn(k, generator=g).float()
+    dev = {
+        "x": x64.to(device, dtype).contiguous(memory_format=CL),
+        "w": w64.to(device, dtype).contiguous(memory_format=CL),
+        "scale": scale.to(device), "shift": shift.to(device),
+        "res": res64.to(device, dtype).contiguous(memory_format=CL), "oshift": oshift.to(device),
+    }
+    return x64, w64, scale.double(), shift.double(), res64, oshift.double(), dev
+
+
+def _reference(x, w, scale, shift, res, oshift, stride, pad, prologue, residual, shift_relu, act_dtype=None):
+    """The fused op in eager PyTorch (float64 when the inputs are; the activation rounded to
+    ``act_dtype`` the way eager would hold it)."""
+    a = x
+    if prologue:
+        a = torch.relu(x * scale.to(x)[None, :, None, None] + shift.to(x)[None, :, None, None])
+        if act_dtype is not None:
+            a = a.to(act_dtype)
+    y = F.conv2d(a, w, None, stride, pad)
+    if residual:
+        y = y + res
+    if shift_relu:
+        y = torch.relu(y + oshift.to(y)[None, :, None, None])
+    return y
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("ksize,stride,pad", GEOMETRIES, ids=GEOMETRY_IDS)
+@pytest.mark.parametrize("prologue", [False, True], ids=["noprologue", "bn-relu"])
+@pytest.mark.parametrize("residual,shift_relu", EPILOGUES, ids=EPILOGUE_IDS)
+def test_fprop(poison, device, dtype, ksize, stride, pad, prologue, residual, shift_relu):
+    x64, w64, scale, shift, res64, oshift, d = _inputs(dtype, device, ksize, stride, pad)
+    ref = _reference(x64, w64, scale, shift, res64, oshift, stride, pad, prologue, residual, shift_relu)
+    # Several 8x16 rectangles per image are merged into the image's partials; one is the image's.
+    merged = ref.shape[2] > 8 or ref.shape[3] > 16
+    with launched("hopper_fprop_kernel", *(["hopper_stats_merge_kernel"] if merged else [])):
+        out, partials = hopper.conv_fprop(
+            d["x"], d["w"], stride=stride, padding=pad,
+            scale=d["scale"] if prologue else None, shift=d["shift"] if prologue else None,
+            residual=d["res"] if residual else None, stats=True,
+            out_shift=d["oshift"] if shift_relu else None, out_relu=shift_relu,
+        )
+    assert out.shape == ref.shape and out.dtype == dtype and out.is_contiguous(memory_format=CL)
+    xe, we, re = x64.to(device, dtype), w64.to(device, dtype), res64.to(device, dtype)
+    eager = _reference(xe, we, scale, shift, re, oshift, stride, pad, prologue, residual, shift_relu, dtype)
+    assert_matches(out, ref, eager, dtype, "hopper fprop output")
+
+    # One partial row per image, over OH*OW pixels: what bn_finalize merges.
+    assert partials[0].shape == (N, K) and partials[2] == out.shape[2] * out.shape[3]
+    mean, invstd, _, _ = bn_ops.bn_finalize(
+        partials, out.numel() // K, None, None, None, None,
+        training=True, momentum=0.1, eps=0.0, channels=K, device=out.device,
+    )
+    o64 = out.double().cpu()
+    assert_close64(mean, o64.mean((0, 2, 3)), 1e-5, "epilogue mean")
+    assert_close64(invstd.double().pow(-2), o64.var((0, 2, 3), unbiased=False), 1e-5, "epilogue var")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_fprop_one_image_one_rectangle_wide_channels(poison, device, dtype):
+    """N=1; a 7x7 image in one rectangle (its partials are the image's, no merge); 96 channels in
+    and out: several channel slices per tap and two weight tiles of 64 rows (the second half empty)."""
+    x64, w64, scale, shift, res64, oshift, d = _inputs(dtype, device, 3, 1, 1, n=1, c=96, h=7, w=7, k=96)
+    ref = _reference(x64, w64, scale, shift, res64, oshift, 1, 1, True, True, False)
+    cfg = HopperConfig(block_h=8, block_w=8, block_n=64, block_k=32, num_warps=4, num_stages=2)
+    with launched("hopper_fprop_kernel"):
+        out, partials = hopper.conv_fprop(d["x"], d["w"], stride=1, padding=1, scale=d["scale"], shift=d["shift"],
+                                          residual=d["res"], stats=True, config=cfg)
+    eager = _reference(x64.to(dtype), w64.to(dtype), scale, shift, res64.to(dtype), oshift, 1, 1, True, True,
+                       False, dtype)
+    assert_matches(out, ref, eager, dtype, "hopper fprop output")
+    assert partials[2] == 49 and partials[0].shape == (1, 96)
+    assert_close64(partials[0][0], out.double().cpu().mean((0, 2, 3)), 1e-5, "image mean")
+
+
+def test_fprop_without_stats_into_given_output(poison, device):
+    x64, w64, scale, shift, res64, oshift, d = _inputs(torch.bfloat16, device, 3, 1, 1)
+    out = torch.empty((N, K, H, W), device=device, dtype=torch.bfloat16).contiguous(memory_format=CL)
+    with launched("hopper_fprop_kernel"):
+        y, partials = hopper.conv_fprop(d["x"], d["w"], stride=1, padding=1, scale=d["scale"], shift=d["shift"],
+                                        out=out)
+    assert y is out and partials is None
+    ref = _reference(x64, w64, scale, shift, res64, oshift, 1, 1, True, False, False)
+    eager = _reference(x64.bfloat16(), w64.bfloat16(), scale, shift, None, None, 1, 1, True, False, False,
+                       torch.bfloat16)
+    assert_matches(out, ref, eager, torch.bfloat16, "hopper fprop output")
+
+
+# ---------------------------------------------------------------- selection (fusedres.ops.route)
+
+
+def _misaligned(x: torch.Tensor) -> torch.Tensor:
+    """``x``'s values, dense channels_last, at an address 2 bytes past a 16-byte boundary."""
+    flat = torch.empty(x.numel() + 8, dtype=x.dtype, device=x.device)[1 : 1 + x.numel()]
+    return flat.view(x.shape[0], x.shape[2], x.shape[3], x.shape[1]).permute(0, 3, 1, 2).copy_(x)
+
+
+def _fallbacks(device):
+    x = torch.randn(2, 16, 9, 19, device=device, dtype=torch.bfloat16).contiguous(memory_format=CL)
+    w3 = torch.randn(24, 16, 3, 3, device=device, dtype=torch.bfloat16).contiguous(memory_format=CL)
+    x24 = torch.randn(2, 24, 9, 19, device=device, dtype=torch.bfloat16).contiguous(memory_format=CL)
+    w24 = torch.randn(24, 24, 3, 3, device=device, dtype=torch.bfloat16).contiguous(memory_format=CL)
+    # (what, x, weight, stride, padding, words of the reason)
+    return [
+        ("Cin 24", x24, w24, 1, 1, "Cin=24 is not a multiple of 16"),
+        ("3x3 stride 2", x, w3, 2, 1, "stride 2 with a 3x3 kernel"),
+        ("NCHW x", x.contiguous(), w3, 1, 1, "x is not dense channels_last"),
+        ("NCHW weight", x, w3.contiguous(), 1, 1, "weight is not dense channels_last"),
+        ("misaligned x", _misaligned(x), w3, 1, 1, "x is not dense channels_last at a 16-byte aligned address"),
+        ("fp32 without TF32", x.float(), w3.float(), 1, 1, "fp32 without TF32"),
+    ]
+
+
+def test_each_fallback_reason_is_named(device):
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # for the fp32 case; the 16-bit ones ignore it
+    try:
+        with route.engine("hopper"):
+            for what, x, w, stride, pad, reason in _fallbacks(device):
+                engine, why = route.fprop_engine(x, w, stride, pad)
+                assert engine == "pointer" and reason in why, f"{what}: {engine}, {why!r}"
+                with pytest.raises(ValueError, match=reason):
+                    hopper.conv_fprop(x, w, stride=stride, padding=pad)
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+
+
+def test_fallbacks_run_the_pointer_kernel(poison, device):
+    """On the route every fallback computes on the pointer engine (the 3x3 stride-2 one here)."""
+    x64, w64, scale, shift, res64, oshift, d = _inputs(torch.bfloat16, device, 3, 2, 1)
+    with route.engine("hopper"), launched("conv_fprop_kernel"):
+        out, _ = route.conv_fprop(d["x"], d["w"], stride=2, padding=1, scale=d["scale"], shift=d["shift"])
+    eager = _reference(x64.bfloat16(), w64.bfloat16(), scale, shift, None, None, 2, 1, True, False, False,
+                       torch.bfloat16)
+    ref = _reference(x64, w64, scale, shift, None, None, 2, 1, True, False, False)
+    assert_matches(out, ref, eager, torch.bfloat16, "fallback output")
+
+
+def test_engine_overrides(device, monkeypatch):
+    monkeypatch.setattr(route, "_ENGINE_OVERRIDES", [])  # lift the suite's engine("pointer")
+    monkeypatch.delenv("FUSEDRES_CONV_ENGINE", raising=False)
+    x = torch.randn(1, 16, 5, 5, device=device, dtype=torch.bfloat16).contiguous(memory_format=CL)
+    w = torch.randn(16, 16, 1, 1, device=device, dtype=torch.bfloat16).contiguous(memory_format=CL)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
+        assert route.fprop_engine(x, w, 1, 0) == ("hopper", None)
+    else:
+        engine, why = route.fprop_engine(x, w, 1, 0)
+        assert engine == "pointer" and "is not an sm_90 GPU" in why
+    monkeypatch.setenv("FUSEDRES_CONV_ENGINE", "hopper")
+    assert route.fprop_engine(x, w, 1, 0) == ("hopper", None)
+    with route.engine("pointer"):  # the innermost override wins over the environment
+        assert route.fprop_engine(x, w, 1, 0) == ("pointer", "engine('pointer') in effect")
+        with route.engine("hopper"):
+            assert route.fprop_engine(x, w, 1, 0) == ("hopper", None)
+    monkeypatch.setenv("FUSEDRES_CONV_ENGINE", "pointer")
+    assert route.fprop_engine(x, w, 1, 0) == ("pointer", "FUSEDRES_CONV_ENGINE=pointer")
+    with pytest.raises(ValueError, match="engine must be"):
+        route.engine("cutlass")
+
+
+def test_route_runs_the_hopper_engine(poison, device):
+    x64, w64, scale, shift, res64, oshift, d = _inputs(torch.float16, device, 1, 2, 0)
+    with route.engine("hopper"), launched("hopper_fprop_kernel"):
+        out, partials = route.conv_fprop(d["x"], d["w"], stride=2, padding=0, scale=d["scale"], shift=d["shift"],
+                                         residual=d["res"], stats=True)
+    ref = _reference(x64, w64, scale, shift, res64, oshift, 2, 0, True, True, False)
+    eager = _reference(x64.half(), w64.half(), scale, shift, res64.half(), oshift, 2, 0, True, True, False,
+                       torch.float16)
+    assert_matches(out, ref, eager, torch.float16, "routed output")
+    assert partials[2] == out.shape[2] * out.shape[3]
+
+
+def test_block_trains_on_the_hopper_engine(poison, device):
+    """A basic block's forward convolutions on the Hopper engine, its statistics partials through
+    the BatchNorm finalize, the backward on the pointer kernels: the same training as eager."""
+    block = fusedres.PreActBasicBlock(16, 16)
+    with route.engine("hopper"), launched("hopper_fprop_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel"):
+        r = check_module(block, (1, 16, 9, 7), dtype=torch.float32, device=device, steps=1)
+    bad = r.failures(torch.float32)
+    assert not bad, "; ".join(bad)
