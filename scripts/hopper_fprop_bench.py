@@ -7,7 +7,8 @@ pointer engine's and cuDNN's (the cuDNN route: BN-ReLU pass + conv + statistics 
 Shapes: DESIGN.md section 5 (bf16, N=256) and the CIFAR bottleneck's three convolutions (N=128,
 32x32), each fused (BN-ReLU prologue, statistics of the output; + residual where the block has
 one) and plain. Prints one line per shape: max relative difference against the pointer engine,
-median microseconds of each engine (triton.testing.do_bench), and the engine the route picks.
+median microseconds of each engine (triton.testing.do_bench), and the engine ``FUSEDRES_CONV_ENGINE=auto``
+picks.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def main() -> int:
             t_p = _time(conv.conv_fprop, x, w, kw, reps)
             print(f"{label:18s} {'fused' if fused else 'plain'}  diff {diff:.1e} {'ok' if ok else 'MISMATCH'}  "
                   f"hopper {1e3 * t_h:8.1f} us  pointer {1e3 * t_p:8.1f} us  cudnn-route {1e3 * t_cudnn:8.1f} us  "
-                  f"route picks {route.fprop_engine(x, w, 1, k // 2)[0]}", flush=True)
+                  f"auto picks {'pointer' if hopper.unsupported(x, w, stride=1, padding=k // 2) else 'hopper'}",
+                  flush=True)
     return 1 if bad else 0
 
 

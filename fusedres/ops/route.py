@@ -3,11 +3,19 @@ kept around it. This is the one place that chooses.
 
 The two Triton engines have the same launcher contract: :mod:`fusedres.ops.conv`, the portable
 pointer kernels (any architecture, any strides), and :mod:`fusedres.ops.hopper`, the sm_90 engine
-(TMA tensor descriptors, wgmma; fprop so far). :func:`fprop_engine` takes the Hopper engine on an
-sm_90 GPU wherever its layout rules hold (:func:`fusedres.ops.hopper.unsupported`) and names the
-reason wherever it does not; ``FUSEDRES_CONV_ENGINE=pointer|hopper`` or :func:`engine` overrides
-the device check (tests use ``engine("hopper")`` to run that engine on the CPU under the
-interpreter), never the layout rules.
+(TMA tensor descriptors, wgmma; fprop so far). :func:`fprop_engine` names the engine and, for the
+pointer engine, the reason. ``FUSEDRES_CONV_ENGINE`` (read per call) chooses:
+
+- ``pointer`` (the default): the pointer kernels everywhere. The Hopper engine is correct under
+  the interpreter and its sm_90 build is read offline (``benchmarks/NOTES.md`` §3), but no GPU
+  has run it yet: it becomes the default on sm_90 (``auto``) once a GPU run shows it matches
+  the pointer engine and is faster (``scripts/gpu_check.sh``, stage ``hopper-fprop``).
+- ``auto``: the Hopper engine on an sm_90 GPU wherever its layout rules hold
+  (:func:`fusedres.ops.hopper.unsupported`), the pointer kernels elsewhere.
+- ``hopper``: the Hopper engine on any device wherever its layout rules hold.
+
+:func:`engine` overrides the variable inside a ``with`` block (tests use ``engine("hopper")`` to
+run that engine on the CPU under the interpreter); nothing overrides the layout rules.
 
 :func:`conv_fprop`, :func:`conv_dgrad` and :func:`conv_wgrad` have the signatures and results
 of the Triton launchers in :mod:`fusedres.ops.conv`. Routed to cuDNN they keep what the fused
@@ -103,10 +111,12 @@ def fprop_engine(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: in
         if wanted == "pointer":
             return "pointer", "engine('pointer') in effect"
     else:
-        wanted = os.environ.get("FUSEDRES_CONV_ENGINE", "auto")
+        wanted = os.environ.get("FUSEDRES_CONV_ENGINE", "pointer")
+        if wanted not in ("pointer", "auto", "hopper"):
+            raise ValueError(f"FUSEDRES_CONV_ENGINE must be 'pointer', 'auto' or 'hopper', got {wanted!r}")
         if wanted == "pointer":
-            return "pointer", "FUSEDRES_CONV_ENGINE=pointer"
-        if wanted != "hopper" and _arch(x.device) != "sm_90":
+            return "pointer", "FUSEDRES_CONV_ENGINE=pointer (the default until a GPU run validates the Hopper engine)"
+        if wanted == "auto" and _arch(x.device) != "sm_90":
             return "pointer", f"device {x.device} is not an sm_90 GPU ({_arch(x.device) or 'no CUDA'})"
     reason = hopper_ops.unsupported(x, weight, stride=stride, padding=padding)
     return ("pointer", reason) if reason else ("hopper", None)
