@@ -12,7 +12,7 @@ import torch
 from ..ops import bn as bn_ops
 from ..ops import conv as conv_ops
 from ..ops import route
-from .batchnorm import bwd_sums, finalize, running_pairs
+from .batchnorm import bwd_sums, finalize, producer_finalize, running_pairs
 from .dispatch import Impl
 from .memory import cl_empty, kernel_weight, stats_empty
 from .specs import (
@@ -99,31 +99,39 @@ class PostAct(Impl):
         take = running_pairs(running_out)
         all_stats: list[torch.Tensor] = []
 
-        def normalize(partials, h: torch.Tensor, i: int) -> tuple[torch.Tensor, ...]:
+        def producer_fin(i: int, channels: int):
+            """BatchNorm i's running-statistics destination, and what the convolution producing its
+            input needs to finalize the statistics itself (None: a finalize launch follows)."""
             k = at.bn(i)
             st = bn_specs[i]
-            updates = st.batch_stats and t[k + BN_RUNNING_MEAN] is not None
-            stats, fin = finalize(partials, h, st, t[k : k + 4], take(updates))
+            run = take(st.batch_stats and t[k + BN_RUNNING_MEAN] is not None)
+            return run, producer_finalize(channels, x, st, t[k : k + 4], run)
+
+        def normalize(partials, h: torch.Tensor, i: int, run) -> tuple[torch.Tensor, ...]:
+            k = at.bn(i)
+            stats, fin = finalize(partials, h, bn_specs[i], t[k : k + 4], run)
             all_stats.append(stats)
             return fin
 
         ys: list[torch.Tensor] = []
         h, scale, shift = x, None, None
         for i, (stride, pad) in enumerate(spec.convs):
+            run, fin = producer_fin(i, weights[i].shape[0])
             h, partials = route.conv_fprop(
                 h, kernel_weight(weights[i]), stride=stride, padding=pad, scale=scale, shift=shift,
-                stats=spec.bns[i].batch_stats,
+                stats=spec.bns[i].batch_stats, finalize=fin,
             )
             ys.append(h)
-            _, _, scale, shift = normalize(partials, h, i)
+            _, _, scale, shift = normalize(partials, h, i, run)
         r, r_affine = (shortcut if shortcut is not None else x), ()
         extra: list[torch.Tensor] = []
         if spec.downsample is not None:
             ds_stride, ds_st = spec.downsample
             ds_w = t[at.weight(n)]
+            run, fin = producer_fin(n, ds_w.shape[0])
             r, ds_partials = route.conv_fprop(x, kernel_weight(ds_w), stride=ds_stride, padding=0,
-                                                 stats=ds_st.batch_stats)
-            r_affine = normalize(ds_partials, r, n)[2:]
+                                                 stats=ds_st.batch_stats, finalize=fin)
+            r_affine = normalize(ds_partials, r, n, run)[2:]
             extra = [r]
         out = bn_ops.bn_add_relu(h, r, scale, shift, *r_affine)
         if not spec.out_channels_last:

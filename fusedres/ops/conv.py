@@ -24,7 +24,18 @@ import triton
 import triton.language as tl
 
 from .._runtime import cdiv, launch, sm_count
-from .bn import bn_bwd_chunks, bn_bwd_reduce_block, pixels, relu, relu_bn_bwd_tile, tile_mean_m2
+from . import bn as bn_ops
+from .bn import (
+    Finalize,
+    bn_bwd_chunks,
+    bn_bwd_reduce_block,
+    no_ticket_args,
+    pixels,
+    relu,
+    relu_bn_bwd_tile,
+    stats_ticket,
+    tile_mean_m2,
+)
 from .configs import FINALIZE_BLOCK_C, FINALIZE_BLOCK_T, ConvConfig, dgrad_config, fprop_config, wgrad_config
 
 
@@ -36,9 +47,13 @@ def conv_fprop_kernel(
     swk, swc, swr, sws,
     son, soc, soh, sow,
     srn, src, srh, srw,
+    counter_ptr, cmean_ptr, cm2_ptr, bn_w_ptr, bn_b_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr,
+    stats_ptr, momentum, eps,
     STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr,
     OUT_SHIFT: tl.constexpr, OUT_RELU: tl.constexpr,
+    TICKET: tl.constexpr, TWO_LEVEL: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -46,6 +61,8 @@ def conv_fprop_kernel(
 
     OUT_SHIFT adds a per-output-channel vector (a folded BatchNorm's shift) and OUT_RELU
     clamps at zero, both after the residual: the eval-mode post-activation block's epilogue.
+    With STATS and TICKET the last tile of each column block finalizes the next BatchNorm's
+    statistics of its channels (:func:`fusedres.ops.bn.stats_ticket`).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -108,6 +125,11 @@ def conv_fprop_kernel(
         mean, m2 = tile_mean_m2(y.to(tl.float32), mask, count)
         tl.store(pmean_ptr + pid_m * K + offs_n, mean, mask=n_ok)
         tl.store(pm2_ptr + pid_m * K + offs_n, m2, mask=n_ok)
+        if TICKET:
+            stats_ticket(pmean_ptr, pm2_ptr, pid_m, pid_n, tl.num_programs(1), tl.num_programs(0), K, M, BLOCK_M,
+                         offs_n, n_ok, counter_ptr, cmean_ptr, cm2_ptr, bn_w_ptr, bn_b_ptr, rmean_ptr, rvar_ptr,
+                         rmean_out_ptr, rvar_out_ptr, stats_ptr, momentum, eps,
+                         TWO_LEVEL, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
 
 
 @triton.jit
@@ -327,14 +349,17 @@ def conv_fprop(
     stats: bool = False,
     out_shift: torch.Tensor | None = None,
     out_relu: bool = False,
+    finalize: Finalize | None = None,
     config: ConvConfig | None = None,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, int] | None]:
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, int] | Finalize | None]:
     """Convolution of ``relu(x*scale + shift)`` (or of ``x`` when scale is None) with ``weight``,
     then ``+ residual``, ``+ out_shift`` (fp32, per output channel) and ``relu`` when asked.
 
     Returns ``(out, partials)``: ``out`` is (N, Cout, OH, OW) in x's dtype, channels_last
     unless ``out`` is given; ``partials`` is ``(tile_mean, tile_m2, tile_rows)`` of ``out``'s
-    channels when ``stats`` is set (for :func:`fusedres.ops.bn.bn_finalize`), else None.
+    channels when ``stats`` is set (for :func:`fusedres.ops.bn.bn_finalize`), else None — or,
+    with ``stats`` and ``finalize`` (and :data:`fusedres.ops.bn.TICKETS` on), ``finalize``,
+    whose stats buffer the launch filled as bn_finalize would.
     """
     N, C, H, W = x.shape
     K, _, R, S = weight.shape
@@ -350,6 +375,12 @@ def conv_fprop(
         pmean = torch.empty((grid[0], K), device=x.device, dtype=torch.float32)
         pm2 = torch.empty_like(pmean)
         partials = (pmean, pm2, cfg.block_m)
+    ticket = stats and finalize is not None and bn_ops.TICKETS
+    if ticket:
+        t_args, t_flags = finalize.launch_args(*grid)
+        partials = finalize
+    else:
+        t_args, t_flags = no_ticket_args(pmean)
     prologue = scale is not None
     res = residual if residual is not None else out
     launch(
@@ -363,9 +394,10 @@ def conv_fprop(
         *weight.stride(),
         *out.stride(),
         *res.stride(),
+        *t_args,
         STRIDE=stride, PAD=padding, R=R, S=S,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, STATS=stats,
-        OUT_SHIFT=out_shift is not None, OUT_RELU=out_relu,
+        OUT_SHIFT=out_shift is not None, OUT_RELU=out_relu, **t_flags,
         INPUT_PRECISION=input_precision(x.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

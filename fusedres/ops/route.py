@@ -132,26 +132,29 @@ def conv_fprop(
     stats: bool = False,
     out_shift: torch.Tensor | None = None,
     out_relu: bool = False,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, int] | None]:
-    """:func:`fusedres.ops.conv.conv_fprop` on the chosen engine."""
+    finalize: bn_ops.Finalize | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, int] | bn_ops.Finalize | None]:
+    """:func:`fusedres.ops.conv.conv_fprop` on the chosen engine (on cuDNN's, the statistics pass
+    takes ``finalize``)."""
     N, C, H, W = x.shape
     K, _, R, _ = weight.shape
     OH = conv_ops.conv_out_size(H, R, stride, padding)
     OW = conv_ops.conv_out_size(W, R, stride, padding)
     if choose("fprop", x.device, C, K, R, stride, N * OH * OW) == "triton":
         return conv_ops.conv_fprop(x, weight, stride=stride, padding=padding, scale=scale, shift=shift,
-                                   residual=residual, stats=stats, out_shift=out_shift, out_relu=out_relu)
+                                   residual=residual, stats=stats, out_shift=out_shift, out_relu=out_relu,
+                                   finalize=finalize)
     a = bn_ops.bn_relu_apply(x, scale, shift) if scale is not None else _cl(x)
     y = _cl(F.conv2d(a, weight, None, stride, padding))
     if stats and out_shift is None and not out_relu and (residual is None or residual.dtype == y.dtype):
-        return y, bn_ops.bn_stats(y, add=residual)  # the residual added in the statistics pass
+        return y, bn_ops.bn_stats(y, add=residual, finalize=finalize)  # the residual added in the statistics pass
     if residual is not None:
         y.add_(residual)
     if out_shift is not None:
         y.add_(out_shift.to(y.dtype)[:, None, None])
     if out_relu:
         y.relu_()
-    return y, (bn_ops.bn_stats(y) if stats else None)
+    return y, (bn_ops.bn_stats(y, finalize=finalize) if stats else None)
 
 
 def conv_dgrad(
