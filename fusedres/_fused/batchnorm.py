@@ -104,17 +104,22 @@ def _sync_finalize(
 
 
 def bwd_sums(
-    psum: torch.Tensor, psumx: torch.Tensor, st: StageSpec, stats: torch.Tensor,
+    partials: tuple[torch.Tensor, torch.Tensor] | bn_ops.Sums, st: StageSpec, stats: torch.Tensor,
     pending: conv_ops.PendingWgrad | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(Σdz, Σdz·x̂) of this rank (the parameter gradients), and the sums the input gradient
     uses: the same, or — synchronised — the group's sums scaled by local/global count (the
-    apply kernel divides by the local count). A ``pending`` weight gradient of the same stage is
-    reduced in the same launch."""
-    if pending is not None:
-        _, s, sx = conv_ops.reduce_wgrad_and_bn_sums(pending, psum, psumx)
+    apply kernel divides by the local count). ``partials`` are the per-tile (psum, psumx), or the
+    :class:`fusedres.ops.bn.Sums` their producer already reduced. A ``pending`` weight gradient
+    of the same stage is reduced in the same launch."""
+    if isinstance(partials, bn_ops.Sums):
+        s, sx = partials
+        if pending is not None:
+            pending.finish()
+    elif pending is not None:
+        _, s, sx = conv_ops.reduce_wgrad_and_bn_sums(pending, *partials)
     else:
-        s, sx = bn_ops.bn_bwd_reduce(psum, psumx)
+        s, sx = bn_ops.bn_bwd_reduce(*partials)
     if st.group is None or not st.batch_stats:
         return s, sx, s, sx
     import torch.distributed as dist

@@ -187,12 +187,12 @@ class Chain(Impl):
             if i == 0 and spec.shortcut == "projection":
                 add, _ = route.conv_dgrad(dout, kernel_weight(proj_weight), tuple(h.shape),
                                              stride=spec.proj_stride, padding=0)
-            dz, (psum, psumx) = route.conv_dgrad(
+            dz, partials = route.conv_dgrad(
                 dh, kernel_weight(w), tuple(h.shape), stride=st.stride, padding=st.padding,
-                bn=(h, scale, shift, mean, invstd), add=add,
+                bn=(h, scale, shift, mean, invstd), add=add, reduce_sums=True,
             )
             dh = add = None  # used up: their memory can hold the next gradient
-            sum_dz, sum_dzx, apply_dz, apply_dzx = bwd_sums(psum, psumx, st, stats, pending)
+            sum_dz, sum_dzx, apply_dz, apply_dzx = bwd_sums(partials, st, stats, pending)
             if need_g and g is not None:
                 grads[ChainInputs.bn(i) + BN_WEIGHT] = sum_dzx.to(g.dtype)
             if need_b and b is not None:
@@ -252,7 +252,7 @@ class Pool(Impl):
         (stats,) = saved
         mean, invstd, scale, shift = stats.unbind(0)[:4]
         dz, psum, psumx = bn_ops.bn_relu_pool_bwd(dout, x, scale, shift, mean, invstd)
-        s, sx, apply_s, apply_sx = bwd_sums(psum, psumx, spec, stats)
+        s, sx, apply_s, apply_sx = bwd_sums((psum, psumx), spec, stats)
         grads: list[torch.Tensor | None] = [None] * len(t)
         if needs[PoolInputs.X]:
             grads[PoolInputs.X] = bn_ops.bn_bwd_apply(dz, x, mean, invstd, g, apply_s, apply_sx,

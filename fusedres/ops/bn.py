@@ -332,6 +332,28 @@ def stats_ticket(
 
 
 @triton.jit
+def sums_ticket(
+    psum_ptr, psumx_ptr, pid_m, col, n_cols, T, C, offs_c, c_ok, counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr,
+    TWO_LEVEL: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """After tile ``pid_m`` of column block ``col`` stored its backward partial sums: the last of the
+    T tiles of the column sums them as :func:`bn_bwd_reduce` does (two levels above
+    TWO_LEVEL_TILES, as :func:`bn_bwd_chunks` then the reduction), in the producing launch. The
+    ordering argument is :func:`_last_ticket`'s; the counters are laid out as in
+    :func:`stats_ticket`."""
+    if TWO_LEVEL:
+        chunks = tl.cdiv(T, BLOCK_T)
+        chunk = pid_m // BLOCK_T
+        if _last_ticket(counter_ptr + col * chunks + chunk, tl.minimum(T - chunk * BLOCK_T, BLOCK_T)):
+            _sum_chunk(psum_ptr, psumx_ptr, chunk, T, C, offs_c, c_ok, csum_ptr, csumx_ptr, BLOCK_T)
+            if _last_ticket(counter_ptr + n_cols * chunks + col, chunks):
+                bn_bwd_sum_channels(csum_ptr, csumx_ptr, sum_ptr, sumx_ptr, chunks, C, offs_c, c_ok, BLOCK_T)
+    else:
+        if _last_ticket(counter_ptr + col, T):
+            bn_bwd_sum_channels(psum_ptr, psumx_ptr, sum_ptr, sumx_ptr, T, C, offs_c, c_ok, BLOCK_T)
+
+
+@triton.jit
 def bn_bwd_reduce_kernel(
     psum_ptr, psumx_ptr, sum_ptr, sumx_ptr, T, C,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -657,6 +679,29 @@ class Finalize(NamedTuple):
         flags = dict(TICKET=True, TWO_LEVEL=two_level, UPDATE_RUNNING=rm is not None,
                      HAS_WEIGHT=g is not None, HAS_BIAS=b is not None, BLOCK_T=FINALIZE_BLOCK_T)
         return args, flags
+
+
+class Sums(NamedTuple):
+    """The BatchNorm-backward sums (Σdz, Σdz·x̂) per channel, already reduced by the launch that
+    produced their partials (in place of the ``(psum, psumx)`` partials)."""
+
+    sum_dz: torch.Tensor
+    sum_dzx: torch.Tensor
+
+
+def sums_ticket_args(tiles: int, cols: int, C: int, device: torch.device) -> tuple[Sums, tuple, dict]:
+    """The :class:`Sums` a producer with ``tiles`` x ``cols`` programs reduces into, and its
+    :func:`sums_ticket` arguments and constexprs."""
+    s = torch.empty(C, device=device, dtype=torch.float32)  # two allocations: returned as
+    sx = torch.empty_like(s)  # separate gradients, they must not share storage
+    two_level = tiles > TWO_LEVEL_TILES
+    chunks = cdiv(tiles, FINALIZE_BLOCK_T)
+    cs = csx = s
+    if two_level:
+        cs = torch.empty((chunks, C), device=device, dtype=torch.float32)
+        csx = torch.empty_like(cs)
+    counters = ticket_counters(device, cols * (chunks + 1) if two_level else cols)
+    return Sums(s, sx), (counters, cs, csx, s, sx), dict(TICKET=True, TWO_LEVEL=two_level, BLOCK_T=FINALIZE_BLOCK_T)
 
 
 def no_ticket_args(placeholder: torch.Tensor) -> tuple[tuple, dict]:

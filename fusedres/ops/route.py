@@ -166,12 +166,15 @@ def conv_dgrad(
     padding: int,
     bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     add: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """:func:`fusedres.ops.conv.conv_dgrad` on the chosen engine."""
+    reduce_sums: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | bn_ops.Sums | None]:
+    """:func:`fusedres.ops.conv.conv_dgrad` on the chosen engine (on cuDNN's, ``reduce_sums`` is
+    not done: the partials come back)."""
     N, C, H, W = input_shape
     K, _, R, _ = weight.shape
     if choose("dgrad", dy.device, C, K, R, stride, N * H * W) == "triton":
-        return conv_ops.conv_dgrad(dy, weight, input_shape, stride=stride, padding=padding, bn=bn, add=add)
+        return conv_ops.conv_dgrad(dy, weight, input_shape, stride=stride, padding=padding, bn=bn, add=add,
+                                   reduce_sums=reduce_sums)
     # The input argument only carries the shape and the channels_last format (never read):
     # torch.nn.grad.conv2d_input passes an expanded scalar instead, and cuDNN may then pick NCHW
     # kernels and transpose whole activations around them.
