@@ -18,7 +18,9 @@ DTYPE_IDS = ["fp32", "fp16", "bf16"]
 #: The three convolution roles of a training step on the Triton route.
 CONV_KERNELS = ("conv_fprop_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel")
 #: A pre-activation chain's training step (fusedres._fused.Chain), also in eval with gradients.
-CHAIN_KERNELS = (*CONV_KERNELS, "bn_finalize_kernel", "bn_bwd_apply_kernel")
+#: (In training the statistics are finalized by the launch that produces them, so a training step
+#: may run no bn_finalize_kernel; eval runs one per BatchNorm.)
+CHAIN_KERNELS = (*CONV_KERNELS, "bn_bwd_apply_kernel")
 #: A torchvision-style block's training step (fusedres._fused.PostAct): the closing
 #: relu(bn(y) + shortcut) pass and its backward besides the convolutions.
 POSTACT_KERNELS = (*CONV_KERNELS, "bn_add_relu_kernel", "bn_add_relu_bwd_kernel")

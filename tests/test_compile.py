@@ -129,9 +129,9 @@ def test_compiled_running_stats_and_counter(device: torch.device, no_tf32: None)
     compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 8, 5, 5, dtype=torch.float32, device=device)
     for _ in range(3):
-        with launched("conv_fprop_kernel", "bn_finalize_kernel"):
+        with launched("conv_fprop_kernel", "bn_stats_kernel"):  # which also finalizes the statistics
             eager(x)
-        with launched("conv_fprop_kernel", "bn_finalize_kernel"):
+        with launched("conv_fprop_kernel", "bn_stats_kernel"):
             compiled(x)
     _buffers_same(compiled_model, eager)
     assert int(compiled_model[0].bn1.num_batches_tracked) == 3

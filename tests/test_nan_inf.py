@@ -29,7 +29,7 @@ from fusedres.reference import bn_relu_conv2d_reference
 from fusedres.testing import rel_error, set_fused, within_bound
 
 NAN, INF = float("nan"), float("inf")
-CHAIN_KERNELS = ("bn_finalize_kernel", "conv_fprop_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel",
+CHAIN_KERNELS = ("conv_fprop_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel",
                  "bn_bwd_apply_kernel")
 POSTACT_KERNELS = ("conv_fprop_kernel", "bn_add_relu_kernel", "bn_add_relu_bwd_kernel", "conv_dgrad_kernel",
                    "conv_wgrad_kernel")

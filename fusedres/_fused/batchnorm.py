@@ -20,8 +20,27 @@ from .specs import StageSpec, Tensors
 # Statistics and backward sums, optionally synchronised over a process group
 
 
+def producer_finalize(
+    channels: int,
+    like: torch.Tensor,
+    st: StageSpec,
+    bn: Tensors,
+    running_out: tuple[torch.Tensor, torch.Tensor] | None,
+) -> bn_ops.Finalize | None:
+    """What the launch that produces the statistics partials of a BatchNorm's input needs to
+    finalize them in its last programs (a launch less), or None where that launch must leave
+    them to :func:`finalize`: running statistics (nothing to merge), SyncBatchNorm (the merge
+    needs every rank's partials), or the two-launch path chosen
+    (:func:`fusedres.ops.bn.producer_reductions`)."""
+    if not (st.batch_stats and st.group is None and bn_ops.TICKETS):
+        return None
+    g, b, rm, rv = bn
+    stats = torch.empty((4, channels), device=like.device, dtype=torch.float32)
+    return bn_ops.Finalize(stats, g, b, rm, rv, running_out, st.momentum, st.eps)
+
+
 def finalize(
-    partials: tuple[torch.Tensor, torch.Tensor, int] | None,
+    partials: tuple[torch.Tensor, torch.Tensor, int] | bn_ops.Finalize | None,
     h: torch.Tensor,
     st: StageSpec,
     bn: Tensors,
@@ -30,7 +49,10 @@ def finalize(
     """BatchNorm ``bn`` = (weight, bias, running_mean, running_var) of ``h``: a stats buffer
     (rows mean, invstd, scale, shift; a 5th row local/global count when synchronised) and its
     first four rows. Updates the running statistics in training (in place, or into
-    ``running_out``)."""
+    ``running_out``). ``partials`` may be the :class:`fusedres.ops.bn.Finalize` that the
+    producing launch already carried out (from :func:`producer_finalize`): nothing left to do."""
+    if isinstance(partials, bn_ops.Finalize):
+        return partials.stats, partials.rows()
     N, C, H, W = h.shape
     g, b, rm, rv = bn
     if st.group is not None and st.batch_stats:
@@ -82,17 +104,22 @@ def _sync_finalize(
 
 
 def bwd_sums(
-    psum: torch.Tensor, psumx: torch.Tensor, st: StageSpec, stats: torch.Tensor,
+    partials: tuple[torch.Tensor, torch.Tensor] | bn_ops.Sums, st: StageSpec, stats: torch.Tensor,
     pending: conv_ops.PendingWgrad | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(Σdz, Σdz·x̂) of this rank (the parameter gradients), and the sums the input gradient
     uses: the same, or — synchronised — the group's sums scaled by local/global count (the
-    apply kernel divides by the local count). A ``pending`` weight gradient of the same stage is
-    reduced in the same launch."""
-    if pending is not None:
-        _, s, sx = conv_ops.reduce_wgrad_and_bn_sums(pending, psum, psumx)
+    apply kernel divides by the local count). ``partials`` are the per-tile (psum, psumx), or the
+    :class:`fusedres.ops.bn.Sums` their producer already reduced. A ``pending`` weight gradient
+    of the same stage is reduced in the same launch."""
+    if isinstance(partials, bn_ops.Sums):
+        s, sx = partials
+        if pending is not None:
+            pending.finish()
+    elif pending is not None:
+        _, s, sx = conv_ops.reduce_wgrad_and_bn_sums(pending, *partials)
     else:
-        s, sx = bn_ops.bn_bwd_reduce(psum, psumx)
+        s, sx = bn_ops.bn_bwd_reduce(*partials)
     if st.group is None or not st.batch_stats:
         return s, sx, s, sx
     import torch.distributed as dist
@@ -130,16 +157,19 @@ def hand_off(out: torch.Tensor, partials: tuple[torch.Tensor, torch.Tensor, int]
     _HANDOFF[:] = [(weakref.ref(out), out._version, partials)]
 
 
-def input_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+def input_stats(
+    x: torch.Tensor, fin: bn_ops.Finalize | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int] | bn_ops.Finalize:
     """Tile statistics partials of ``x``: those handed off with it when ``x`` is, unmodified, the
-    output of the previous fused block; else from a statistics pass over ``x``."""
+    output of the previous fused block; else from a statistics pass over ``x``, which carries out
+    ``fin`` when given (see :func:`producer_finalize`)."""
     try:
         ref, version, partials = _HANDOFF.pop()  # (another thread may have emptied the slot)
     except IndexError:
-        return bn_ops.bn_stats(x)
+        return bn_ops.bn_stats(x, finalize=fin)
     if ref() is x and x._version == version:
         return partials
-    return bn_ops.bn_stats(x)
+    return bn_ops.bn_stats(x, finalize=fin)
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 from ..ops import bn as bn_ops
 from ..ops import conv as conv_ops
 from ..ops import route
-from .batchnorm import bwd_sums, finalize, running_pairs
+from .batchnorm import bwd_sums, finalize, producer_finalize, running_pairs
 from .dispatch import Impl
 from .memory import cl_empty, kernel_weight, stats_empty
 from .specs import (
@@ -99,31 +99,39 @@ class PostAct(Impl):
         take = running_pairs(running_out)
         all_stats: list[torch.Tensor] = []
 
-        def normalize(partials, h: torch.Tensor, i: int) -> tuple[torch.Tensor, ...]:
+        def producer_fin(i: int, channels: int):
+            """BatchNorm i's running-statistics destination, and what the convolution producing its
+            input needs to finalize the statistics itself (None: a finalize launch follows)."""
             k = at.bn(i)
             st = bn_specs[i]
-            updates = st.batch_stats and t[k + BN_RUNNING_MEAN] is not None
-            stats, fin = finalize(partials, h, st, t[k : k + 4], take(updates))
+            run = take(st.batch_stats and t[k + BN_RUNNING_MEAN] is not None)
+            return run, producer_finalize(channels, x, st, t[k : k + 4], run)
+
+        def normalize(partials, h: torch.Tensor, i: int, run) -> tuple[torch.Tensor, ...]:
+            k = at.bn(i)
+            stats, fin = finalize(partials, h, bn_specs[i], t[k : k + 4], run)
             all_stats.append(stats)
             return fin
 
         ys: list[torch.Tensor] = []
         h, scale, shift = x, None, None
         for i, (stride, pad) in enumerate(spec.convs):
+            run, fin = producer_fin(i, weights[i].shape[0])
             h, partials = route.conv_fprop(
                 h, kernel_weight(weights[i]), stride=stride, padding=pad, scale=scale, shift=shift,
-                stats=spec.bns[i].batch_stats,
+                stats=spec.bns[i].batch_stats, finalize=fin,
             )
             ys.append(h)
-            _, _, scale, shift = normalize(partials, h, i)
+            _, _, scale, shift = normalize(partials, h, i, run)
         r, r_affine = (shortcut if shortcut is not None else x), ()
         extra: list[torch.Tensor] = []
         if spec.downsample is not None:
             ds_stride, ds_st = spec.downsample
             ds_w = t[at.weight(n)]
+            run, fin = producer_fin(n, ds_w.shape[0])
             r, ds_partials = route.conv_fprop(x, kernel_weight(ds_w), stride=ds_stride, padding=0,
-                                                 stats=ds_st.batch_stats)
-            r_affine = normalize(ds_partials, r, n)[2:]
+                                                 stats=ds_st.batch_stats, finalize=fin)
+            r_affine = normalize(ds_partials, r, n, run)[2:]
             extra = [r]
         out = bn_ops.bn_add_relu(h, r, scale, shift, *r_affine)
         if not spec.out_channels_last:
@@ -164,12 +172,12 @@ class PostAct(Impl):
         fins = [s.unbind(0)[:4] for s in all_stats]  # (mean, invstd, scale, shift)
         grads: list[torch.Tensor | None] = [None] * len(t)
 
-        def bn_backward(i: int, dz: torch.Tensor, h: torch.Tensor, psum: torch.Tensor,
-                        psumx: torch.Tensor, pending: conv_ops.PendingWgrad | None = None) -> torch.Tensor:
+        def bn_backward(i: int, dz: torch.Tensor, h: torch.Tensor, partials: tuple | bn_ops.Sums,
+                        pending: conv_ops.PendingWgrad | None = None) -> torch.Tensor:
             """BatchNorm i's parameter gradients into ``grads``; returns the gradient at its input."""
             k = at.bn(i)
             st = bn_specs[i]
-            s, sx, apply_s, apply_sx = bwd_sums(psum, psumx, st, all_stats[i], pending)
+            s, sx, apply_s, apply_sx = bwd_sums(partials, st, all_stats[i], pending)
             gamma, beta = t[k + BN_WEIGHT], t[k + BN_BIAS]
             if needs[k + BN_WEIGHT] and gamma is not None:
                 grads[k + BN_WEIGHT] = sx.to(gamma.dtype)
@@ -182,12 +190,12 @@ class PostAct(Impl):
         mean_l, inv_l, s_l, b_l = fins[n - 1]
         r_bn = (fins[n][2], fins[n][3], fins[n][0], fins[n][1]) if has_ds else None
         g, psum, psumy, psumr = bn_ops.bn_add_relu_bwd(dout, ys[-1], r, s_l, b_l, mean_l, inv_l, r_bn)
-        dh = bn_backward(n - 1, g, ys[-1], psum, psumy)
+        dh = bn_backward(n - 1, g, ys[-1], (psum, psumy))
         dx_add = None
         if has_ds:
             ds_stride, _ = spec.downsample
             ds_w = t[at.weight(n)]
-            dd = bn_backward(n, g, r_saved, psum, psumr)
+            dd = bn_backward(n, g, r_saved, (psum, psumr))
             if needs[at.weight(n)]:
                 grads[at.weight(n)] = route.conv_wgrad(dd, x, ds_w, stride=ds_stride, padding=0)
             if needs[at.X]:
@@ -199,7 +207,7 @@ class PostAct(Impl):
             stride, pad = spec.convs[i]
             h_in = x if i == 0 else ys[i - 1]
             scale, shift = (fins[i - 1][2], fins[i - 1][3]) if i > 0 else (None, None)
-            pending = None  # reduced by the backward-sum launch of BatchNorm i - 1
+            pending = None  # reduced by the backward-sum launch of BatchNorm i - 1 (two-launch path)
             if needs[at.weight(i)]:
                 dw = route.conv_wgrad(dh, h_in, weights[i], stride=stride, padding=pad, scale=scale, shift=shift,
                                       defer_reduce=i > 0)
@@ -207,11 +215,11 @@ class PostAct(Impl):
                     pending, dw = dw, dw.dw
                 grads[at.weight(i)] = dw
             if i > 0:
-                dz, (ps, psx) = route.conv_dgrad(
+                dz, partials = route.conv_dgrad(
                     dh, kernel_weight(weights[i]), tuple(h_in.shape), stride=stride, padding=pad,
-                    bn=(h_in, scale, shift, fins[i - 1][0], fins[i - 1][1]),
+                    bn=(h_in, scale, shift, fins[i - 1][0], fins[i - 1][1]), reduce_sums=True,
                 )
-                dh = bn_backward(i - 1, dz, h_in, ps, psx, pending)
+                dh = bn_backward(i - 1, dz, h_in, partials, pending)
             elif needs[at.X]:
                 dh, _ = route.conv_dgrad(dh, kernel_weight(weights[0]), tuple(x.shape), stride=stride,
                                             padding=pad, add=dx_add)

@@ -12,7 +12,7 @@ import torch
 from ..ops import bn as bn_ops
 from ..ops import conv as conv_ops
 from ..ops import route
-from .batchnorm import bwd_sums, finalize, hand_off, input_stats, running_pairs
+from .batchnorm import bwd_sums, finalize, hand_off, input_stats, producer_finalize, running_pairs
 from .dispatch import Impl
 from .memory import cl_empty, kernel_weight, stats_empty
 from .specs import (
@@ -89,12 +89,21 @@ class Chain(Impl):
         # The eager path (no running_out: not a custom op under torch.compile) of a training block
         # computes its output's statistics for the next block (see batchnorm.input_stats).
         passes_stats = running_out is None and spec.stages[0].batch_stats and spec.out_channels_last
-        partials = input_stats(x) if spec.stages[0].batch_stats else None
+
+        def producer_fin(i: int, channels: int):
+            """Stage i's running-statistics destination, and what the launch producing its
+            input's partials needs to finalize them itself (None: a finalize launch follows)."""
+            st = spec.stages[i]
+            _, g, b, rm, rv = ChainInputs.stage(t, i)
+            run = take(st.batch_stats and rm is not None)
+            return run, producer_finalize(channels, x, st, (g, b, rm, rv), run)
+
+        run, fin = producer_fin(0, x.shape[1])
+        partials = input_stats(x, fin) if spec.stages[0].batch_stats else None
         shortcut = None
         for i, st in enumerate(spec.stages):
             w, g, b, rm, rv = ChainInputs.stage(t, i)
-            stats, (mean, invstd, scale, shift) = finalize(partials, h, st, (g, b, rm, rv),
-                                                            take(st.batch_stats and rm is not None))
+            stats, (mean, invstd, scale, shift) = finalize(partials, h, st, (g, b, rm, rv), run)
             all_stats.append(stats)
             if i == 0:
                 if spec.shortcut == "projection":
@@ -109,9 +118,14 @@ class Chain(Impl):
                 inner.append(h)
             last = i == n_stages - 1
             next_batch_stats = passes_stats if last else spec.stages[i + 1].batch_stats
+            # the block's output statistics go to the next block as partials (its BatchNorm is not
+            # known here); an inner stage's are finalized by the convolution that produces them
+            fin = None
+            if not last:
+                run, fin = producer_fin(i + 1, w.shape[0])
             h, partials = route.conv_fprop(
                 h, kernel_weight(w), stride=st.stride, padding=st.padding, scale=scale, shift=shift,
-                residual=shortcut if last else None, stats=next_batch_stats,
+                residual=shortcut if last else None, stats=next_batch_stats, finalize=fin,
             )
         if passes_stats and partials is not None:
             hand_off(h, partials)
@@ -173,12 +187,12 @@ class Chain(Impl):
             if i == 0 and spec.shortcut == "projection":
                 add, _ = route.conv_dgrad(dout, kernel_weight(proj_weight), tuple(h.shape),
                                              stride=spec.proj_stride, padding=0)
-            dz, (psum, psumx) = route.conv_dgrad(
+            dz, partials = route.conv_dgrad(
                 dh, kernel_weight(w), tuple(h.shape), stride=st.stride, padding=st.padding,
-                bn=(h, scale, shift, mean, invstd), add=add,
+                bn=(h, scale, shift, mean, invstd), add=add, reduce_sums=True,
             )
             dh = add = None  # used up: their memory can hold the next gradient
-            sum_dz, sum_dzx, apply_dz, apply_dzx = bwd_sums(psum, psumx, st, stats, pending)
+            sum_dz, sum_dzx, apply_dz, apply_dzx = bwd_sums(partials, st, stats, pending)
             if need_g and g is not None:
                 grads[ChainInputs.bn(i) + BN_WEIGHT] = sum_dzx.to(g.dtype)
             if need_b and b is not None:
@@ -219,9 +233,10 @@ class Pool(Impl):
     @staticmethod
     def forward(spec: StageSpec, t: Tensors, running_out: list[torch.Tensor] | None) -> tuple[torch.Tensor, list]:
         x, g, b, rm, rv = t
-        partials = input_stats(x) if spec.batch_stats else None
-        stats, (_, _, scale, shift) = finalize(partials, x, spec, (g, b, rm, rv),
-                                                running_pairs(running_out)(spec.batch_stats and rm is not None))
+        run = running_pairs(running_out)(spec.batch_stats and rm is not None)
+        partials = input_stats(x, producer_finalize(x.shape[1], x, spec, (g, b, rm, rv), run)) \
+            if spec.batch_stats else None
+        stats, (_, _, scale, shift) = finalize(partials, x, spec, (g, b, rm, rv), run)
         return bn_ops.bn_relu_pool(x, scale, shift), [stats]
 
     @staticmethod
@@ -237,7 +252,7 @@ class Pool(Impl):
         (stats,) = saved
         mean, invstd, scale, shift = stats.unbind(0)[:4]
         dz, psum, psumx = bn_ops.bn_relu_pool_bwd(dout, x, scale, shift, mean, invstd)
-        s, sx, apply_s, apply_sx = bwd_sums(psum, psumx, spec, stats)
+        s, sx, apply_s, apply_sx = bwd_sums((psum, psumx), spec, stats)
         grads: list[torch.Tensor | None] = [None] * len(t)
         if needs[PoolInputs.X]:
             grads[PoolInputs.X] = bn_ops.bn_bwd_apply(dz, x, mean, invstd, g, apply_s, apply_sx,

@@ -15,6 +15,10 @@ Layout contract of the launchers (no autograd, no modules):
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -83,10 +87,15 @@ def bn_stats_kernel(
     x_ptr, r_ptr, pmean_ptr, pm2_ptr, H, W, C, M,
     sxn, sxc, sxh, sxw,
     srn, src, srh, srw,
-    ADD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    counter_ptr, cmean_ptr, cm2_ptr, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr,
+    stats_ptr, momentum, eps,
+    ADD: tl.constexpr, TICKET: tl.constexpr, TWO_LEVEL: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Per-tile mean and M2 of each channel of x over BLOCK_M pixels. With ADD, x += r first
-    (in place, rounded to x's dtype) and the statistics are those of the sum."""
+    (in place, rounded to x's dtype) and the statistics are those of the sum. With TICKET the
+    last tile of each channel block finalizes them (:func:`stats_ticket`)."""
     pid_m, offs_c, c_ok, n, h, w, c64, mask = _pixel_tile(M, H, W, C, BLOCK_M, BLOCK_C)
     x_ptrs = x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + c64 * sxc
     v = tl.load(x_ptrs, mask=mask, other=0.0)
@@ -98,24 +107,62 @@ def bn_stats_kernel(
     mean, m2 = tile_mean_m2(v.to(tl.float32), mask, count)
     tl.store(pmean_ptr + pid_m * C + offs_c, mean, mask=c_ok)
     tl.store(pm2_ptr + pid_m * C + offs_c, m2, mask=c_ok)
+    if TICKET:
+        stats_ticket(pmean_ptr, pm2_ptr, pid_m, tl.program_id(1), tl.num_programs(1), tl.num_programs(0), C, M,
+                     BLOCK_M, offs_c, c_ok, counter_ptr, cmean_ptr, cm2_ptr, weight_ptr, bias_ptr, rmean_ptr,
+                     rvar_ptr, rmean_out_ptr, rvar_out_ptr, stats_ptr, momentum, eps,
+                     TWO_LEVEL, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
 
 
 @triton.jit
 def _chunk_mean_m2(pmean_ptr, pm2_ptr, t0, T, C, M, TILE_ROWS, offs_c, c_ok, BLOCK_T: tl.constexpr):
     """Count, mean and M2 of tiles [t0, t0 + BLOCK_T) merged (tile t holds
-    min(M - t*TILE_ROWS, TILE_ROWS) rows)."""
-    t = t0 + tl.arange(0, BLOCK_T)
-    t_ok = t < T
-    cnt = tl.where(t_ok, tl.minimum(M - t * TILE_ROWS, TILE_ROWS), 0).to(tl.float32)
-    mask = t_ok[:, None] & c_ok[None, :]
-    idx = t.to(tl.int64)[:, None] * C + offs_c[None, :]
-    pm = tl.load(pmean_ptr + idx, mask=mask, other=0.0)
-    q = tl.load(pm2_ptr + idx, mask=mask, other=0.0)
-    n_b = tl.sum(cnt, axis=0)
-    mean_b = tl.sum(cnt[:, None] * pm, axis=0) / n_b
-    dev = tl.where(mask, pm - mean_b[None, :], 0.0)
-    m2_b = tl.sum(q, axis=0) + tl.sum(cnt[:, None] * dev * dev, axis=0)
-    return n_b, mean_b, m2_b
+    min(M - t*TILE_ROWS, TILE_ROWS) rows).
+
+    Each channel's sums run over the tiles one after another, in tile order, starting from zero
+    (the order of numpy's axis-0 sum, so the interpreter gives what a ``tl.sum`` over the chunk
+    gave): a sum's rounding then does not depend on how the compiler spreads the tile over
+    threads, so a kernel with any ``num_warps`` (the convolution's last program, the finalize
+    kernel) gets the same bits. The rows are loaded by an unrolled loop, so their loads are all
+    in flight together; ``.cg`` reads them from L2, where the producing programs' stores are
+    visible (see :func:`stats_ticket`)."""
+    n_b = 0.0
+    s = tl.zeros(offs_c.shape, dtype=tl.float32)
+    q = tl.zeros(offs_c.shape, dtype=tl.float32)
+    for i in tl.static_range(BLOCK_T):
+        t = t0 + i
+        ok = t < T
+        cnt = tl.where(ok, tl.minimum(M - t * TILE_ROWS, TILE_ROWS), 0).to(tl.float32)
+        idx = t.to(tl.int64) * C + offs_c
+        pm = tl.load(pmean_ptr + idx, mask=ok & c_ok, other=0.0, cache_modifier=".cg")
+        s = s + cnt * pm
+        q = q + tl.load(pm2_ptr + idx, mask=ok & c_ok, other=0.0, cache_modifier=".cg")
+        n_b = n_b + cnt
+    mean_b = s / n_b
+    d = tl.zeros(offs_c.shape, dtype=tl.float32)
+    for i in tl.static_range(BLOCK_T):
+        t = t0 + i
+        ok = t < T
+        cnt = tl.where(ok, tl.minimum(M - t * TILE_ROWS, TILE_ROWS), 0).to(tl.float32)
+        pm = tl.load(pmean_ptr + t.to(tl.int64) * C + offs_c, mask=ok & c_ok, other=0.0, cache_modifier=".cg")
+        dev = tl.where(ok & c_ok, pm - mean_b, 0.0)
+        d = d + cnt * dev * dev
+    return n_b, mean_b, q + d
+
+
+@triton.jit
+def _chunk_sums(psum_ptr, psumx_ptr, t0, T, C, offs_c, c_ok, BLOCK_T: tl.constexpr):
+    """Sums of rows [t0, t0 + BLOCK_T) of two (tiles, C) partials, row after row in order from
+    zero (see :func:`_chunk_mean_m2` for why)."""
+    s = tl.zeros(offs_c.shape, dtype=tl.float32)
+    sx = tl.zeros(offs_c.shape, dtype=tl.float32)
+    for i in tl.static_range(BLOCK_T):
+        t = t0 + i
+        ok = (t < T) & c_ok
+        idx = t.to(tl.int64) * C + offs_c
+        s = s + tl.load(psum_ptr + idx, mask=ok, other=0.0, cache_modifier=".cg")
+        sx = sx + tl.load(psumx_ptr + idx, mask=ok, other=0.0, cache_modifier=".cg")
+    return s, sx
 
 
 @triton.jit
@@ -126,9 +173,14 @@ def bn_merge_kernel(
     """First level of a two-level merge: program (j, c) merges tiles [j*BLOCK_T, (j+1)*BLOCK_T)
     into row j of the output partials (whose tiles then hold BLOCK_T*TILE_ROWS rows each). The
     chunks run along grid x: a grid's y extent stops at 65535, reached past ~2.7e8 pixels."""
-    j = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
+    _merge_chunk(pmean_ptr, pm2_ptr, tl.program_id(0), T, C, M, TILE_ROWS, offs_c, offs_c < C, out_mean_ptr,
+                 out_m2_ptr, BLOCK_T)
+
+
+@triton.jit
+def _merge_chunk(pmean_ptr, pm2_ptr, j, T, C, M, TILE_ROWS, offs_c, c_ok, out_mean_ptr, out_m2_ptr,
+                 BLOCK_T: tl.constexpr):
     _, mean_b, m2_b = _chunk_mean_m2(pmean_ptr, pm2_ptr, j * BLOCK_T, T, C, M, TILE_ROWS, offs_c, c_ok, BLOCK_T)
     tl.store(out_mean_ptr + j * C + offs_c, mean_b, mask=c_ok)
     tl.store(out_m2_ptr + j * C + offs_c, m2_b, mask=c_ok)
@@ -141,39 +193,53 @@ def bn_sum_chunks_kernel(
 ):
     """First level of a two-level sum: program (j, c) sums rows [j*BLOCK_T, (j+1)*BLOCK_T) (chunks
     along grid x, as in :func:`bn_merge_kernel`)."""
-    j = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
-    t = j * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask = (t < T)[:, None] & c_ok[None, :]
-    idx = t.to(tl.int64)[:, None] * C + offs_c[None, :]
-    tl.store(out_sum_ptr + j * C + offs_c, tl.sum(tl.load(psum_ptr + idx, mask=mask, other=0.0), axis=0), mask=c_ok)
-    tl.store(out_sumx_ptr + j * C + offs_c, tl.sum(tl.load(psumx_ptr + idx, mask=mask, other=0.0), axis=0),
-             mask=c_ok)
+    _sum_chunk(psum_ptr, psumx_ptr, tl.program_id(0), T, C, offs_c, offs_c < C, out_sum_ptr, out_sumx_ptr, BLOCK_T)
+
+
+@triton.jit
+def _sum_chunk(psum_ptr, psumx_ptr, j, T, C, offs_c, c_ok, out_sum_ptr, out_sumx_ptr, BLOCK_T: tl.constexpr):
+    s, sx = _chunk_sums(psum_ptr, psumx_ptr, j * BLOCK_T, T, C, offs_c, c_ok, BLOCK_T)
+    tl.store(out_sum_ptr + j * C + offs_c, s, mask=c_ok)
+    tl.store(out_sumx_ptr + j * C + offs_c, sx, mask=c_ok)
 
 
 @triton.jit
 def bn_finalize_kernel(
     pmean_ptr, pm2_ptr, T, C, M, TILE_ROWS,
     weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr,
-    mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
-    momentum, eps,
+    stats_ptr, momentum, eps,
     TRAINING: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """mean, invstd and the prologue's scale/shift per channel; running-stat update in training.
+    """mean, invstd and the prologue's scale/shift per channel (rows 0-3 of the (4, C) ``stats``);
+    running-stat update in training.
 
     Training merges the tile partials chunk by chunk (Chan et al.); eval reads the running
     statistics instead. The updated running statistics go to ``r*_out_ptr`` (the running
     statistics themselves for an in-place update).
     """
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
+    finalize_channels(pmean_ptr, pm2_ptr, T, C, M, TILE_ROWS, offs_c, offs_c < C,
+                      weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr, stats_ptr,
+                      momentum, eps, TRAINING, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
+
+
+@triton.jit
+def finalize_channels(
+    pmean_ptr, pm2_ptr, T, C, M, TILE_ROWS, offs_c, c_ok,
+    weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr, stats_ptr,
+    momentum, eps,
+    TRAINING: tl.constexpr, UPDATE_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """What :func:`bn_finalize_kernel` does for the channels ``offs_c``: also run by the last
+    program of a kernel that produced the partials (:func:`stats_ticket`)."""
     if TRAINING:
-        n_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        mean_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        m2_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        n_a = tl.zeros(offs_c.shape, dtype=tl.float32)
+        mean_a = tl.zeros(offs_c.shape, dtype=tl.float32)
+        m2_a = tl.zeros(offs_c.shape, dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
             n_b, mean_b, m2_b = _chunk_mean_m2(pmean_ptr, pm2_ptr, t0, T, C, M, TILE_ROWS, offs_c, c_ok, BLOCK_T)
             n_ab = n_a + n_b
@@ -206,10 +272,85 @@ def bn_finalize_kernel(
     shift = -mean * scale
     if HAS_BIAS:
         shift += tl.load(bias_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-    tl.store(mean_ptr + offs_c, mean, mask=c_ok)
-    tl.store(invstd_ptr + offs_c, invstd, mask=c_ok)
-    tl.store(scale_ptr + offs_c, scale, mask=c_ok)
-    tl.store(shift_ptr + offs_c, shift, mask=c_ok)
+    tl.store(stats_ptr + offs_c, mean, mask=c_ok)
+    tl.store(stats_ptr + C + offs_c, invstd, mask=c_ok)
+    tl.store(stats_ptr + 2 * C + offs_c, scale, mask=c_ok)
+    tl.store(stats_ptr + 3 * C + offs_c, shift, mask=c_ok)
+
+
+@triton.jit
+def _last_ticket(counter_ptr, takers):
+    """True in the program that draws the last of ``takers`` tickets of ``counter``, which it re-arms.
+
+    Why that program sees every other program's partials: each program stores its partials, then
+    takes its ticket with an acq_rel atomic at GPU scope. Triton emits a CTA barrier (bar.sync)
+    before the atomic, so all threads' stores precede it in the CTA, and the atomic's release
+    orders them before the counter update at GPU scope. The last ticket's atomic reads the value
+    written by every earlier release in the counter's modification order, so its acquire makes
+    every partial store happen-before what that program does next; its threads wait at the barrier
+    Triton puts after the atomic (the ticket is broadcast through shared memory) and then read
+    the partials with ``ld.global.cg`` (L2: no stale L1 line; L1 is not coherent). The counter is
+    reset to zero by that program, after which no program of this launch touches it, and the next
+    launch on the stream starts after this one ends (one counter buffer per stream:
+    :func:`ticket_counters`)."""
+    last = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") == takers - 1
+    if last:
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
+    return last
+
+
+@triton.jit
+def stats_ticket(
+    pmean_ptr, pm2_ptr, pid_m, col, n_cols, T, C, M, TILE_ROWS, offs_c, c_ok, counter_ptr, cmean_ptr, cm2_ptr,
+    weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr, stats_ptr, momentum, eps,
+    TWO_LEVEL: tl.constexpr, UPDATE_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """After tile ``pid_m`` of column block ``col`` stored its (mean, M2) partials: the last of the T
+    tiles of the column finalizes the column's channels exactly as :func:`bn_finalize` does
+    (same helpers, same order, so the same bits), in the producing launch.
+
+    TWO_LEVEL (more than TWO_LEVEL_TILES tiles, where bn_finalize first merges chunks of BLOCK_T
+    tiles in parallel): the last tile of each chunk merges the chunk into ``cmean/cm2`` row
+    (chunk) as :func:`bn_merge_kernel` does, then takes a ticket of the column; the last chunk
+    finalizes from the chunk rows. Counters: (n_cols, chunks) for the chunks, then n_cols for the
+    columns (one level: n_cols)."""
+    if TWO_LEVEL:
+        chunks = tl.cdiv(T, BLOCK_T)
+        chunk = pid_m // BLOCK_T
+        if _last_ticket(counter_ptr + col * chunks + chunk, tl.minimum(T - chunk * BLOCK_T, BLOCK_T)):
+            _merge_chunk(pmean_ptr, pm2_ptr, chunk, T, C, M, TILE_ROWS, offs_c, c_ok, cmean_ptr, cm2_ptr, BLOCK_T)
+            if _last_ticket(counter_ptr + n_cols * chunks + col, chunks):
+                finalize_channels(cmean_ptr, cm2_ptr, chunks, C, M, TILE_ROWS * BLOCK_T, offs_c, c_ok,
+                                  weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr, stats_ptr,
+                                  momentum, eps, True, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
+    else:
+        if _last_ticket(counter_ptr + col, T):
+            finalize_channels(pmean_ptr, pm2_ptr, T, C, M, TILE_ROWS, offs_c, c_ok,
+                              weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr, stats_ptr,
+                              momentum, eps, True, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
+
+
+@triton.jit
+def sums_ticket(
+    psum_ptr, psumx_ptr, pid_m, col, n_cols, T, C, offs_c, c_ok, counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr,
+    TWO_LEVEL: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """After tile ``pid_m`` of column block ``col`` stored its backward partial sums: the last of the
+    T tiles of the column sums them as :func:`bn_bwd_reduce` does (two levels above
+    TWO_LEVEL_TILES, as :func:`bn_bwd_chunks` then the reduction), in the producing launch. The
+    ordering argument is :func:`_last_ticket`'s; the counters are laid out as in
+    :func:`stats_ticket`."""
+    if TWO_LEVEL:
+        chunks = tl.cdiv(T, BLOCK_T)
+        chunk = pid_m // BLOCK_T
+        if _last_ticket(counter_ptr + col * chunks + chunk, tl.minimum(T - chunk * BLOCK_T, BLOCK_T)):
+            _sum_chunk(psum_ptr, psumx_ptr, chunk, T, C, offs_c, c_ok, csum_ptr, csumx_ptr, BLOCK_T)
+            if _last_ticket(counter_ptr + n_cols * chunks + col, chunks):
+                bn_bwd_sum_channels(csum_ptr, csumx_ptr, sum_ptr, sumx_ptr, chunks, C, offs_c, c_ok, BLOCK_T)
+    else:
+        if _last_ticket(counter_ptr + col, T):
+            bn_bwd_sum_channels(psum_ptr, psumx_ptr, sum_ptr, sumx_ptr, T, C, offs_c, c_ok, BLOCK_T)
 
 
 @triton.jit
@@ -227,15 +368,18 @@ def bn_bwd_reduce_block(pid, psum_ptr, psumx_ptr, sum_ptr, sumx_ptr, T, C,
     """Channel block ``pid`` of :func:`bn_bwd_reduce_kernel` (also run by the convolution module's
     combined weight-gradient and backward-sum reduction)."""
     offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    accx = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    bn_bwd_sum_channels(psum_ptr, psumx_ptr, sum_ptr, sumx_ptr, T, C, offs_c, offs_c < C, BLOCK_T)
+
+
+@triton.jit
+def bn_bwd_sum_channels(psum_ptr, psumx_ptr, sum_ptr, sumx_ptr, T, C, offs_c, c_ok, BLOCK_T: tl.constexpr):
+    """Sums over the T rows of the partials of the channels ``offs_c``, chunk by chunk in order."""
+    acc = tl.zeros(offs_c.shape, dtype=tl.float32)
+    accx = tl.zeros(offs_c.shape, dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        mask = (t < T)[:, None] & c_ok[None, :]
-        idx = t.to(tl.int64)[:, None] * C + offs_c[None, :]
-        acc += tl.sum(tl.load(psum_ptr + idx, mask=mask, other=0.0), axis=0)
-        accx += tl.sum(tl.load(psumx_ptr + idx, mask=mask, other=0.0), axis=0)
+        s, sx = _chunk_sums(psum_ptr, psumx_ptr, t0, T, C, offs_c, c_ok, BLOCK_T)
+        acc += s
+        accx += sx
     tl.store(sum_ptr + offs_c, acc, mask=c_ok)
     tl.store(sumx_ptr + offs_c, accx, mask=c_ok)
 
@@ -452,9 +596,127 @@ def relu_bn_bwd_partials_kernel(
     tl.store(psumx_ptr + pid_m * C + offs_c, sum_dzx, mask=c_ok)
 
 
-def bn_stats(x: torch.Tensor, add: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+#: Whether the kernels that produce BatchNorm partials also reduce them (the last program of the
+#: launch, :func:`stats_ticket`) when the caller hands them a :class:`Finalize`. Off: the
+#: two-launch path (partials, then :func:`bn_finalize`), which gives the same bits; see
+#: :func:`producer_reductions`.
+TICKETS = True
+
+
+@contextlib.contextmanager
+def producer_reductions(enabled: bool) -> Iterator[None]:
+    """Inside the block, producers reduce their own partials (True, the default) or leave them to a
+    separate launch (False: the two-launch reference the tests compare with bit for bit)."""
+    global TICKETS
+    old, TICKETS = TICKETS, enabled
+    try:
+        yield
+    finally:
+        TICKETS = old
+
+
+# (device, stream) -> int32 zeros. A launch's last programs leave their counters at zero again,
+# and launches on one stream run one after another, so one buffer serves every launch of a stream;
+# another stream gets its own (two launches running at once must not share a counter).
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def ticket_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least ``n`` int32 counters at zero for one launch on the current stream. While a CUDA
+    graph is captured, a new zeroed buffer (a memset node in the graph): a cached buffer would be
+    shared by graphs that may later be replayed concurrently on different streams."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, device=device, dtype=torch.int32)
+    key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        # the old buffer's memory goes back to the stream's pool: reused only after the launches
+        # that still use it (stream order)
+        buf = _COUNTERS[key] = torch.zeros(max(n, 256), device=device, dtype=torch.int32)
+    return buf
+
+
+class Finalize(NamedTuple):
+    """What :func:`bn_finalize` is given, for a launch that produces the partials and finalizes
+    them in its last programs: the stats buffer to fill ((4, C) fp32 contiguous: rows mean,
+    invstd, scale, shift), the BatchNorm's affine parameters and running statistics (or None) and
+    where the updated running statistics go (None: in place)."""
+
+    stats: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    running_out: tuple[torch.Tensor, torch.Tensor] | None
+    momentum: float
+    eps: float
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(self.stats.unbind(0)[:4])
+
+    def launch_args(self, tiles: int, cols: int) -> tuple[tuple, dict]:
+        """The ticket arguments and constexprs of a producer with ``tiles`` x ``cols`` programs
+        (tiles along grid x, channel blocks along grid y), and the chunk workspace above
+        TWO_LEVEL_TILES tiles."""
+        s = self.stats
+        C = s.shape[1]
+        if s.stride() != (C, 1):
+            raise ValueError(f"fusedres: a stats buffer of strides {s.stride()}; expected ({C}, 1)")
+        two_level = tiles > TWO_LEVEL_TILES
+        chunks = cdiv(tiles, FINALIZE_BLOCK_T)
+        cmean = cm2 = s
+        if two_level:
+            cmean = torch.empty((chunks, C), device=s.device, dtype=torch.float32)
+            cm2 = torch.empty_like(cmean)
+        counters = ticket_counters(s.device, cols * (chunks + 1) if two_level else cols)
+        g, b, rm, rv = self.weight, self.bias, self.running_mean, self.running_var
+        rm_out, rv_out = self.running_out if self.running_out is not None else (rm, rv)
+        args = (counters, cmean, cm2,
+                g if g is not None else s, b if b is not None else s,
+                rm if rm is not None else s, rv if rv is not None else s,
+                rm_out if rm_out is not None else s, rv_out if rv_out is not None else s,
+                s, float(self.momentum), float(self.eps))
+        flags = dict(TICKET=True, TWO_LEVEL=two_level, UPDATE_RUNNING=rm is not None,
+                     HAS_WEIGHT=g is not None, HAS_BIAS=b is not None, BLOCK_T=FINALIZE_BLOCK_T)
+        return args, flags
+
+
+class Sums(NamedTuple):
+    """The BatchNorm-backward sums (Σdz, Σdz·x̂) per channel, already reduced by the launch that
+    produced their partials (in place of the ``(psum, psumx)`` partials)."""
+
+    sum_dz: torch.Tensor
+    sum_dzx: torch.Tensor
+
+
+def sums_ticket_args(tiles: int, cols: int, C: int, device: torch.device) -> tuple[Sums, tuple, dict]:
+    """The :class:`Sums` a producer with ``tiles`` x ``cols`` programs reduces into, and its
+    :func:`sums_ticket` arguments and constexprs."""
+    s = torch.empty(C, device=device, dtype=torch.float32)  # two allocations: returned as
+    sx = torch.empty_like(s)  # separate gradients, they must not share storage
+    two_level = tiles > TWO_LEVEL_TILES
+    chunks = cdiv(tiles, FINALIZE_BLOCK_T)
+    cs = csx = s
+    if two_level:
+        cs = torch.empty((chunks, C), device=device, dtype=torch.float32)
+        csx = torch.empty_like(cs)
+    counters = ticket_counters(device, cols * (chunks + 1) if two_level else cols)
+    return Sums(s, sx), (counters, cs, csx, s, sx), dict(TICKET=True, TWO_LEVEL=two_level, BLOCK_T=FINALIZE_BLOCK_T)
+
+
+def no_ticket_args(placeholder: torch.Tensor) -> tuple[tuple, dict]:
+    """The ticket arguments of a producer launch that leaves its partials to a later launch."""
+    return (placeholder,) * 10 + (0.0, 0.0), dict(TICKET=False, TWO_LEVEL=False, UPDATE_RUNNING=False,
+                                                   HAS_WEIGHT=False, HAS_BIAS=False, BLOCK_T=FINALIZE_BLOCK_T)
+
+
+def bn_stats(
+    x: torch.Tensor, add: torch.Tensor | None = None, finalize: Finalize | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int] | Finalize:
     """Per-tile statistics partials of each channel of ``x`` (see the module docstring); with
-    ``add`` (shaped and typed like x), of ``x.add_(add)``, done in the same pass."""
+    ``add`` (shaped and typed like x), of ``x.add_(add)``, done in the same pass. With
+    ``finalize`` (and :data:`TICKETS` on), the launch also finalizes them into
+    ``finalize.stats`` (as :func:`bn_finalize` would) and returns ``finalize``."""
     N, C, H, W = x.shape
     cfg = STATS_CONFIG
     M = pixels(N, H, W)
@@ -462,13 +724,16 @@ def bn_stats(x: torch.Tensor, add: torch.Tensor | None = None) -> tuple[torch.Te
     pmean = torch.empty((grid[0], C), device=x.device, dtype=torch.float32)
     pm2 = torch.empty_like(pmean)
     r = add if add is not None else x
+    ticket = finalize is not None and TICKETS
+    t_args, t_flags = finalize.launch_args(*grid) if ticket else no_ticket_args(pmean)
     launch(
         bn_stats_kernel, grid, x, r, pmean, pm2, H, W, C, M,
         *x.stride(),
         *r.stride(),
-        ADD=add is not None, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+        *t_args,
+        ADD=add is not None, **t_flags, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
     )
-    return pmean, pm2, cfg.block_m
+    return finalize if ticket else (pmean, pm2, cfg.block_m)
 
 
 def bn_finalize(
@@ -487,8 +752,8 @@ def bn_finalize(
     out: torch.Tensor | None = None,
     running_out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(mean, invstd, scale, shift)``, each fp32 of length C (rows of ``out``, a (4, C) fp32
-    buffer, when given).
+    """``(mean, invstd, scale, shift)``, each fp32 of length C (rows of ``out``, a contiguous
+    (4, C) fp32 buffer, when given).
 
     Training merges ``partials`` (over ``count`` pixels) and, when running statistics are
     given, updates them — in place, or into ``running_out`` (new mean, new var) when given;
@@ -497,7 +762,8 @@ def bn_finalize(
     C = channels
     if out is None:
         out = torch.empty((4, C), device=device, dtype=torch.float32)
-    mean, invstd, scale, shift = out.unbind(0)[:4]
+    if out.stride() != (C, 1):
+        raise ValueError(f"fusedres: a stats buffer of strides {out.stride()}; expected ({C}, 1)")
     if training:
         pmean, pm2, tile_rows = partials
         T = pmean.shape[0]
@@ -525,13 +791,12 @@ def bn_finalize(
         weight if weight is not None else dummy, bias if bias is not None else dummy,
         running_mean if running_mean is not None else dummy, running_var if running_var is not None else dummy,
         rm_out if rm_out is not None else dummy, rv_out if rv_out is not None else dummy,
-        mean, invstd, scale, shift,
-        float(momentum), float(eps),
+        out, float(momentum), float(eps),
         TRAINING=training, UPDATE_RUNNING=update,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         BLOCK_T=FINALIZE_BLOCK_T, BLOCK_C=FINALIZE_BLOCK_C,
     )
-    return mean, invstd, scale, shift
+    return tuple(out.unbind(0)[:4])
 
 
 def bn_bwd_chunks(psum: torch.Tensor, psumx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

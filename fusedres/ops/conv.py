@@ -24,7 +24,20 @@ import triton
 import triton.language as tl
 
 from .._runtime import cdiv, launch, sm_count
-from .bn import bn_bwd_chunks, bn_bwd_reduce_block, pixels, relu, relu_bn_bwd_tile, tile_mean_m2
+from . import bn as bn_ops
+from .bn import (
+    Finalize,
+    _last_ticket,
+    bn_bwd_chunks,
+    bn_bwd_reduce_block,
+    no_ticket_args,
+    pixels,
+    relu,
+    relu_bn_bwd_tile,
+    stats_ticket,
+    sums_ticket,
+    tile_mean_m2,
+)
 from .configs import FINALIZE_BLOCK_C, FINALIZE_BLOCK_T, ConvConfig, dgrad_config, fprop_config, wgrad_config
 
 
@@ -36,9 +49,13 @@ def conv_fprop_kernel(
     swk, swc, swr, sws,
     son, soc, soh, sow,
     srn, src, srh, srw,
+    counter_ptr, cmean_ptr, cm2_ptr, bn_w_ptr, bn_b_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr,
+    stats_ptr, momentum, eps,
     STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr,
     OUT_SHIFT: tl.constexpr, OUT_RELU: tl.constexpr,
+    TICKET: tl.constexpr, TWO_LEVEL: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -46,6 +63,8 @@ def conv_fprop_kernel(
 
     OUT_SHIFT adds a per-output-channel vector (a folded BatchNorm's shift) and OUT_RELU
     clamps at zero, both after the residual: the eval-mode post-activation block's epilogue.
+    With STATS and TICKET the last tile of each column block finalizes the next BatchNorm's
+    statistics of its channels (:func:`fusedres.ops.bn.stats_ticket`).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -108,6 +127,11 @@ def conv_fprop_kernel(
         mean, m2 = tile_mean_m2(y.to(tl.float32), mask, count)
         tl.store(pmean_ptr + pid_m * K + offs_n, mean, mask=n_ok)
         tl.store(pm2_ptr + pid_m * K + offs_n, m2, mask=n_ok)
+        if TICKET:
+            stats_ticket(pmean_ptr, pm2_ptr, pid_m, pid_n, tl.num_programs(1), tl.num_programs(0), K, M, BLOCK_M,
+                         offs_n, n_ok, counter_ptr, cmean_ptr, cm2_ptr, bn_w_ptr, bn_b_ptr, rmean_ptr, rvar_ptr,
+                         rmean_out_ptr, rvar_out_ptr, stats_ptr, momentum, eps,
+                         TWO_LEVEL, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
 
 
 @triton.jit
@@ -119,8 +143,10 @@ def conv_dgrad_kernel(
     szn, szc, szh, szw,
     sxn, sxc, sxh, sxw,
     san, sac, sah, saw,
+    counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr,
     STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
     BN_BWD: tl.constexpr, HAS_ADD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    TICKET: tl.constexpr, TWO_LEVEL: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """da[m, c] = sum_{r,s,k} dy[pixel(m) - tap(r,s), k] * w[k, c, r, s] over input pixels m.
@@ -128,7 +154,8 @@ def conv_dgrad_kernel(
     HAS_ADD adds another gradient of the same activation first (the projection shortcut's).
     With BN_BWD the epilogue applies the ReLU mask recomputed from the pre-BN input x,
     stores dz = da where relu_passes(x*scale + shift) (else 0; NaN passes, as in eager) and writes
-    per-tile sums of dz and dz * xhat.
+    per-tile sums of dz and dz * xhat; with TICKET the last tile of each column block reduces
+    them into ``sum/sumx`` (:func:`fusedres.ops.bn.sums_ticket`).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -186,6 +213,9 @@ def conv_dgrad_kernel(
         tl.store(z_ptrs, dz, mask=mask)
         tl.store(psum_ptr + pid_m * C + offs_n, sum_dz, mask=n_ok)
         tl.store(psumx_ptr + pid_m * C + offs_n, sum_dzx, mask=n_ok)
+        if TICKET:
+            sums_ticket(psum_ptr, psumx_ptr, pid_m, pid_n, tl.num_programs(1), tl.num_programs(0), C, offs_n, n_ok,
+                        counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr, TWO_LEVEL, BLOCK_T)
     else:
         tl.store(z_ptrs, acc.to(dz_ptr.dtype.element_ty), mask=mask)
 
@@ -196,14 +226,16 @@ def conv_wgrad_kernel(
     H, W, C, OH, OW, K, P, PIX_PER_SPLIT,
     sdn, sdk, sdh, sdw,
     sxn, sxc, sxh, sxw,
+    counter_ptr, dw_ptr, swk, swc, swr, sws,
     STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
-    PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr, TICKET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """ws[split, k, r, s, c] = sum over this split's output pixels p of dy[p, k] * act(x)[p + tap(r,s), c].
 
     The activation relu(x*scale + shift) is recomputed here, never read from memory.
-    Workspace ``ws`` is fp32, contiguous ``(splits, K, R, S, C)``; a second pass sums the splits.
+    Workspace ``ws`` is fp32, contiguous ``(splits, K, R, S, C)``; a second pass sums the splits,
+    or with TICKET the last split of each tile does (into ``dw``, as :func:`wgrad_reduce_kernel`).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -253,7 +285,21 @@ def conv_wgrad_kernel(
     RSC = R * S * C
     ws_ptrs = ws_ptr + pid_s.to(tl.int64) * K * RSC + offs_m.to(tl.int64)[:, None] * RSC \
         + rs * C + offs_n[None, :]
-    tl.store(ws_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
+    tile_ok = m_ok[:, None] & n_ok[None, :]
+    tl.store(ws_ptrs, acc, mask=tile_ok)
+    if TICKET:
+        # the ordering argument of fusedres.ops.bn._last_ticket: every split's workspace tile is
+        # stored before its release, and read from L2 after the last split's acquire
+        splits = tl.num_programs(2)
+        if _last_ticket(counter_ptr + pid_m * tl.num_programs(1) + pid_n, splits):
+            total = K * RSC
+            ptrs = ws_ptr + offs_m.to(tl.int64)[:, None] * RSC + rs * C + offs_n[None, :]
+            red = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for _ in range(0, splits):  # split after split from zero, as _wgrad_reduce_block
+                red += tl.load(ptrs, mask=tile_ok, other=0.0, cache_modifier=".cg")
+                ptrs += total
+            dw_ptrs = dw_ptr + offs_m.to(tl.int64)[:, None] * swk + offs_n[None, :] * swc + r * swr + s * sws
+            tl.store(dw_ptrs, red.to(dw_ptr.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit
@@ -327,14 +373,17 @@ def conv_fprop(
     stats: bool = False,
     out_shift: torch.Tensor | None = None,
     out_relu: bool = False,
+    finalize: Finalize | None = None,
     config: ConvConfig | None = None,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, int] | None]:
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, int] | Finalize | None]:
     """Convolution of ``relu(x*scale + shift)`` (or of ``x`` when scale is None) with ``weight``,
     then ``+ residual``, ``+ out_shift`` (fp32, per output channel) and ``relu`` when asked.
 
     Returns ``(out, partials)``: ``out`` is (N, Cout, OH, OW) in x's dtype, channels_last
     unless ``out`` is given; ``partials`` is ``(tile_mean, tile_m2, tile_rows)`` of ``out``'s
-    channels when ``stats`` is set (for :func:`fusedres.ops.bn.bn_finalize`), else None.
+    channels when ``stats`` is set (for :func:`fusedres.ops.bn.bn_finalize`), else None — or,
+    with ``stats`` and ``finalize`` (and :data:`fusedres.ops.bn.TICKETS` on), ``finalize``,
+    whose stats buffer the launch filled as bn_finalize would.
     """
     N, C, H, W = x.shape
     K, _, R, S = weight.shape
@@ -350,6 +399,12 @@ def conv_fprop(
         pmean = torch.empty((grid[0], K), device=x.device, dtype=torch.float32)
         pm2 = torch.empty_like(pmean)
         partials = (pmean, pm2, cfg.block_m)
+    ticket = stats and finalize is not None and bn_ops.TICKETS
+    if ticket:
+        t_args, t_flags = finalize.launch_args(*grid)
+        partials = finalize
+    else:
+        t_args, t_flags = no_ticket_args(pmean)
     prologue = scale is not None
     res = residual if residual is not None else out
     launch(
@@ -363,9 +418,10 @@ def conv_fprop(
         *weight.stride(),
         *out.stride(),
         *res.stride(),
+        *t_args,
         STRIDE=stride, PAD=padding, R=R, S=S,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, STATS=stats,
-        OUT_SHIFT=out_shift is not None, OUT_RELU=out_relu,
+        OUT_SHIFT=out_shift is not None, OUT_RELU=out_relu, **t_flags,
         INPUT_PRECISION=input_precision(x.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -382,14 +438,17 @@ def conv_dgrad(
     padding: int,
     bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     add: torch.Tensor | None = None,
+    reduce_sums: bool = False,
     config: ConvConfig | None = None,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | bn_ops.Sums | None]:
     """Gradient of the convolution with respect to its (activated) input.
 
     ``bn = (x, scale, shift, mean, invstd)`` turns on the BatchNorm-ReLU epilogue: the
     result is then dz = da * relu'(x*scale + shift), and the second return value holds
-    per-tile partial sums (sum dz, sum dz*xhat), each (tiles, Cin) fp32. ``add`` (shaped like
-    the input) is added to the gradient before the epilogue.
+    per-tile partial sums (sum dz, sum dz*xhat), each (tiles, Cin) fp32 — or, with
+    ``reduce_sums`` (and :data:`fusedres.ops.bn.TICKETS` on), those sums reduced by the launch's
+    last programs, as a :class:`fusedres.ops.bn.Sums`. ``add`` (shaped like the input) is added to the gradient
+    before the epilogue.
     """
     N, C, H, W = input_shape
     K, _, R, S = weight.shape
@@ -398,10 +457,15 @@ def conv_dgrad(
     dz = torch.empty((N, C, H, W), device=dy.device, dtype=dy.dtype, memory_format=torch.channels_last)
     M = pixels(N, H, W)
     grid = (cdiv(M, cfg.block_m), cdiv(C, cfg.block_n))
+    sums = None
+    t_args, t_flags = (dz,) * 5, dict(TICKET=False, TWO_LEVEL=False, BLOCK_T=FINALIZE_BLOCK_T)
     if bn is not None:
         x, scale, shift, mean, invstd = bn
         psum = torch.empty((grid[0], C), device=dy.device, dtype=torch.float32)
         psumx = torch.empty_like(psum)
+        sums = (psum, psumx)
+        if reduce_sums and bn_ops.TICKETS:
+            sums, t_args, t_flags = bn_ops.sums_ticket_args(grid[0], grid[1], C, dy.device)
     else:
         x = dz
         scale = shift = mean = invstd = psum = psumx = dz
@@ -415,12 +479,13 @@ def conv_dgrad(
         *dz.stride(),
         *x.stride(),
         *a.stride(),
+        *t_args,
         STRIDE=stride, PAD=padding, R=R, S=S,
-        BN_BWD=bn is not None, HAS_ADD=add is not None, INPUT_PRECISION=input_precision(dy.dtype),
+        BN_BWD=bn is not None, HAS_ADD=add is not None, INPUT_PRECISION=input_precision(dy.dtype), **t_flags,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return dz, ((psum, psumx) if bn is not None else None)
+    return dz, sums
 
 
 def conv_wgrad(
@@ -440,9 +505,11 @@ def conv_wgrad(
 
     The input activation relu(x*scale + shift) is recomputed (or x used as is when scale is
     None). The pixel reduction is split over ``splits`` programs (chosen from the device's
-    multiprocessor count when None) and the splits are summed in fp32 in a fixed order — by a
-    launch of its own, or with ``defer_reduce`` by the caller: a :class:`PendingWgrad` comes back,
-    for :func:`reduce_wgrad_and_bn_sums` (or :meth:`PendingWgrad.finish`).
+    multiprocessor count when None) and the splits are summed in fp32 in a fixed order — by the
+    last split of each tile when :data:`fusedres.ops.bn.TICKETS` is on (one launch; the gradient
+    comes back done), else by a launch of its own, or with ``defer_reduce`` by the caller: a
+    :class:`PendingWgrad` comes back, for :func:`reduce_wgrad_and_bn_sums` (or
+    :meth:`PendingWgrad.finish`).
     """
     N, C, H, W = x.shape
     K, _, R, S = weight_like.shape
@@ -455,6 +522,9 @@ def conv_wgrad(
     pix_per_split = cdiv(cdiv(P, splits), cfg.block_k) * cfg.block_k
     splits = cdiv(P, pix_per_split)
     ws = torch.empty((splits, K, R, S, C), device=x.device, dtype=torch.float32)
+    dw = torch.empty_like(weight_like)
+    ticket = bn_ops.TICKETS
+    counters = bn_ops.ticket_counters(x.device, tiles) if ticket else ws
     prologue = scale is not None
     launch(
         conv_wgrad_kernel, (cdiv(K, cfg.block_m), R * S * cdiv(C, cfg.block_n), splits),
@@ -462,12 +532,15 @@ def conv_wgrad(
         H, W, C, OH, OW, K, P, pix_per_split,
         *dy.stride(),
         *x.stride(),
+        counters, dw, *dw.stride(),
         STRIDE=stride, PAD=padding, R=R, S=S,
-        PROLOGUE=prologue, INPUT_PRECISION=input_precision(x.dtype),
+        PROLOGUE=prologue, INPUT_PRECISION=input_precision(x.dtype), TICKET=ticket,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    pending = PendingWgrad(ws, torch.empty_like(weight_like), splits, S)
+    if ticket:
+        return dw
+    pending = PendingWgrad(ws, dw, splits, S)
     return pending if defer_reduce else pending.finish()
 
 

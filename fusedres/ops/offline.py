@@ -91,7 +91,7 @@ SMEM_LIMITS: dict[str, int] = {
 CUDA_ARCHS = (80, 86, 89, 90)
 AMD_ARCH = "gfx942"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32"}
 _CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 # The representative launch: channels_last, every channel stride 1, every other stride and size

@@ -184,28 +184,41 @@ def conv_fprop(
     stats: bool = False,
     out_shift: torch.Tensor | None = None,
     out_relu: bool = False,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, int] | None]:
-    """:func:`fusedres.ops.conv.conv_fprop` on the chosen engine."""
+    finalize: bn_ops.Finalize | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, int] | bn_ops.Finalize | None]:
+    """:func:`fusedres.ops.conv.conv_fprop` on the chosen engine (on cuDNN's, the statistics pass
+    takes ``finalize``)."""
     N, C, H, W = x.shape
     K, _, R, _ = weight.shape
     OH = conv_ops.conv_out_size(H, R, stride, padding)
     OW = conv_ops.conv_out_size(W, R, stride, padding)
     if choose("fprop", x.device, C, K, R, stride, N * OH * OW) == "triton":
-        launcher = hopper_ops.conv_fprop if fprop_engine(x, weight, stride, padding)[0] == "hopper" \
-            else conv_ops.conv_fprop
-        return launcher(x, weight, stride=stride, padding=padding, scale=scale, shift=shift,
-                        residual=residual, stats=stats, out_shift=out_shift, out_relu=out_relu)
+        if fprop_engine(x, weight, stride, padding)[0] == "pointer":
+            return conv_ops.conv_fprop(x, weight, stride=stride, padding=padding, scale=scale, shift=shift,
+                                       residual=residual, stats=stats, out_shift=out_shift, out_relu=out_relu,
+                                       finalize=finalize)
+        y, partials = hopper_ops.conv_fprop(x, weight, stride=stride, padding=padding, scale=scale, shift=shift,
+                                            residual=residual, stats=stats, out_shift=out_shift, out_relu=out_relu)
+        if finalize is not None and partials is not None:
+            # The Hopper engine takes no ticket yet: its per-image partials are finalized by a
+            # second launch, into the buffers the caller gave.
+            f = finalize
+            bn_ops.bn_finalize(partials, N * OH * OW, f.weight, f.bias, f.running_mean, f.running_var,
+                               training=True, momentum=f.momentum, eps=f.eps, channels=K, device=x.device,
+                               out=f.stats, running_out=f.running_out)
+            partials = f
+        return y, partials
     a = bn_ops.bn_relu_apply(x, scale, shift) if scale is not None else _cl(x)
     y = _cl(F.conv2d(a, weight, None, stride, padding))
     if stats and out_shift is None and not out_relu and (residual is None or residual.dtype == y.dtype):
-        return y, bn_ops.bn_stats(y, add=residual)  # the residual added in the statistics pass
+        return y, bn_ops.bn_stats(y, add=residual, finalize=finalize)  # the residual added in the statistics pass
     if residual is not None:
         y.add_(residual)
     if out_shift is not None:
         y.add_(out_shift.to(y.dtype)[:, None, None])
     if out_relu:
         y.relu_()
-    return y, (bn_ops.bn_stats(y) if stats else None)
+    return y, (bn_ops.bn_stats(y, finalize=finalize) if stats else None)
 
 
 def conv_dgrad(
@@ -217,12 +230,15 @@ def conv_dgrad(
     padding: int,
     bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     add: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """:func:`fusedres.ops.conv.conv_dgrad` on the chosen engine."""
+    reduce_sums: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | bn_ops.Sums | None]:
+    """:func:`fusedres.ops.conv.conv_dgrad` on the chosen engine (on cuDNN's, ``reduce_sums`` is
+    not done: the partials come back)."""
     N, C, H, W = input_shape
     K, _, R, _ = weight.shape
     if choose("dgrad", dy.device, C, K, R, stride, N * H * W) == "triton":
-        return conv_ops.conv_dgrad(dy, weight, input_shape, stride=stride, padding=padding, bn=bn, add=add)
+        return conv_ops.conv_dgrad(dy, weight, input_shape, stride=stride, padding=padding, bn=bn, add=add,
+                                   reduce_sums=reduce_sums)
     # The input argument only carries the shape and the channels_last format (never read):
     # torch.nn.grad.conv2d_input passes an expanded scalar instead, and cuDNN may then pick NCHW
     # kernels and transpose whole activations around them.
