@@ -84,6 +84,26 @@ def test_every_kernel_compiles_within_shared_memory(tmp_path: Path) -> None:
         for r in dropping
     )
 
+    # The launches that reduce in their last programs (every fprop/dgrad config built with its
+    # ticket on sm_90; wgrad's split merge always takes one): the PTX orders the ticket as the
+    # comment at fusedres.ops.bn._last_ticket argues — a barrier after every thread's partial
+    # stores and before the one acq_rel atomic, a barrier after it, the partials read from L2.
+    ticket_roles = {f"{role}-ticket" for role in ("fprop", "dgrad")} | {"wgrad"}
+    for role in ticket_roles - {"wgrad"}:
+        configs = {(ConvConfig(**r["config"]), r["dtype"]) for r in rows if r["role"] == role and r["arch"] == "sm_90"}
+        expected = {(cfg, str(dtype).removeprefix("torch.")) for cfg, dtype in all_conv_configs()[role[:5]]}
+        assert configs == expected, f"{role}: {len(expected - configs)} sm_90 builds missing"
+    unordered = [
+        r for r in rows
+        if r["arch"] == "sm_90" and r["status"] == "ok"
+        and (r["role"] in ticket_roles or r["ticket"] is not None)
+        and not (r["ticket"] and r["ticket"]["barrier_before"] and r["ticket"]["barrier_after"]
+                 and r["ticket"]["cg_loads_after"])
+    ]
+    assert not unordered, "tickets not ordered as argued:\n" + "\n".join(
+        f"{r['role']} {r['dtype']} {r['tile']}: {r['ticket']}" for r in unordered
+    )
+
     bad = [
         r for r in rows
         if (r["status"] != "ok" and not (r["arch"] == "gfx942" and r["status"] == "skipped"))
@@ -132,6 +152,27 @@ def test_sass_profile_reads_the_main_loop() -> None:
     }
     assert "HGMMA.64x64x16 1/iter" in format_sass(p)
     assert sass_profile("")["mma"] == "none"
+
+
+def test_ticket_ordering_reads_ptx() -> None:
+    # A hand-written epilogue: the partial store, the barrier, one thread's acq_rel ticket, the
+    # barrier, an L2 read of a partial and a plain read of a BatchNorm weight.
+    from fusedres.ops.offline import ticket_ordering
+
+    ptx = """
+        st.global.b32 [ %rd1 + 0 ], { %r1 };
+        bar.sync 	0;
+        @%p1 atom.global.gpu.acq_rel.add.u32 %r2, [ %rd2 + 0 ], %r3; // the ticket
+        bar.sync 	0;
+        @%p1 atom.global.gpu.relaxed.exch.b32 %r4, [ %rd2 + 0 ], %r5;
+        @%p2 ld.global.cg.b32 { %r6 }, [ %rd3 + 0 ];
+        @%p2 ld.global.b32 { %r7 }, [ %rd4 + 0 ];
+    """
+    assert ticket_ordering(ptx) == {"acq_rel": 1, "barrier_before": 1, "barrier_after": 1, "cg_loads_after": 1,
+                                    "plain_loads_after": 1}
+    unfenced = ptx.replace("bar.sync \t0;\n        @%p1 atom.global.gpu.acq_rel", "@%p1 atom.global.gpu.acq_rel")
+    assert ticket_ordering(unfenced)["barrier_before"] == 0
+    assert ticket_ordering(ptx.replace("acq_rel", "relaxed")) is None
 
 
 def test_nan_dropping_ops_reads_ptx() -> None:

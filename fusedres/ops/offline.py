@@ -147,6 +147,8 @@ class Row:
     # for a NaN (see nan_dropping_ops); PyTorch propagates NaN, so any is an error
     nan_dropping: int | None = None
     nan_dropping_ops: dict[str, int] | None = None
+    # NVIDIA only: how the PTX orders an atomic ticket (see ticket_ordering), None without one
+    ticket: dict[str, int] | None = None
 
 
 # --------------------------------------------------------------------------- what to compile
@@ -223,6 +225,39 @@ def _hopper_launchers(
 
 
 _TWO_LEVEL_ROWS = 128 * (TWO_LEVEL_TILES + 1)
+
+
+def _finalize(dtype: torch.dtype) -> bn.Finalize:
+    """What a producer that finalizes the next BatchNorm's statistics is given."""
+    weight, bias, rmean, rvar = (torch.empty(_C, dtype=dtype) for _ in range(4))
+    return bn.Finalize(torch.empty((4, _C)), weight, bias, rmean, rvar, None, 0.1, 1e-5)
+
+
+def _ticket_launchers(dtype: torch.dtype, cfg: ConvConfig, ksize: int = 3) -> dict[str, Callable[[], object]]:
+    """fprop and dgrad with every fusion and their reductions done by the launch's last programs
+    (the atomic ticket of :func:`fusedres.ops.bn.stats_ticket` / ``sums_ticket``); wgrad's ticket
+    (the split merge) is in its ordinary build."""
+    pad = ksize // 2
+    x, res = _act(_C, _HW, dtype), _act(_C, _HW, dtype)
+    w = torch.empty((_C, _C, ksize, ksize), dtype=dtype).to(memory_format=torch.channels_last)
+    scale, shift, mean, invstd = _vec(), _vec(), _vec(), _vec()
+    geom: dict[str, Any] = {"stride": 1, "padding": pad, "config": cfg}
+    return {
+        "fprop-ticket": lambda: conv.conv_fprop(x, w, scale=scale, shift=shift, residual=res, stats=True,
+                                                finalize=_finalize(dtype), **geom),
+        "dgrad-ticket": lambda: conv.conv_dgrad(x, w, tuple(x.shape), bn=(x, scale, shift, mean, invstd),
+                                                add=res, reduce_sums=True, **geom),
+    }
+
+
+def _bn_ticket_launchers(dtype: torch.dtype) -> list[Callable[[], object]]:
+    """The statistics pass finalizing in its last programs, with one and two merge levels."""
+    big = torch.empty((_N, _C, 2 * _TWO_LEVEL_ROWS // (_N * _HW), _HW), dtype=dtype)
+    big = big.to(memory_format=torch.channels_last)  # more tiles than TWO_LEVEL_TILES
+    return [
+        lambda: bn.bn_stats(_act(_C, _HW, dtype), finalize=_finalize(dtype)),
+        lambda: bn.bn_stats(big, finalize=_finalize(dtype)),
+    ]
 
 
 def _bn_launchers(dtype: torch.dtype) -> list[Callable[[], object]]:
@@ -340,6 +375,10 @@ def plan_jobs(archs: list[str], *, plain: bool = False, ksize: int = 3, only: st
     launches: list[
         tuple[str | None, torch.dtype, ConvConfig | HopperConfig | None, int | None, Callable[[], object]]
     ] = []
+    # Builds made for sm_90 only: the Hopper engine (it runs nowhere else), and the launches whose
+    # reductions take the atomic ticket (same kernels as the ordinary builds plus the ticket
+    # epilogue: one architecture shows its registers, spills and PTX at a fraction of the time).
+    sm90_only: set[int] = set()
     for role, items in sorted(all_conv_configs().items()):
         for cfg, dtype in sorted(items, key=lambda item: (str(item[1]), dataclasses.astuple(item[0]))):
             strides = (1, 2) if dtype == torch.bfloat16 and role in ("fprop", "dgrad") else (1,)
@@ -348,6 +387,17 @@ def plan_jobs(archs: list[str], *, plain: bool = False, ksize: int = 3, only: st
                 if plain:
                     call = _conv_launchers(dtype, cfg, stride, ksize, fused=False)[role]
                     launches.append((f"{role}-plain", dtype, cfg, stride, call))
+    if "sm_90" in archs:
+        for role, items in sorted(all_conv_configs().items()):
+            for cfg, dtype in sorted(items, key=lambda item: (str(item[1]), dataclasses.astuple(item[0]))):
+                if role in ("fprop", "dgrad"):
+                    sm90_only.add(len(launches))
+                    call = _ticket_launchers(dtype, cfg, ksize)[f"{role}-ticket"]
+                    launches.append((f"{role}-ticket", dtype, cfg, 1, call))
+        for dtype in DTYPES:
+            for call in _bn_ticket_launchers(dtype):
+                sm90_only.add(len(launches))
+                launches.append((None, dtype, None, None, call))
     if "sm_90" in archs:  # the TMA + wgmma engine exists for sm_90 only
         for cfg, dtype in sorted(all_hopper_configs(), key=lambda item: (str(item[1]), dataclasses.astuple(item[0]))):
             strides = (1, 2) if ksize == 1 and dtype == torch.bfloat16 else (1,)
@@ -361,14 +411,14 @@ def plan_jobs(archs: list[str], *, plain: bool = False, ksize: int = 3, only: st
 
     jobs: list[Job] = []
     seen: set[str] = set()
-    for role, dtype, cfg, stride, call in launches:
+    for index, (role, dtype, cfg, stride, call) in enumerate(launches):
         with _recorded_launches() as calls:
             call()
         for n, (kernel, args, kwargs) in enumerate(calls):
             # The first launch is the role's own kernel; later ones (wgrad's split reduce) are helpers.
             own = n == 0 and role is not None
             for arch in archs:
-                if kernel is hopper.hopper_fprop_kernel and arch != "sm_90":
+                if (kernel is hopper.hopper_fprop_kernel or index in sm90_only) and arch != "sm_90":
                     continue
                 sig, constexprs, attrs, options = _specialize(kernel, args, kwargs, _target(arch))
                 job = Job(
@@ -520,6 +570,33 @@ def nan_dropping_ops(ptx: str) -> dict[str, int]:
     return dict(sorted(found.items()))
 
 
+def ticket_ordering(ptx: str) -> dict[str, int] | None:
+    """How the PTX orders an atomic ticket (:func:`fusedres.ops.bn._last_ticket`), or None
+    without an ``acq_rel`` atomic: ``acq_rel`` atomics; ``barrier_before`` / ``barrier_after``:
+    a ``bar.sync`` between the last global store and the first such atomic (every thread's
+    partials are stored before the one thread releases them) and one after it (the other threads
+    wait for the acquire); ``cg_loads_after``: L2 loads (``ld.global.cg``, no stale L1 line)
+    after the atomic, ``plain_loads_after`` the other global loads there (data no program of the
+    launch writes, e.g. the BatchNorm weights)."""
+    lines = [ln.strip() for ln in re.sub(r"//[^\n]*", "", ptx).splitlines() if ln.strip()]
+    atoms = [i for i, ln in enumerate(lines) if re.search(r"\batom(?:\.\w+)*\.acq_rel\b", ln)]
+    if not atoms:
+        return None
+    first = atoms[0]
+    before = lines[:first]
+    last_store = max([i for i, ln in enumerate(before) if re.search(r"\bst\.global\b", ln)], default=-1)
+    after = lines[first + 1 :]
+    loads = [ln for ln in after if re.search(r"\bld\.global\b", ln)]
+    cg = sum(bool(re.search(r"\bld\.global\.cg\b", ln)) for ln in loads)
+    return {
+        "acq_rel": len(atoms),
+        "barrier_before": int(any("bar.sync" in ln for ln in before[last_store + 1 :])),
+        "barrier_after": int(any("bar.sync" in ln for ln in after)),
+        "cg_loads_after": cg,
+        "plain_loads_after": len(loads) - cg,
+    }
+
+
 def _access_bytes(modifiers: str) -> int:
     """Bytes one thread moves with an LDL/STL carrying ``modifiers`` (e.g. ".64", ".LU.128", ".U8")."""
     sizes = {".U8": 1, ".S8": 1, ".U16": 2, ".S16": 2, ".64": 8, ".128": 16}
@@ -552,6 +629,7 @@ def compile_job(job: Job, sass: bool = False) -> Row:
             usage = _cuda_usage(compiled.asm["cubin"], sass, compiled.asm.get("ttgir", ""))
             usage["nan_dropping_ops"] = nan_dropping_ops(compiled.asm["ptx"])
             usage["nan_dropping"] = sum(usage["nan_dropping_ops"].values())
+            usage["ticket"] = ticket_ordering(compiled.asm["ptx"])
         else:
             usage = _amd_usage(compiled.asm["amdgcn"])
     except Exception as e:  # every failure becomes a reported row
