@@ -104,6 +104,15 @@ def test_every_kernel_compiles_within_shared_memory(tmp_path: Path) -> None:
         f"{r['role']} {r['dtype']} {r['tile']}: {r['ticket']}" for r in unordered
     )
 
+    # No CUDA build spills (it happened: the tickets' unrolled merges held 255 registers and
+    # spilled 192 bytes in every finalizing convolution, which then ran at one CTA per SM).
+    spilling = [r for r in rows if r["arch"] in ARCHS and r["status"] == "ok" and (r["spill_stores"] or r["local"])]
+    assert not spilling, "builds that spill:\n" + "\n".join(
+        f"{r['role']} {r['dtype']} {r['tile']} {r['arch']}: regs {r['regs']}, spill stores {r['spill_stores']} "
+        f"bytes, local {r['local']} bytes"
+        for r in spilling
+    )
+
     bad = [
         r for r in rows
         if (r["status"] != "ok" and not (r["arch"] == "gfx942" and r["status"] == "skipped"))

@@ -123,13 +123,15 @@ def _chunk_mean_m2(pmean_ptr, pm2_ptr, t0, T, C, M, TILE_ROWS, offs_c, c_ok, BLO
     (the order of numpy's axis-0 sum, so the interpreter gives what a ``tl.sum`` over the chunk
     gave): a sum's rounding then does not depend on how the compiler spreads the tile over
     threads, so a kernel with any ``num_warps`` (the convolution's last program, the finalize
-    kernel) gets the same bits. The rows are loaded by an unrolled loop, so their loads are all
-    in flight together; ``.cg`` reads them from L2, where the producing programs' stores are
+    kernel) gets the same bits. The loops are not unrolled: unrolled, their loads and partial
+    results held 255 registers and spilled in every convolution that finalizes in its last
+    program (offline sm_90 build), and a kernel's register count is paid by every program, not
+    only the last. ``.cg`` reads the rows from L2, where the producing programs' stores are
     visible (see :func:`stats_ticket`)."""
     n_b = 0.0
     s = tl.zeros(offs_c.shape, dtype=tl.float32)
     q = tl.zeros(offs_c.shape, dtype=tl.float32)
-    for i in tl.static_range(BLOCK_T):
+    for i in range(BLOCK_T):
         t = t0 + i
         ok = t < T
         cnt = tl.where(ok, tl.minimum(M - t * TILE_ROWS, TILE_ROWS), 0).to(tl.float32)
@@ -140,7 +142,7 @@ def _chunk_mean_m2(pmean_ptr, pm2_ptr, t0, T, C, M, TILE_ROWS, offs_c, c_ok, BLO
         n_b = n_b + cnt
     mean_b = s / n_b
     d = tl.zeros(offs_c.shape, dtype=tl.float32)
-    for i in tl.static_range(BLOCK_T):
+    for i in range(BLOCK_T):
         t = t0 + i
         ok = t < T
         cnt = tl.where(ok, tl.minimum(M - t * TILE_ROWS, TILE_ROWS), 0).to(tl.float32)
@@ -156,7 +158,7 @@ def _chunk_sums(psum_ptr, psumx_ptr, t0, T, C, offs_c, c_ok, BLOCK_T: tl.constex
     zero (see :func:`_chunk_mean_m2` for why)."""
     s = tl.zeros(offs_c.shape, dtype=tl.float32)
     sx = tl.zeros(offs_c.shape, dtype=tl.float32)
-    for i in tl.static_range(BLOCK_T):
+    for i in range(BLOCK_T):
         t = t0 + i
         ok = (t < T) & c_ok
         idx = t.to(tl.int64) * C + offs_c
