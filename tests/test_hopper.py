@@ -129,6 +129,62 @@ def test_fprop_without_stats_into_given_output(poison, device):
     assert_matches(out, ref, eager, torch.bfloat16, "hopper fprop output")
 
 
+def test_fprop_wide_tile_masks_every_tap(poison, device):
+    """A 16x16 rectangle of 64-channel boxes (128 activations per thread: the padding mask is
+    applied on every tap, no branch around it) over one 64-channel slice, Cout 24."""
+    x64, w64, scale, shift, res64, oshift, d = _inputs(torch.bfloat16, device, 3, 1, 1, c=64)
+    cfg = HopperConfig(block_h=16, block_w=16, block_n=64, block_k=64, num_warps=4, num_stages=2)
+    with launched("hopper_fprop_kernel"):
+        out, _ = hopper.conv_fprop(d["x"], d["w"], stride=1, padding=1, scale=d["scale"], shift=d["shift"],
+                                   residual=d["res"], config=cfg)
+    ref = _reference(x64, w64, scale, shift, res64, oshift, 1, 1, True, True, False)
+    eager = _reference(x64.bfloat16(), w64.bfloat16(), scale, shift, res64.bfloat16(), oshift, 1, 1, True, True,
+                       False, torch.bfloat16)
+    assert_matches(out, ref, eager, torch.bfloat16, "hopper fprop output")
+
+
+NAN, INF = float("nan"), float("inf")
+# (BatchNorm vector, value) put in channel 1: a non-finite scale or shift makes the channel's
+# activation non-finite (or, -Inf shift, 0) inside the image; the zero padding must stay 0, as
+# eager pads after the activation.
+NONFINITE = [("shift", INF), ("scale", INF), ("shift", -INF), ("scale", NAN)]
+NONFINITE_IDS = ["shift+inf", "scale+inf", "shift-inf", "scale-nan"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("wide", [False, True], ids=["branch", "every-tap"])
+@pytest.mark.parametrize("which,value", NONFINITE, ids=NONFINITE_IDS)
+def test_fprop_nonfinite_scale_shift_padding(poison, device, dtype, wide, which, value):
+    """NaN, +Inf and -Inf where eager PyTorch has them when scale or shift is non-finite, with the
+    taps that read the padding on both paths (taps that stay inside the image for a rectangle skip
+    the mask; the wide tile masks every tap). Channel 1's weights are negative on the left filter
+    column and positive elsewhere: at the left edge eager sees only positive weights times +Inf,
+    so a padding tap that came out Inf or NaN would turn that +Inf into NaN."""
+    c = 64 if wide else C
+    x64, w64, scale, shift, _, _, d = _inputs(dtype, device, 3, 1, 1, c=c)
+    vecs = {"scale": scale.clone(), "shift": shift.clone()}
+    vecs[which][1] = value
+    w64[:, 1] = w64[:, 1].abs()
+    w64[:, 1, :, 0] = -w64[:, 1, :, 0]
+    w = w64.to(device, dtype).contiguous(memory_format=CL)
+    cfg = HopperConfig(16, 16, 64, 64, 4, 2) if wide else None
+    with launched("hopper_fprop_kernel"):
+        out, _ = hopper.conv_fprop(d["x"], w, stride=1, padding=1, scale=vecs["scale"].float().to(device),
+                                   shift=vecs["shift"].float().to(device), config=cfg)
+    eager = _reference(x64.to(dtype), w64.to(dtype), vecs["scale"], vecs["shift"], None, None, 1, 1, True, False,
+                       False, dtype).to(dtype)
+    ref = _reference(x64, w64, vecs["scale"], vecs["shift"], None, None, 1, 1, True, False, False)
+    got = out.cpu()
+    for name, test in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        assert torch.equal(test(got), test(eager)), (
+            f"{name} at {test(got).sum().item()} positions, eager at {test(eager).sum().item()}")
+    if value == INF:
+        assert torch.isposinf(eager[..., 0]).any(), "no +Inf at the left edge: a bad padding tap would not show"
+    finite = torch.isfinite(eager)
+    if finite.any():
+        assert_matches(got[finite], ref[finite], eager[finite], dtype, "finite outputs")
+
+
 # ---------------------------------------------------------------- selection (fusedres.ops.route)
 
 

@@ -10,6 +10,7 @@ the pointer engine, with the reason, wherever one does not hold):
 - ``x`` is (N, C, H, W) channels_last with C a multiple of 16 and 16-byte aligned strides and
   address: a 4-D descriptor over its NHWC memory, box [1, BH, BW, BK] per filter tap, whose
   out-of-range coordinates (the zero padding, the tile's overhang) the copy engine fills with 0.
+  With the BN-ReLU prologue a 16-bit ``x`` is read through its uint32 view (channel pairs).
 - ``weight`` is (Cout, Cin, R, S) channels_last: its memory is the K-major [Cout, R*S*Cin]
   matrix a 2-D descriptor reads (``fusedres._fused.memory.kernel_weight`` caches that copy per
   parameter version).
@@ -41,6 +42,15 @@ from .conv import conv_out_size, input_precision
 
 
 @triton.jit
+def _inside(ohs, ows, dh, dw, H, W):
+    """Whether pixel (ohs + dh, ows + dw) is in the H x W image (unsigned: a row or column
+    before the image compares as past it)."""
+    ih = (ohs + dh).to(tl.uint32, bitcast=True)
+    iw = (ows + dw).to(tl.uint32, bitcast=True)
+    return (ih < H.to(tl.uint32)) & (iw < W.to(tl.uint32))
+
+
+@triton.jit
 def hopper_fprop_kernel(
     x_desc, w_desc, out_ptr, res_ptr, scale_ptr, shift_ptr, oshift_ptr, pmean_ptr, pm2_ptr,
     H, W, OH, OW, K, TILES_H, TILES_W,
@@ -48,15 +58,17 @@ def hopper_fprop_kernel(
     srn, src, srh, srw,
     NUM_C: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr,
-    OUT_SHIFT: tl.constexpr, OUT_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    OUT_SHIFT: tl.constexpr, OUT_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr, PAD_BRANCH: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[n, oh, ow, k] = sum_{r,s,c} act(x)[n, oh + r - PAD, ow + s - PAD, c] * w[k, r, s, c] (+ epilogue).
 
     Program (t, j) computes output channels [j*BLOCK_N, (j+1)*BLOCK_N) of the BLOCK_H x BLOCK_W
     pixel rectangle t (row-major over the images' tile grids, TILES_H x TILES_W per image).
-    The input has NUM_C slices of BLOCK_K channels. With STATS it writes the mean and M2 of the
-    rectangle's pixels inside the image, row t of the partials.
+    The input has NUM_C slices of BLOCK_K channels (with PROLOGUE, a 16-bit x_desc reads uint32
+    channel pairs, BLOCK_K // 2 per box). With STATS it writes the mean and M2 of the
+    rectangle's pixels inside the image, row t of the partials. PAD_BRANCH: the taps that stay
+    inside the image for the rectangle's stored pixels branch around the padding mask.
     """
     pid = tl.program_id(0)
     per_image = TILES_H * TILES_W
@@ -69,31 +81,68 @@ def hopper_fprop_kernel(
     rows = tl.arange(0, BLOCK_M)
     ohs = oh0 + rows // BLOCK_W
     ows = ow0 + rows % BLOCK_W
-    offs_k = tl.arange(0, BLOCK_K)
 
     C: tl.constexpr = NUM_C * BLOCK_K
+    # With the prologue a 16-bit activation comes in through a uint32 view, two adjacent
+    # channels per element: unpacking a bf16 pair is a shift and an AND (widening 16-bit loads,
+    # the compiler spends PRMT + IMAD on every odd channel).
+    PAIRS: tl.constexpr = PROLOGUE and w_desc.dtype.primitive_bitwidth == 16
+    offs_k = tl.arange(0, BLOCK_K)
     if PROLOGUE and NUM_C == 1:
         # One channel slice (C <= 64): the prologue's vectors are loaded once, not per tap.
         sc = tl.load(scale_ptr + offs_k)
         sh = tl.load(shift_ptr + offs_k)
+    if PROLOGUE and PAD > 0 and PAD_BRANCH:
+        # Filter rows r in [r_lo, r_hi] (columns s in [s_lo, s_hi]) read inside the image for
+        # every stored pixel of the rectangle.
+        r_lo = PAD - oh0
+        r_hi = H + PAD - tl.minimum(oh0 + BLOCK_H, OH)
+        s_lo = PAD - ow0
+        s_hi = W + PAD - tl.minimum(ow0 + BLOCK_W, OW)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for kk in range(0, R * S * NUM_C):
         rs = kk // NUM_C
         c0 = (kk - rs * NUM_C) * BLOCK_K
         r = rs // S
         s = rs - r * S
-        a = x_desc.load([n, oh0 + r - PAD, ow0 + s - PAD, c0]).reshape(BLOCK_M, BLOCK_K)
         if PROLOGUE:
-            ih = ohs + r - PAD
-            iw = ows + s - PAD
-            inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             if NUM_C > 1:
                 sc = tl.load(scale_ptr + c0 + offs_k)
                 sh = tl.load(shift_ptr + c0 + offs_k)
-            # The copy engine's zero padding is 0 before the activation; after it, it must be 0
-            # too, not relu(shift).
-            a = tl.where(inside[:, None], relu(a.to(tl.float32) * sc[None, :] + sh[None, :]), 0.0)
-            a = a.to(x_desc.dtype)
+            if PAIRS:
+                v = x_desc.load([n, oh0 + r - PAD, ow0 + s - PAD, c0 // 2]).reshape(BLOCK_M, BLOCK_K // 2)
+                v = v.to(tl.uint32, bitcast=True)
+                if w_desc.dtype == tl.bfloat16:  # a bf16 is the top half of its fp32
+                    lo = (v << 16).to(tl.float32, bitcast=True)
+                    hi = (v & 0xFFFF0000).to(tl.float32, bitcast=True)
+                else:
+                    lo = v.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+                    hi = (v >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+                sc_lo, sc_hi = tl.split(sc.reshape(BLOCK_K // 2, 2))
+                sh_lo, sh_hi = tl.split(sh.reshape(BLOCK_K // 2, 2))
+                y = tl.join(lo * sc_lo[None, :] + sh_lo[None, :], hi * sc_hi[None, :] + sh_hi[None, :])
+                y = y.reshape(BLOCK_M, BLOCK_K)
+            else:
+                y = x_desc.load([n, oh0 + r - PAD, ow0 + s - PAD, c0]).reshape(BLOCK_M, BLOCK_K)
+                y = y * sc[None, :] + sh[None, :]
+            # The copy engine's zero padding is 0 before the activation and must be 0 after it too
+            # (not relu(shift)), also where scale or shift is Inf or NaN. Without padding a tap
+            # leaves the image only for the overhang, whose outputs are never stored.
+            if PAD > 0 and PAD_BRANCH:
+                # Only a tap that reaches past the image for a stored pixel needs the mask; the
+                # others (most taps of most rectangles) branch around it.
+                if (r < r_lo) | (r > r_hi) | (s < s_lo) | (s > s_hi):
+                    keep = tl.where(_inside(ohs, ows, r - PAD, s - PAD, H, W), 0xFFFFFFFF, 0).to(tl.uint32)
+                    # The unsigned min of the fp32 bits with all ones (inside) or 0 (padding): one
+                    # instruction per element (a select here is moved past the rounding to 16
+                    # bits by the compiler: PRMT + SEL + PRMT per pair).
+                    y = tl.minimum(y.to(tl.uint32, bitcast=True), keep[:, None]).to(tl.float32, bitcast=True)
+            a = relu(y).to(w_desc.dtype)
+            if PAD > 0 and not PAD_BRANCH:
+                # Every tap, on the rounded tile: the fewest registers (see PAD_BRANCH).
+                a = tl.where(_inside(ohs, ows, r - PAD, s - PAD, H, W)[:, None], a, 0.0)
+        else:
+            a = x_desc.load([n, oh0 + r - PAD, ow0 + s - PAD, c0]).reshape(BLOCK_M, BLOCK_K)
         # Without the prologue the padding is exact as loaded, and both operands go from shared
         # memory to wgmma untouched.
         acc = tl.dot(w_desc.load([k0, rs * C + c0]), tl.trans(a), acc, input_precision=INPUT_PRECISION)
@@ -224,8 +273,12 @@ def conv_fprop(
     # NHWC memory as the descriptor sees it, strides from the shape (a size-1 dimension's stride
     # may be anything in a dense tensor); a strided 1x1 reads the strided view at stride 1.
     xh, xw = cdiv(H, stride), cdiv(W, stride)
-    x_desc = TensorDescriptor(x, [N, xh, xw, C], [H * W * C, stride * W * C, stride * C, 1],
-                              [1, cfg.block_h, cfg.block_w, cfg.block_k])
+    prologue = scale is not None
+    # The kernel reads a 16-bit activation it transforms as uint32 pairs of channels (PAIRS).
+    xv, pair = (x.permute(0, 2, 3, 1).view(torch.int32), 2) if prologue and x.element_size() == 2 else (x, 1)
+    x_desc = TensorDescriptor(xv, [N, xh, xw, C // pair],
+                              [H * W * C // pair, stride * W * C // pair, stride * C // pair, 1],
+                              [1, cfg.block_h, cfg.block_w, cfg.block_k // pair])
     w_desc = TensorDescriptor(weight, [K, R * S * C], [R * S * C, 1], [cfg.block_n, cfg.block_k])
     tiles_h, tiles_w = cdiv(OH, cfg.block_h), cdiv(OW, cfg.block_w)
     tiles = N * tiles_h * tiles_w
@@ -233,7 +286,6 @@ def conv_fprop(
     if stats:
         pmean = torch.empty((tiles, K), device=x.device, dtype=torch.float32)
         pm2 = torch.empty_like(pmean)
-    prologue = scale is not None
     res = residual if residual is not None else out
     launch(
         hopper_fprop_kernel, (tiles, cdiv(K, cfg.block_n)),
@@ -248,6 +300,9 @@ def conv_fprop(
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, STATS=stats,
         OUT_SHIFT=out_shift is not None, OUT_RELU=out_relu,
         INPUT_PRECISION=input_precision(x.dtype),
+        # The branch keeps the tile's fp32 values live across it: at most 64 per thread (the
+        # 16x16-pixel, 64-channel tile's 128 spilled next to its 128-register accumulator).
+        PAD_BRANCH=cfg.block_h * cfg.block_w * cfg.block_k <= 64 * 32 * cfg.num_warps,
         BLOCK_H=cfg.block_h, BLOCK_W=cfg.block_w, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
