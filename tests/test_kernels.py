@@ -105,16 +105,17 @@ def test_fprop_accepts_nchw_and_strided_inputs(poison, device, no_tf32):
     assert_close64(out, F.conv2d(x64, w64, None, 1, 1), 1e-5, "strided fprop")
 
 
-def _check_dgrad(device, config, dtype, shape, ksize, stride, pad, bn_bwd, add, reduce_sums=False):
-    """conv_dgrad of an (n, C, h, w) input against float64 (the 2x rule), and with bn_bwd its sums
-    of the stored dz (from the partials, or with reduce_sums as the launch's own reduction)."""
+def _check_dgrad(device, config, dtype, shape, ksize, stride, pad, bn_bwd, add, reduce_sums=False, cout=K):
+    """conv_dgrad of an (n, C, h, w) input from ``cout`` channels against float64 (the 2x rule), and
+    with bn_bwd its sums of the stored dz (from the partials, or with reduce_sums as the launch's
+    own reduction)."""
     n, h, w = shape
     g = _gen(3)
     x64 = rounded(torch.randn(n, C, h, w, generator=g, dtype=torch.float64) + 0.2, dtype)
-    w64 = rounded(torch.randn(K, C, ksize, ksize, generator=g, dtype=torch.float64) * 0.2, dtype)
+    w64 = rounded(torch.randn(cout, C, ksize, ksize, generator=g, dtype=torch.float64) * 0.2, dtype)
     oh = (h + 2 * pad - ksize) // stride + 1
     ow = (w + 2 * pad - ksize) // stride + 1
-    dy64 = rounded(torch.randn(n, K, oh, ow, generator=g, dtype=torch.float64), dtype)
+    dy64 = rounded(torch.randn(n, cout, oh, ow, generator=g, dtype=torch.float64), dtype)
     scale, shift = _bn_vectors(C, g)
     mean = x64.mean((0, 2, 3)).float().double()
     invstd = (x64.var((0, 2, 3)) + 1e-5).rsqrt().float().double()
@@ -195,7 +196,9 @@ def test_dgrad_stride2_classes(poison, device, shape, ksize, pad, epilogue):
 @pytest.mark.parametrize("ksize,pad", list(PARITY_GEOMETRIES.values()), ids=list(PARITY_GEOMETRIES))
 @pytest.mark.parametrize("epilogue", EPILOGUES, ids=EPILOGUE_IDS)
 def test_dgrad_stride2_classes_low_precision(poison, device, dtype, ksize, pad, epilogue):
-    _check_dgrad(device, SMALL, dtype, PARITY_SHAPES["odd"], ksize, 2, pad, *epilogue)
+    """32 output channels: the reduction ends exactly at a channel block's end (as in real layers),
+    where the taps' channel-block counter wraps."""
+    _check_dgrad(device, SMALL, dtype, PARITY_SHAPES["odd"], ksize, 2, pad, *epilogue, cout=32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

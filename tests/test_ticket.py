@@ -91,8 +91,10 @@ def test_conv_fprop_ticket_bitwise(poison, device, tiles):
     _counters_rearmed()
 
 
-@pytest.mark.parametrize("tiles", ["one-level", "two-level"])
-@pytest.mark.parametrize("ksize,stride,pad", [(1, 1, 0), (3, 2, 1), (1, 2, 0)], ids=["1x1s1", "3x3s2", "1x1s2"])
+@pytest.mark.parametrize("tiles,ksize,stride,pad", [
+    ("one-level", 1, 1, 0), ("two-level", 1, 1, 0), ("one-level", 3, 2, 1), ("two-level", 3, 2, 1),
+    ("one-level", 1, 2, 0),
+], ids=["1x1s1-one-level", "1x1s1-two-level", "3x3s2-one-level", "3x3s2-two-level", "1x1s2-one-level"])
 def test_conv_dgrad_sums_ticket_bitwise(poison, device, tiles, ksize, stride, pad):
     """At stride 2 the tiles of the four parity classes (of different sizes: odd sides; at 1x1,
     three without taps) are the T tiles of the ticket, each once."""
