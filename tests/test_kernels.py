@@ -105,18 +105,17 @@ def test_fprop_accepts_nchw_and_strided_inputs(poison, device, no_tf32):
     assert_close64(out, F.conv2d(x64, w64, None, 1, 1), 1e-5, "strided fprop")
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("ksize,stride,pad", GEOMETRIES, ids=GEOMETRY_IDS)
-@pytest.mark.parametrize("bn_bwd", [False, True], ids=["plain", "bn-relu-bwd"])
-@pytest.mark.parametrize("add", [False, True], ids=["noadd", "add"])
-def test_dgrad(poison, device, config, dtype, ksize, stride, pad, bn_bwd, add):
+def _check_dgrad(device, config, dtype, shape, ksize, stride, pad, bn_bwd, add, reduce_sums=False, cout=K):
+    """conv_dgrad of an (n, C, h, w) input from ``cout`` channels against float64 (the 2x rule), and
+    with bn_bwd its sums of the stored dz (from the partials, or with reduce_sums as the launch's
+    own reduction)."""
+    n, h, w = shape
     g = _gen(3)
-    x64 = rounded(torch.randn(N, C, H, W, generator=g, dtype=torch.float64) + 0.2, dtype)
-    w64 = rounded(torch.randn(K, C, ksize, ksize, generator=g, dtype=torch.float64) * 0.2, dtype)
-    oh = (H + 2 * pad - ksize) // stride + 1
-    ow = (W + 2 * pad - ksize) // stride + 1
-    dy64 = rounded(torch.randn(N, K, oh, ow, generator=g, dtype=torch.float64), dtype)
+    x64 = rounded(torch.randn(n, C, h, w, generator=g, dtype=torch.float64) + 0.2, dtype)
+    w64 = rounded(torch.randn(cout, C, ksize, ksize, generator=g, dtype=torch.float64) * 0.2, dtype)
+    oh = (h + 2 * pad - ksize) // stride + 1
+    ow = (w + 2 * pad - ksize) // stride + 1
+    dy64 = rounded(torch.randn(n, cout, oh, ow, generator=g, dtype=torch.float64), dtype)
     scale, shift = _bn_vectors(C, g)
     mean = x64.mean((0, 2, 3)).float().double()
     invstd = (x64.var((0, 2, 3)) + 1e-5).rsqrt().float().double()
@@ -134,26 +133,72 @@ def test_dgrad(poison, device, config, dtype, ksize, stride, pad, bn_bwd, add):
 
     cl = torch.channels_last
     dy = dy64.to(device, dtype).contiguous(memory_format=cl)
-    w = w64.to(device, dtype).contiguous(memory_format=cl)
+    wt = w64.to(device, dtype).contiguous(memory_format=cl)
     x = x64.to(device, dtype).contiguous(memory_format=cl)
     f32 = {"device": device, "dtype": torch.float32}
     bn = (x, scale.to(**f32), shift.to(**f32), mean.to(**f32), invstd.to(**f32)) if bn_bwd else None
     with launched("conv_dgrad_kernel"):
         dz, partials = conv_ops.conv_dgrad(
-            dy, w, tuple(x.shape), stride=stride, padding=pad, bn=bn, config=config,
+            dy, wt, tuple(x.shape), stride=stride, padding=pad, bn=bn, config=config, reduce_sums=reduce_sums,
             add=add64.to(device, dtype).contiguous(memory_format=cl) if add else None,
         )
     assert dz.shape == x.shape and dz.dtype == dtype
     assert_matches(dz, ref, eager, dtype, "dgrad")
 
     if bn_bwd:
-        with launched("bn_bwd_reduce_kernel"):
-            s, sx = bn_ops.bn_bwd_reduce(*partials)
+        if reduce_sums:
+            assert isinstance(partials, bn_ops.Sums)
+            s, sx = partials
+        else:
+            with launched("bn_bwd_reduce_kernel"):
+                s, sx = bn_ops.bn_bwd_reduce(*partials)
         # The sums are of the stored dz: fp32 accumulation of exactly those values.
         dz64 = dz.double().cpu()
         xhat = (x64 - mean[None, :, None, None]) * invstd[None, :, None, None]
         assert_close64(s, dz64.sum((0, 2, 3)), 1e-5, "sum dz")
         assert_close64(sx, (dz64 * xhat).sum((0, 2, 3)), 1e-5, "sum dz*xhat")
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("ksize,stride,pad", GEOMETRIES, ids=GEOMETRY_IDS)
+@pytest.mark.parametrize("bn_bwd", [False, True], ids=["plain", "bn-relu-bwd"])
+@pytest.mark.parametrize("add", [False, True], ids=["noadd", "add"])
+def test_dgrad(poison, device, config, dtype, ksize, stride, pad, bn_bwd, add):
+    _check_dgrad(device, config, dtype, (N, H, W), ksize, stride, pad, bn_bwd, add)
+
+
+# Stride 2, by parity class: (n, h, w) with even sides, odd sides, and a side of 1 (the classes of
+# odd rows or columns are empty), N=1 throughout but once; 1x1 (only class (0, 0) has a tap: the
+# others' dz is the added gradient, or 0) and 3x3 with and without padding (which shifts the
+# taps of each class; unpadded 3x3 needs sides of 3).
+PARITY_SHAPES = {"even": (1, 8, 6), "odd": (1, 7, 5), "h1": (1, 1, 5), "w1": (2, 5, 1)}
+PARITY_GEOMETRIES = {"1x1": (1, 0), "3x3-nopad": (3, 0), "3x3": (3, 1)}
+PARITY_CASES = [
+    pytest.param(shape, ksize, pad, id=f"{gid}-{sid}")
+    for sid, shape in PARITY_SHAPES.items()
+    for gid, (ksize, pad) in PARITY_GEOMETRIES.items()
+    if min(shape[1:]) + 2 * pad >= ksize
+]
+# (bn_bwd, add, reduce_sums)
+EPILOGUES = [(False, False, False), (False, True, False), (True, False, False), (True, True, True)]
+EPILOGUE_IDS = ["plain", "add", "bn-relu-bwd", "bn-relu-bwd-add-reduced"]
+
+
+@pytest.mark.parametrize("shape,ksize,pad", PARITY_CASES)
+@pytest.mark.parametrize("epilogue", EPILOGUES, ids=EPILOGUE_IDS)
+def test_dgrad_stride2_classes(poison, device, shape, ksize, pad, epilogue):
+    """Small tiles: several tiles per class (32 pixels) and two column blocks (C=19)."""
+    _check_dgrad(device, SMALL, torch.float32, shape, ksize, 2, pad, *epilogue)
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=DTYPE_IDS[1:])
+@pytest.mark.parametrize("ksize,pad", list(PARITY_GEOMETRIES.values()), ids=list(PARITY_GEOMETRIES))
+@pytest.mark.parametrize("epilogue", EPILOGUES, ids=EPILOGUE_IDS)
+def test_dgrad_stride2_classes_low_precision(poison, device, dtype, ksize, pad, epilogue):
+    """32 output channels: the reduction ends exactly at a channel block's end (as in real layers),
+    where the taps' channel-block counter wraps."""
+    _check_dgrad(device, SMALL, dtype, PARITY_SHAPES["odd"], ksize, 2, pad, *epilogue, cout=32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -363,7 +408,7 @@ def test_bn_bwd_apply(poison, device, dtype, training, affine, add):
     dz64 = rounded(torch.randn(shape, generator=g, dtype=torch.float64), dtype)
     add64 = rounded(torch.randn(shape, generator=g, dtype=torch.float64), dtype) if add else None
     mean = x64.mean((0, 2, 3)).float().double()
-    invstd = (x64.var((0, 2, 3), unbiased=False) + 1e-5).rsqrt().float().double()
+    invstd = (x64.var((0, 2, 3)) + 1e-5).rsqrt().float().double()
     weight = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).float().double() if affine else None
     xhat = (x64 - mean[None, :, None, None]) * invstd[None, :, None, None]
     s = dz64.sum((0, 2, 3))

@@ -91,21 +91,27 @@ def test_conv_fprop_ticket_bitwise(poison, device, tiles):
     _counters_rearmed()
 
 
-@pytest.mark.parametrize("tiles", ["one-level", "two-level"])
-def test_conv_dgrad_sums_ticket_bitwise(poison, device, tiles):
+@pytest.mark.parametrize("tiles,ksize,stride,pad", [
+    ("one-level", 1, 1, 0), ("two-level", 1, 1, 0), ("one-level", 3, 2, 1), ("two-level", 3, 2, 1),
+    ("one-level", 1, 2, 0),
+], ids=["1x1s1-one-level", "1x1s1-two-level", "3x3s2-one-level", "3x3s2-two-level", "1x1s2-one-level"])
+def test_conv_dgrad_sums_ticket_bitwise(poison, device, tiles, ksize, stride, pad):
+    """At stride 2 the tiles of the four parity classes (of different sizes: odd sides; at 1x1,
+    three without taps) are the T tiles of the ticket, each once."""
     N, C, H, W, K = (2, 40, 5, 6, 8) if tiles == "one-level" else (2, 6, 48, 45, 4)
     cfg = ConvConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2)
     g = torch.Generator().manual_seed(3)
-    dy = torch.randn(N, K, H, W, generator=g).to(device).contiguous(memory_format=cl)
-    wt = torch.randn(K, C, 1, 1, generator=g).to(device).contiguous(memory_format=cl)
+    OH, OW = (conv_ops.conv_out_size(n, ksize, stride, pad) for n in (H, W))
+    dy = torch.randn(N, K, OH, OW, generator=g).to(device).contiguous(memory_format=cl)
+    wt = torch.randn(K, C, ksize, ksize, generator=g).to(device).contiguous(memory_format=cl)
     x = torch.randn(N, C, H, W, generator=g).to(device).contiguous(memory_format=cl)
     vec = [torch.randn(C, generator=g).to(device) for _ in range(4)]
     bn = (x, vec[0], vec[1], vec[2], vec[3].abs() + 0.5)
     res = []
     for ticket in (True, False):
         with bn_ops.producer_reductions(ticket), launched("conv_dgrad_kernel"):
-            dz, sums = conv_ops.conv_dgrad(dy, wt, tuple(x.shape), stride=1, padding=0, bn=bn, reduce_sums=True,
-                                           config=cfg)
+            dz, sums = conv_ops.conv_dgrad(dy, wt, tuple(x.shape), stride=stride, padding=pad, bn=bn,
+                                           reduce_sums=True, config=cfg)
             if ticket:
                 assert isinstance(sums, bn_ops.Sums)
             else:

@@ -151,20 +151,70 @@ def conv_dgrad_kernel(
 ):
     """da[m, c] = sum_{r,s,k} dy[pixel(m) - tap(r,s), k] * w[k, c, r, s] over input pixels m.
 
+    With STRIDE > 1 the input pixels are split into STRIDE**2 parity classes (ph, pw) =
+    (ih % STRIDE, iw % STRIDE), whose tiles follow each other along grid axis 0 (class-major:
+    :func:`dgrad_tiles`). Only the taps r = (ph + PAD) mod STRIDE (+ STRIDE, ...) reach a pixel
+    of row parity ph from an output pixel (and likewise s), so a class's programs loop over those
+    taps alone, with oh = (ih + PAD - r) / STRIDE exact: no MMA on a tap that cannot contribute
+    (3x3 at stride 2: 4, 2, 2 or 1 taps instead of 9). A class without taps (1x1 at stride 2,
+    odd parities) gets da = 0.
+
     HAS_ADD adds another gradient of the same activation first (the projection shortcut's).
     With BN_BWD the epilogue applies the ReLU mask recomputed from the pre-BN input x,
     stores dz = da where relu_passes(x*scale + shift) (else 0; NaN passes, as in eager) and writes
-    per-tile sums of dz and dz * xhat; with TICKET the last tile of each column block reduces
-    them into ``sum/sumx`` (:func:`fusedres.ops.bn.sums_ticket`).
+    per-tile sums of dz and dz * xhat (row pid_m: every tile of every class once); with TICKET
+    the last tile of each column block reduces them into ``sum/sumx``
+    (:func:`fusedres.ops.bn.sums_ticket`).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    iw = offs_m % W
-    t = offs_m // W
-    ih = t % H
-    n = (t // H).to(tl.int64)
+    if STRIDE == 1:
+        # (the general case below with one class: the same instructions and bits as before classes)
+        tile = pid_m
+        ph = 0
+        pw = 0
+        hc = H
+        wc = W
+        mc = M
+        r0 = 0
+        s0 = 0
+        taps_r = R
+        taps_s = S
+    else:
+        # Which class tile pid_m is in: the last class whose first tile is at or before it (an
+        # empty class starts where the next one does, so it is never picked).
+        n_img = M // (H * W)
+        ph = 0
+        pw = 0
+        first = 0
+        start = 0
+        for cls in tl.static_range(STRIDE * STRIDE):
+            qh = cls // STRIDE
+            qw = cls % STRIDE
+            mine = pid_m >= start
+            ph = tl.where(mine, qh, ph)
+            pw = tl.where(mine, qw, pw)
+            first = tl.where(mine, start, first)
+            start += tl.cdiv(n_img * tl.cdiv(H - qh, STRIDE) * tl.cdiv(W - qw, STRIDE), BLOCK_M)
+        tile = pid_m - first
+        hc = tl.cdiv(H - ph, STRIDE)
+        wc = tl.cdiv(W - pw, STRIDE)
+        mc = n_img * hc * wc
+        r0 = (ph + PAD) % STRIDE
+        s0 = (pw + PAD) % STRIDE
+        taps_r = tl.cdiv(R - r0, STRIDE)  # 0 when r0 >= R (1x1, odd classes)
+        taps_s = tl.cdiv(S - s0, STRIDE)
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < mc
+    iw2 = offs_m % wc
+    t = offs_m // wc
+    ih2 = t % hc
+    n = (t // hc).to(tl.int64)
+    ih = ih2 * STRIDE + ph
+    iw = iw2 * STRIDE + pw
+    # oh = (ih + PAD - r) / STRIDE for the class's j-th tap r = r0 + j*STRIDE
+    oh0 = ih2 + (ph + PAD - r0) // STRIDE
+    ow0 = iw2 + (pw + PAD - s0) // STRIDE
     dy_row = n * sdn
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < C
@@ -173,23 +223,23 @@ def conv_dgrad_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     num_k = tl.cdiv(K, BLOCK_K)
-    for kk in range(0, R * S * num_k):
-        rs = kk // num_k
-        k0 = (kk - rs * num_k) * BLOCK_K
-        r = rs // S
-        s = rs - r * S
-        th = ih + PAD - r
-        tw = iw + PAD - s
+    if STRIDE > 1:
+        # The class's tap (jr, js) and channel block k0 of each iteration, counted up: dividing
+        # them out of kk by the runtime num_k and taps_s cost ~20 instructions per iteration more.
+        jr = 0
+        js = 0
+        k0 = 0
+    for kk in range(0, taps_r * taps_s * num_k):
         if STRIDE == 1:
-            oh = th
-            ow = tw
-            pix_ok = m_ok & (th >= 0) & (th < OH) & (tw >= 0) & (tw < OW)
-        else:
-            # Only taps that land on the stride grid contribute.
-            oh = th // STRIDE
-            ow = tw // STRIDE
-            pix_ok = m_ok & (th >= 0) & (tw >= 0) & (th % STRIDE == 0) & (tw % STRIDE == 0) \
-                & (oh < OH) & (ow < OW)
+            rs = kk // num_k
+            k0 = (kk - rs * num_k) * BLOCK_K
+            jr = rs // S
+            js = rs - jr * S
+        r = r0 + jr * STRIDE
+        s = s0 + js * STRIDE
+        oh = oh0 - jr
+        ow = ow0 - js
+        pix_ok = m_ok & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
         kc = k0 + offs_k
         k_ok = kc < K
         a_ptrs = dy_ptr + (dy_row + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw)[:, None] \
@@ -198,6 +248,14 @@ def conv_dgrad_kernel(
         b_ptrs = w_ptr + (r * swr + s * sws) + kc.to(tl.int64)[:, None] * swk + w_col[None, :]
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if STRIDE > 1:
+            k0 += BLOCK_K
+            next_tap = k0 >= K
+            k0 = tl.where(next_tap, 0, k0)
+            js += next_tap.to(tl.int32)
+            next_row = js == taps_s
+            js = tl.where(next_row, 0, js)
+            jr += next_row.to(tl.int32)
 
     mask = m_ok[:, None] & n_ok[None, :]
     ih64 = ih.to(tl.int64)
@@ -429,6 +487,13 @@ def conv_fprop(
     return out, partials
 
 
+def dgrad_tiles(N: int, H: int, W: int, stride: int, block_m: int) -> int:
+    """Programs along grid axis 0 of :func:`conv_dgrad_kernel`: the BLOCK_M-pixel tiles of each
+    parity class (ih % stride, iw % stride) in turn, the order in which the kernel finds them."""
+    return sum(cdiv(N * cdiv(H - ph, stride) * cdiv(W - pw, stride), block_m)
+               for ph in range(stride) for pw in range(stride))
+
+
 def conv_dgrad(
     dy: torch.Tensor,
     weight: torch.Tensor,
@@ -456,7 +521,7 @@ def conv_dgrad(
     cfg = config or dgrad_config(C, K, R, stride, dy.dtype)
     dz = torch.empty((N, C, H, W), device=dy.device, dtype=dy.dtype, memory_format=torch.channels_last)
     M = pixels(N, H, W)
-    grid = (cdiv(M, cfg.block_m), cdiv(C, cfg.block_n))
+    grid = (dgrad_tiles(N, H, W, stride, cfg.block_m), cdiv(C, cfg.block_n))
     sums = None
     t_args, t_flags = (dz,) * 5, dict(TICKET=False, TWO_LEVEL=False, BLOCK_T=FINALIZE_BLOCK_T)
     if bn is not None:
