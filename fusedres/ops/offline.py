@@ -300,7 +300,17 @@ def _bn_launchers(dtype: torch.dtype) -> list[Callable[[], object]]:
         lambda: bn.relu_bn_bwd_partials(dz, x, mean, invstd, s, sx, add=add, in_place=True),
         # a stage's weight-gradient split sums and backward sums in one launch
         lambda: conv.reduce_wgrad_and_bn_sums(_pending_wgrad(dtype), partials[0], partials[1]),
+        # the two-launch path (SyncBatchNorm, and the reference of the ticket): the weight
+        # gradient's splits merged by their own kernel
+        lambda: _two_launch_wgrad(dtype),
     ]
+
+
+def _two_launch_wgrad(dtype: torch.dtype) -> None:
+    x = _act(_C, _HW, dtype)
+    w = torch.empty((_C, _C, 3, 3), dtype=dtype).to(memory_format=torch.channels_last)
+    with bn.producer_reductions(False):
+        conv.conv_wgrad(x, x, w, stride=1, padding=1, splits=_SPLITS)
 
 
 def _pending_wgrad(dtype: torch.dtype) -> conv.PendingWgrad:
