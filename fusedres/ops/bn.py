@@ -229,6 +229,20 @@ def bn_finalize_kernel(
 
 
 @triton.jit
+def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """(count, mean, M2) of two merged groups (Chan et al.)."""
+    n_ab = n_a + n_b
+    delta = mean_b - mean_a
+    # A mean of +-Inf (an infinite input) makes delta infinite or NaN: the weighted form then
+    # gives the mean eager PyTorch gives (the sum over the count), where mean_a + delta * w would
+    # give NaN. M2 is NaN there already (Inf - Inf in the tile).
+    mean = tl.where(tl.abs(delta) < float("inf"), mean_a + delta * (n_b / n_ab),
+                    mean_a * (n_a / n_ab) + mean_b * (n_b / n_ab))
+    m2 = m2_a + m2_b + delta * delta * (n_a * n_b / n_ab)
+    return n_ab, mean, m2
+
+
+@triton.jit
 def finalize_channels(
     pmean_ptr, pm2_ptr, T, C, M, TILE_ROWS, offs_c, c_ok,
     weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr, stats_ptr,
@@ -244,15 +258,7 @@ def finalize_channels(
         m2_a = tl.zeros(offs_c.shape, dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
             n_b, mean_b, m2_b = _chunk_mean_m2(pmean_ptr, pm2_ptr, t0, T, C, M, TILE_ROWS, offs_c, c_ok, BLOCK_T)
-            n_ab = n_a + n_b
-            delta = mean_b - mean_a
-            # A mean of +-Inf (an infinite input) makes delta infinite or NaN: the weighted form
-            # then gives the mean eager PyTorch gives (the sum over the count), where
-            # mean_a + delta * w would give NaN. M2 is NaN there already (Inf - Inf in the tile).
-            mean_a = tl.where(tl.abs(delta) < float("inf"), mean_a + delta * (n_b / n_ab),
-                              mean_a * (n_a / n_ab) + mean_b * (n_b / n_ab))
-            m2_a = m2_a + m2_b + delta * delta * (n_a * n_b / n_ab)
-            n_a = n_ab
+            n_a, mean_a, m2_a = chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
         mean = mean_a
         var = m2_a / n_a
         if UPDATE_RUNNING:

@@ -36,7 +36,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._runtime import cdiv, launch
-from .bn import pixels, relu
+from .bn import chan_merge, pixels, relu
 from .configs import FINALIZE_BLOCK_C, FINALIZE_BLOCK_T, HopperConfig, hopper_block_k, hopper_fprop_config
 from .conv import conv_out_size, input_precision
 
@@ -205,13 +205,7 @@ def hopper_stats_merge_kernel(
         mean_b = tl.sum(cnt[:, None] * pm, axis=0) / n_b
         dev = tl.where(mask, pm - mean_b[None, :], 0.0)
         m2_b = tl.sum(q, axis=0) + tl.sum(cnt[:, None] * dev * dev, axis=0)
-        n_ab = n_a + n_b
-        delta = mean_b - mean_a
-        # An infinite mean makes delta Inf or NaN: the weighted form keeps eager's sum / count.
-        mean_a = tl.where(tl.abs(delta) < float("inf"), mean_a + delta * (n_b / n_ab),
-                          mean_a * (n_a / n_ab) + mean_b * (n_b / n_ab))
-        m2_a = m2_a + m2_b + delta * delta * (n_a * n_b / n_ab)
-        n_a = n_ab
+        n_a, mean_a, m2_a = chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
     tl.store(out_mean_ptr + n * K + offs_c, mean_a, mask=c_ok)
     tl.store(out_m2_ptr + n * K + offs_c, m2_a, mask=c_ok)
 
