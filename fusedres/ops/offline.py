@@ -1,7 +1,7 @@
 """Compile every Triton kernel of fusedres ahead of time, without a GPU, and report its resources.
 
 ``python -m fusedres.ops.offline [--arch 80,86,89,90] [--amd] [--json PATH] [--jobs N]
-[--sass] [--plain] [--ksize 1|3] [--only REGEX]``
+[--sass] [--plain] [--ksize 1|3] [--only REGEX] [--lean]``
 
 For every GPU architecture asked for, this builds each convolution kernel role (fprop, dgrad,
 wgrad) for every ``(ConvConfig, dtype)`` of :func:`fusedres.ops.configs.all_conv_configs`
@@ -42,6 +42,15 @@ and the bulk tensor copies (``UTMALDG``). ``--plain`` also builds each conv role
 (what the layer benchmarks' plain fprop/dgrad rows time), ``--ksize 1`` builds 1x1 convolutions
 (padding 0) instead of 3x3, and ``--only`` keeps the builds whose label ("role dtype tile",
 e.g. "fprop bfloat16 M128 N64 K64 w8 s3") matches a regular expression.
+
+``--lean`` is the set CI builds (:data:`LEAN_DTYPES`, about two thirds of the builds): sm_86 and
+sm_89 only in bf16, gfx942 without fp16. sm_80, sm_86 and sm_89 take the same TritonGPU IR (the
+mma.sync path, cp.async pipelining), so a config's shared memory is the same on all three — equal
+in all 158 builds of each on 2026-12-01 (Triton 3.8), and ``tests/test_offline_compile.py`` checks
+it again on every bf16 build — and sm_80's rows answer for the other dtypes against the smaller
+sm_86/89 limit; fp16 and bf16 have the same configs and element size (shared memory), and fp16
+differs from bf16 only in the conversions and the MMA's type. What the lean set does not see:
+ptxas registers and spills of fp32/fp16 on sm_86/89, and gfx942's fp16 builds.
 
 The Triton interpreter (``TRITON_INTERPRET=1``) must be off: under it ``@triton.jit`` gives
 functions that cannot be compiled.
@@ -91,6 +100,8 @@ SMEM_LIMITS: dict[str, int] = {
 CUDA_ARCHS = (80, 86, 89, 90)
 AMD_ARCH = "gfx942"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# --lean: the dtypes built per architecture (others: all of DTYPES); see the module docstring
+LEAN_DTYPES = {"sm_86": ("bfloat16",), "sm_89": ("bfloat16",), AMD_ARCH: ("float32", "bfloat16")}
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32"}
 _CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
@@ -369,12 +380,15 @@ def _target(arch: str) -> GPUTarget:
     return GPUTarget("hip", arch, 64)
 
 
-def plan_jobs(archs: list[str], *, plain: bool = False, ksize: int = 3, only: str | None = None) -> list[Job]:
+def plan_jobs(
+    archs: list[str], *, plain: bool = False, ksize: int = 3, only: str | None = None, lean: bool = False
+) -> list[Job]:
     """Every build, for each of ``archs`` ("sm_90", "gfx942", ...), without duplicates.
 
     ``plain`` adds the conv roles without fusion (labelled "fprop-plain", ...); ``ksize`` is the
     conv kernel size (padding ksize // 2); ``only`` keeps the builds whose "role dtype tile"
-    label matches this regular expression.
+    label matches this regular expression; ``lean`` builds only :data:`LEAN_DTYPES` where it
+    names the architecture.
     """
     if _runtime.INTERPRET:
         raise InterpreterActiveError(
@@ -448,6 +462,8 @@ def plan_jobs(archs: list[str], *, plain: bool = False, ksize: int = 3, only: st
                 key = repr((job.kernel, arch, sorted(sig.items()), sorted(constexprs.items()), attrs, options))
                 label = f"{job.role} {job.dtype} {job.tile}"
                 if only is not None and not re.search(only, label):
+                    continue
+                if lean and job.dtype not in LEAN_DTYPES.get(arch, (job.dtype,)):
                     continue
                 if key not in seen:
                     seen.add(key)
@@ -703,10 +719,11 @@ def run(
     plain: bool = False,
     ksize: int = 3,
     only: str | None = None,
+    lean: bool = False,
 ) -> list[Row]:
     """Compile everything for ``archs`` with ``jobs`` processes, printing each row as it arrives
     (the other arguments: see :func:`plan_jobs` and :func:`sass_profile`)."""
-    planned = plan_jobs(archs, plain=plain, ksize=ksize, only=only)
+    planned = plan_jobs(archs, plain=plain, ksize=ksize, only=only, lean=lean)
     # Spawned workers: forking a process that has imported torch can deadlock.
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         rows = []
@@ -762,11 +779,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plain", action="store_true", help="also build the conv roles without fusion")
     parser.add_argument("--ksize", type=int, choices=(1, 3), default=3, help="conv kernel size (default: 3)")
     parser.add_argument("--only", metavar="REGEX", help='keep builds whose "role dtype tile" label matches')
+    parser.add_argument("--lean", action="store_true",
+                        help="the CI set: sm_86/89 in bf16 only, gfx942 without fp16 (see LEAN_DTYPES)")
     args = parser.parse_args(argv)
     archs = args.arch + ([AMD_ARCH] if args.amd else [])
     start = time.perf_counter()
     try:
-        rows = run(archs, max(1, args.jobs), sass=args.sass, plain=args.plain, ksize=args.ksize, only=args.only)
+        rows = run(archs, max(1, args.jobs), sass=args.sass, plain=args.plain, ksize=args.ksize, only=args.only,
+                   lean=args.lean)
     except InterpreterActiveError as e:
         print(e, file=sys.stderr)
         return 2
