@@ -147,6 +147,15 @@ def hopper_fprop_config(cin: int, cout: int, ksize: int, stride: int, dtype: tor
     return HopperConfig(8, 8 if cout >= 512 else 16, 128, block_k, 8, 3)
 
 
+@functools.cache  # called per launch: a lookup instead of a new dataclass
+def hopper_dgrad_config(cin: int, cout: int, ksize: int, stride: int, dtype: torch.dtype) -> HopperConfig:
+    """Input channels (wgmma's M, rows past Cin zero-filled) x a rectangle of input pixels,
+    reduced over taps x Cout: the stride-1 dgrad is the fprop of dy (Cout channels in) with the
+    flipped weight (Cin channels out), so it takes :func:`hopper_fprop_config`'s tile for that
+    convolution (``block_k`` from Cout)."""
+    return hopper_fprop_config(cout, cin, ksize, stride, dtype)
+
+
 def all_hopper_configs() -> set[tuple[HopperConfig, torch.dtype]]:
     """Every (config, dtype) :func:`hopper_fprop_config` can return for a channel count the engine takes."""
     return {
