@@ -3,7 +3,7 @@ and the route's choice of it.
 
 Under the interpreter the tensor descriptors are emulated (out-of-range boxes zero-filled), so
 the same kernel runs here as on an H100/H200. Shapes: 2 images of 9x19 input pixels, no multiple
-of the 16x16 (16-bit) or 8x16 (fp32) rectangle in either direction; 24 input channels (the
+of the 8x16 rectangle in either direction; 24 input channels (the
 gradient's channels: 64 weight rows per tile, 40 of them zero-filled) and 48 output channels (the
 reduction: three 16-channel boxes per tap in every dtype).
 """
@@ -27,7 +27,7 @@ GEOMETRY_IDS = ["1x1", "3x3", "3x3-nopad"]
 EPILOGUES = [(False, False, False), (False, True, False), (True, False, False), (True, True, True)]
 EPILOGUE_IDS = ["plain", "add", "bn-relu-bwd", "bn-relu-bwd-add-reduced"]
 # Every flag in bf16; the two ends of the epilogue in fp32 and fp16 (the flags are dtype-blind
-# constexpr branches; the dtypes differ in the main loop: TF32 and the fp32 8x16 rectangle).
+# constexpr branches; the dtypes differ in the main loop's operands, fp32 as TF32).
 CASES = [
     pytest.param(dtype, ksize, pad, *epi, id=f"{did}-{gid}-{eid}")
     for dtype, did in zip(DTYPES, DTYPE_IDS)
