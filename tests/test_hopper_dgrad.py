@@ -106,11 +106,24 @@ def test_dgrad_one_image_wide_channels(poison, device, dtype):
     _check(device, dtype, 3, 1, True, True, True, n=1, c=96, h=7, w=7, k=96, config=cfg)
 
 
-def test_dgrad_sums_two_levels(poison, device):
-    """More rectangles than TWO_LEVEL_TILES (1x8-pixel ones): the ticket's two-level reduction."""
-    cfg = HopperConfig(block_h=1, block_w=8, block_n=16, block_k=16, num_warps=4, num_stages=2)
-    assert 260 > bn_ops.TWO_LEVEL_TILES
-    _check(device, torch.bfloat16, 1, 0, True, False, True, n=1, c=16, h=260, w=8, k=16, config=cfg)
+def test_dgrad_sums_two_levels(poison, device, monkeypatch):
+    """The ticket's two-level reduction (chunks of rectangles, then the chunks), at a size the
+    interpreter runs quickly: the thresholds lowered to 16 tiles and chunks of 8, so that the 30
+    2x8-pixel rectangles of the 9x19 images make 4 chunks, the last one partial."""
+    monkeypatch.setattr(bn_ops, "TWO_LEVEL_TILES", 16)
+    monkeypatch.setattr(bn_ops, "FINALIZE_BLOCK_T", 8)
+    flags = []
+    real = bn_ops.sums_ticket_args
+
+    def spy(*args):
+        out = real(*args)
+        flags.append(out[2]["TWO_LEVEL"])
+        return out
+
+    monkeypatch.setattr(bn_ops, "sums_ticket_args", spy)
+    cfg = HopperConfig(block_h=2, block_w=8, block_n=64, block_k=16, num_warps=4, num_stages=2)
+    _check(device, torch.bfloat16, 1, 0, True, True, True, config=cfg)
+    assert flags == [True]
 
 
 def test_dgrad_padding_wider_than_kernel(poison, device):
