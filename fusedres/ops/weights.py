@@ -28,7 +28,10 @@ def cached_layout(weight: torch.Tensor, kind: str, make: Callable[[torch.Tensor]
     The copy is cached against the tensor's version counter, so it is refreshed after an
     optimizer step (an in-place update) and never rebuilt per call; the entry goes when the
     tensor does. While a CUDA graph is captured the copy is made in the graph instead, so that
-    every replay reads the weight as it is then.
+    every replay reads the weight as it is then. A write through ``weight.data`` (e.g.
+    ``p.data.add_(...)``) does not bump the version counter, so it is not seen: the copy stays
+    stale until the next tracked in-place update (``torch.no_grad()`` + ``p.add_``, every
+    ``torch.optim`` step, ``load_state_dict``) or a new tensor.
     """
     if capturing(weight):
         return make(weight.detach())
