@@ -391,7 +391,6 @@ def conv_fprop(
     return out, (merged_mean, merged_m2, OH * OW)
 
 
-
 def _flip_transpose(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(1, 2, 3, 0).flip(1, 2).contiguous()
 
