@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""The sm_90 fprop engine on a GPU: same results as the pointer engine, and its time beside the
-pointer engine's and cuDNN's (the cuDNN route: BN-ReLU pass + conv + statistics pass).
+"""The sm_90 engine on a GPU: same results as the pointer engine, and its time beside the
+pointer engine's and cuDNN's, for fprop (the cuDNN route: BN-ReLU pass + conv + statistics pass)
+and the stride-1 dgrad (the cuDNN route: conv backward + BN-ReLU-backward pass).
 
-    python3 scripts/hopper_fprop_bench.py [reps]
+    python3 scripts/hopper_fprop_bench.py [reps] [fprop|dgrad|both]
 
 Shapes: DESIGN.md section 5 (bf16, N=256) and the CIFAR bottleneck's three convolutions (N=128,
-32x32), each fused (BN-ReLU prologue, statistics of the output; + residual where the block has
-one) and plain. Prints one line per shape: max relative difference against the pointer engine,
-median microseconds of each engine (triton.testing.do_bench), and the engine ``FUSEDRES_CONV_ENGINE=auto``
+32x32), each fused and plain. Fused fprop: BN-ReLU prologue, statistics of the output, + residual
+where the block has one; fused dgrad: the BatchNorm-ReLU backward (mask from x, dz, the sums
+reduced in the launch). Prints one line per shape and role: relative difference against the
+pointer engine (output, and the statistics or sums; MISMATCH above 2e-2 fails the run), median
+microseconds of each engine (triton.testing.do_bench), and the engine ``FUSEDRES_CONV_ENGINE=auto``
 picks.
 """
 
@@ -35,10 +38,59 @@ def _time(fn, x: torch.Tensor, w: torch.Tensor, kw: dict, reps: int) -> float:
     return triton.testing.do_bench(lambda: fn(x, w, **kw), rep=reps)
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def dgrad(reps: int, dev: torch.device) -> int:
+    """The stride-1 dgrad rows; returns the number of mismatches."""
+    cl = torch.channels_last
+    bad = 0
+    for label, n, cin, cout, h, k, _ in SHAPES:
+        x = torch.randn(n, cin, h, h, device=dev, dtype=torch.bfloat16).contiguous(memory_format=cl)
+        dy = torch.randn(n, cout, h, h, device=dev, dtype=torch.bfloat16).contiguous(memory_format=cl)
+        w = (torch.randn(cout, cin, k, k, device=dev, dtype=torch.bfloat16) * 0.05).contiguous(memory_format=cl)
+        sc, sh = torch.rand(cin, device=dev) + 0.5, torch.randn(cin, device=dev) * 0.3
+        mean, invstd = x.float().mean((0, 2, 3)), x.float().var((0, 2, 3)).add(1e-5).rsqrt()
+        shape = tuple(x.shape)
+        for fused in (True, False):
+            kw = dict(stride=1, padding=k // 2)
+            if fused:
+                kw.update(bn=(x, sc, sh, mean, invstd), reduce_sums=True)
+            dh, sums_h = hopper.conv_dgrad(dy, w, shape, **kw)
+            dp, sums_p = conv.conv_dgrad(dy, w, shape, **kw)
+            diff = _rel(dh, dp)
+            if fused:  # both reduced in the launch (Sums)
+                diff = max(diff, _rel(sums_h[0], sums_p[0]), _rel(sums_h[1], sums_p[1]))
+            ok = diff < 2e-2
+            bad += not ok
+            kw["input_shape"] = shape
+            with route.force("cudnn"):
+                t_cudnn = _time(route.conv_dgrad, dy, w, kw, reps)
+            t_h = _time(hopper.conv_dgrad, dy, w, kw, reps)
+            t_p = _time(conv.conv_dgrad, dy, w, kw, reps)
+            picks = "pointer" if hopper.unsupported_dgrad(dy, w, stride=1, padding=k // 2) else "hopper"
+            print(f"dgrad {label:18s} {'fused' if fused else 'plain'}  diff {diff:.1e} {'ok' if ok else 'MISMATCH'}  "
+                  f"hopper {1e3 * t_h:8.1f} us  pointer {1e3 * t_p:8.1f} us  cudnn-route {1e3 * t_cudnn:8.1f} us  "
+                  f"auto picks {picks}", flush=True)
+    return bad
+
+
 def main() -> int:
     reps = int(sys.argv[1]) if len(sys.argv) > 1 else 50
+    roles = sys.argv[2] if len(sys.argv) > 2 else "both"
+    if roles not in ("fprop", "dgrad", "both"):
+        raise SystemExit(f"role must be fprop, dgrad or both, got {roles!r}")
     dev = torch.device("cuda")
     print(f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}, triton {triton.__version__}")
+    bad = fprop(reps, dev) if roles != "dgrad" else 0
+    if roles != "fprop":
+        bad += dgrad(reps, dev)
+    return 1 if bad else 0
+
+
+def fprop(reps: int, dev: torch.device) -> int:
+    """The fprop rows; returns the number of mismatches."""
     cl = torch.channels_last
     bad = 0
     for label, n, cin, cout, h, k, has_res in SHAPES:
@@ -66,7 +118,7 @@ def main() -> int:
                   f"hopper {1e3 * t_h:8.1f} us  pointer {1e3 * t_p:8.1f} us  cudnn-route {1e3 * t_cudnn:8.1f} us  "
                   f"auto picks {'pointer' if hopper.unsupported(x, w, stride=1, padding=k // 2) else 'hopper'}",
                   flush=True)
-    return 1 if bad else 0
+    return bad
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def test_every_kernel_compiles_within_shared_memory(tmp_path: Path) -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=1200,
+        timeout=1800,
     )
     report = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, f"offline compile failed (exit {proc.returncode}):\n{report}"
@@ -100,6 +100,17 @@ def test_every_kernel_compiles_within_shared_memory(tmp_path: Path) -> None:
     }
     missing = [(cfg, dtype) for cfg, dtype in all_hopper_configs() if (cfg, dtype, "sm_90") not in hopper_built]
     assert not missing, f"{len(missing)} Hopper fprop builds missing, e.g. {missing[:3]}"
+    # The sm_90 stride-1 dgrad: one bf16 build per shape of HOPPER_DGRAD_SHAPES (its default tile,
+    # the BatchNorm-backward epilogue and the sums' ticket, whose ordering is checked below).
+    from fusedres.ops.configs import hopper_dgrad_config
+    from fusedres.ops.offline import HOPPER_DGRAD_SHAPES
+
+    dgrad_rows = [r for r in rows if r["role"] == "dgrad-hopper" and r["arch"] == "sm_90"]
+    dgrad_tiles = {(HopperConfig(**r["config"]), r["tile"].split()[-3]) for r in dgrad_rows}
+    for cin, cout, k in HOPPER_DGRAD_SHAPES:
+        cfg = hopper_dgrad_config(cin, cout, k, 1, torch.bfloat16)
+        assert (cfg, f"{k}x{k}") in dgrad_tiles, f"Hopper dgrad {cin}->{cout} {k}x{k} not built"
+    assert all(r["ticket"] for r in dgrad_rows), "a Hopper dgrad build without its sums ticket"
     for arch in ARCHS:
         kernels = {r["role"] for r in rows if r["arch"] == arch}
         assert PER_CHANNEL_KERNELS <= kernels, f"{arch}: missing {PER_CHANNEL_KERNELS - kernels}"

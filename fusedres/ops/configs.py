@@ -147,6 +147,21 @@ def hopper_fprop_config(cin: int, cout: int, ksize: int, stride: int, dtype: tor
     return HopperConfig(8, 8 if cout >= 512 else 16, 128, block_k, 8, 3)
 
 
+@functools.cache  # called per launch: a lookup instead of a new dataclass
+def hopper_dgrad_config(cin: int, cout: int, ksize: int, stride: int, dtype: torch.dtype) -> HopperConfig:
+    """Input channels (wgmma's M, rows past Cin zero-filled) x a rectangle of input pixels,
+    reduced over taps x Cout: the stride-1 dgrad is the fprop of dy (Cout channels in) with the
+    flipped weight (Cin channels out), so it takes :func:`hopper_fprop_config`'s tile for that
+    convolution (``block_k`` from Cout), but never its 16x16 rectangle for Cin <= 32: with the
+    BatchNorm-backward epilogue (x, dz, add and the sums on the transposed 64x256 fp32 tile) that
+    tile held 255 registers at 4 warps and spilled 704-1004 bytes per thread (sm_90, bf16; 154
+    registers without the epilogue), so it takes the 8x16 rectangle of Cin = 64 (191, no spill)."""
+    cfg = hopper_fprop_config(cout, cin, ksize, stride, dtype)
+    if cfg.block_h * cfg.block_w > 128:
+        return HopperConfig(8, 16, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)
+    return cfg
+
+
 def all_hopper_configs() -> set[tuple[HopperConfig, torch.dtype]]:
     """Every (config, dtype) :func:`hopper_fprop_config` can return for a channel count the engine takes."""
     return {

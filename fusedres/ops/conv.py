@@ -258,8 +258,28 @@ def conv_dgrad_kernel(
             jr += next_row.to(tl.int32)
 
     mask = m_ok[:, None] & n_ok[None, :]
-    ih64 = ih.to(tl.int64)
-    iw64 = iw.to(tl.int64)
+    dgrad_epilogue(acc, n, ih.to(tl.int64), iw.to(tl.int64), offs_n, n_ok, mask, pid_m, C,
+                   dz_ptr, x_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, psum_ptr, psumx_ptr,
+                   szn, szc, szh, szw, sxn, sxc, sxh, sxw, san, sac, sah, saw,
+                   counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr,
+                   BN_BWD, HAS_ADD, TICKET, TWO_LEVEL, BLOCK_T)
+
+
+@triton.jit
+def dgrad_epilogue(
+    acc, n, ih64, iw64, offs_n, n_ok, mask, tile, C,
+    dz_ptr, x_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, psum_ptr, psumx_ptr,
+    szn, szc, szh, szw, sxn, sxc, sxh, sxw, san, sac, sah, saw,
+    counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr,
+    BN_BWD: tl.constexpr, HAS_ADD: tl.constexpr, TICKET: tl.constexpr, TWO_LEVEL: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """The dgrad epilogue of both engines (:func:`conv_dgrad_kernel`,
+    :func:`fusedres.ops.hopper.hopper_dgrad_kernel`) on a (pixels x channels) fp32 tile ``acc``:
+    input pixels (n, ih64, iw64) (int64; n may be one scalar), channels ``offs_n``, stored where
+    ``mask``. HAS_ADD, then BN_BWD (the ReLU mask from x, dz, the sums of row ``tile`` of the
+    partials and with TICKET their reduction by the last program of the column block), or the
+    plain store of da."""
     z_ptrs = dz_ptr + (n * szn + ih64 * szh + iw64 * szw)[:, None] + offs_n.to(tl.int64)[None, :] * szc
     if HAS_ADD:
         a_ptrs = add_ptr + (n * san + ih64 * sah + iw64 * saw)[:, None] + offs_n.to(tl.int64)[None, :] * sac
@@ -269,11 +289,11 @@ def conv_dgrad_kernel(
         dz, sum_dz, sum_dzx = relu_bn_bwd_tile(acc, x_ptrs, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, offs_n,
                                                n_ok, mask, dz_ptr)
         tl.store(z_ptrs, dz, mask=mask)
-        tl.store(psum_ptr + pid_m * C + offs_n, sum_dz, mask=n_ok)
-        tl.store(psumx_ptr + pid_m * C + offs_n, sum_dzx, mask=n_ok)
+        tl.store(psum_ptr + tile * C + offs_n, sum_dz, mask=n_ok)
+        tl.store(psumx_ptr + tile * C + offs_n, sum_dzx, mask=n_ok)
         if TICKET:
-            sums_ticket(psum_ptr, psumx_ptr, pid_m, pid_n, tl.num_programs(1), tl.num_programs(0), C, offs_n, n_ok,
-                        counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr, TWO_LEVEL, BLOCK_T)
+            sums_ticket(psum_ptr, psumx_ptr, tile, tl.program_id(1), tl.num_programs(1), tl.num_programs(0), C,
+                        offs_n, n_ok, counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr, TWO_LEVEL, BLOCK_T)
     else:
         tl.store(z_ptrs, acc.to(dz_ptr.dtype.element_ty), mask=mask)
 

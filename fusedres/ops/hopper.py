@@ -2,7 +2,8 @@
 
 :mod:`fusedres.ops.conv` is the portable engine (pointer loads, any strides, any architecture);
 this module is the Hopper one, with the same launcher contract; :mod:`fusedres.ops.route` picks
-between them (and cuDNN) in one place. Built so far: fprop.
+between them (and cuDNN) in one place. Built so far: fprop, and dgrad at stride 1
+(:func:`conv_dgrad`, contract below).
 
 Layout contract of :func:`conv_fprop` (what :func:`unsupported` checks; the route falls back to
 the pointer engine, with the reason, wherever one does not hold):
@@ -26,6 +27,18 @@ The BN-ReLU'd activation is then dot's right operand, which Triton stores to sha
 asynchronous wgmma (as its left operand it would feed wgmma from registers and wait for every
 one), and wgmma's N is the pixel count (128) whatever Cout is, so 16- and 32-channel layers run
 HGMMA.64x128 with the weight rows past Cout zero-filled instead of HGMMA.64x16 or mma.sync.
+
+:func:`conv_dgrad` (stride 1; :func:`unsupported_dgrad` names what it does not take) is the
+same engine run on dy: da[n, ih, iw, c] = sum_{r,s,k} dy[n, ih + PAD - r, iw + PAD - s, k] *
+w[k, c, r, s] is the stride-1 convolution of dy (padding R-1-PAD, S-1-PAD; negative for a kernel
+narrower than its padding) with the transposed, spatially flipped weight wf[c, r', s', k] =
+w[k, c, R-1-r', S-1-s'], whose K-major [Cin, R*S*K] memory :func:`dgrad_weight` caches per
+parameter version. ``dy`` must be dense channels_last at a 16-byte aligned address with K a
+multiple of 16; Cin may be anything (weight rows past it are zero-filled, dz stores are masked);
+``x``/``add`` of the epilogue are read through their strides. The epilogue is the pointer
+kernel's (:func:`fusedres.ops.conv.dgrad_epilogue`) on the transposed accumulator, with the
+per-rectangle partial sums of the BatchNorm backward reduced by the launch's last program
+(``sums_ticket``) exactly as there: the same contract, ``(psum, psumx)`` or a ``Sums``.
 """
 
 from __future__ import annotations
@@ -36,9 +49,18 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._runtime import cdiv, launch
+from . import bn as bn_ops
 from .bn import chan_merge, pixels, relu
-from .configs import FINALIZE_BLOCK_C, FINALIZE_BLOCK_T, HopperConfig, hopper_block_k, hopper_fprop_config
-from .conv import conv_out_size, input_precision
+from .configs import (
+    FINALIZE_BLOCK_C,
+    FINALIZE_BLOCK_T,
+    HopperConfig,
+    hopper_block_k,
+    hopper_dgrad_config,
+    hopper_fprop_config,
+)
+from .conv import conv_out_size, dgrad_epilogue, input_precision
+from .weights import cached_layout
 
 
 @triton.jit
@@ -173,6 +195,61 @@ def hopper_fprop_kernel(
         row = pid.to(tl.int64) * K
         tl.store(pmean_ptr + row + offs_n, mean, mask=n_ok)
         tl.store(pm2_ptr + row + offs_n, tl.sum(d * d, axis=1), mask=n_ok)
+
+
+@triton.jit
+def hopper_dgrad_kernel(
+    dy_desc, w_desc, dz_ptr, x_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, psum_ptr, psumx_ptr,
+    H, W, C, TILES_H, TILES_W,
+    szn, szc, szh, szw,
+    sxn, sxc, sxh, sxw,
+    san, sac, sah, saw,
+    counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr,
+    NUM_K: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
+    BN_BWD: tl.constexpr, HAS_ADD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    TICKET: tl.constexpr, TWO_LEVEL: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """da[n, ih, iw, c] = sum_{r',s',k} dy[n, ih + r' - PAD_H, iw + s' - PAD_W, k] * wf[c, r', s', k]
+    (the flipped weight, PAD_H = R-1-padding), then :func:`fusedres.ops.conv.dgrad_epilogue`.
+
+    Program (t, j) computes input channels [j*BLOCK_N, (j+1)*BLOCK_N) of the BLOCK_H x BLOCK_W
+    input-pixel rectangle t (row-major over the images' tile grids, TILES_H x TILES_W per image),
+    reducing over the taps and NUM_K slices of BLOCK_K output channels: per iteration one dy box
+    (the copy engine zero-fills rows and columns outside dy) and one weight box, both straight
+    from shared memory into an asynchronous wgmma. Row t of the partial sums is the rectangle's.
+    """
+    pid = tl.program_id(0)
+    per_image = TILES_H * TILES_W
+    n = pid // per_image
+    th = (pid - n * per_image) // TILES_W
+    ih0 = th * BLOCK_H
+    iw0 = (pid - n * per_image - th * TILES_W) * BLOCK_W
+    c0 = tl.program_id(1) * BLOCK_N
+    BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
+    K: tl.constexpr = NUM_K * BLOCK_K
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for kk in range(0, R * S * NUM_K):
+        rs = kk // NUM_K
+        k0 = (kk - rs * NUM_K) * BLOCK_K
+        r = rs // S
+        s = rs - r * S
+        a = dy_desc.load([n, ih0 + r - PAD_H, iw0 + s - PAD_W, k0]).reshape(BLOCK_M, BLOCK_K)
+        acc = tl.dot(w_desc.load([c0, rs * K + k0]), tl.trans(a), acc, input_precision=INPUT_PRECISION)
+
+    # The pointer kernel's epilogue on the (pixels x channels) tile.
+    rows = tl.arange(0, BLOCK_M)
+    ihs = ih0 + rows // BLOCK_W
+    iws = iw0 + rows % BLOCK_W
+    offs_n = c0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < C
+    mask = ((ihs < H) & (iws < W))[:, None] & n_ok[None, :]
+    dgrad_epilogue(tl.trans(acc), n.to(tl.int64), ihs.to(tl.int64), iws.to(tl.int64), offs_n, n_ok, mask, pid, C,
+                   dz_ptr, x_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, psum_ptr, psumx_ptr,
+                   szn, szc, szh, szw, sxn, sxc, sxh, sxw, san, sac, sah, saw,
+                   counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr,
+                   BN_BWD, HAS_ADD, TICKET, TWO_LEVEL, BLOCK_T)
 
 
 @triton.jit
@@ -312,3 +389,89 @@ def conv_fprop(
         BLOCK_H=cfg.block_h, BLOCK_W=cfg.block_w, BLOCK_T=FINALIZE_BLOCK_T, BLOCK_C=FINALIZE_BLOCK_C,
     )
     return out, (merged_mean, merged_m2, OH * OW)
+
+
+def _flip_transpose(weight: torch.Tensor) -> torch.Tensor:
+    return weight.permute(1, 2, 3, 0).flip(1, 2).contiguous()
+
+
+def dgrad_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The (Cin, R, S, Cout) contiguous copy of ``weight`` (Cout, Cin, R, S) with the taps flipped,
+    wf[c, r, s, k] = w[k, c, R-1-r, S-1-s]: the K-major [Cin, R*S*Cout] matrix the dgrad's weight
+    descriptor reads. Cached per parameter version (:func:`fusedres.ops.weights.cached_layout`)."""
+    return cached_layout(weight, "hopper_dgrad", _flip_transpose)
+
+
+def unsupported_dgrad(dy: torch.Tensor, weight: torch.Tensor, *, stride: int, padding: int) -> str | None:
+    """Why :func:`conv_dgrad` cannot take this input gradient (a reason the route reports), or None."""
+    K = dy.shape[1]
+    if stride != 1:
+        return f"stride {stride}: the pointer engine's dgrad by input parity takes it"
+    if dy.dtype == torch.float32 and input_precision(dy.dtype) == "ieee":
+        return "fp32 without TF32 (torch.backends.cudnn.allow_tf32 is False): wgmma has no fp32 product"
+    if not hopper_block_k(K, dy.dtype):
+        return f"Cout={K} is not a multiple of 16: no whole TMA box of dy channels per tap"
+    if not _tma_ready(dy):
+        return f"dy is not dense channels_last at a 16-byte aligned address (strides {tuple(dy.stride())})"
+    return None
+
+
+def conv_dgrad(
+    dy: torch.Tensor,
+    weight: torch.Tensor,
+    input_shape: tuple[int, int, int, int],
+    *,
+    stride: int,
+    padding: int,
+    bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    add: torch.Tensor | None = None,
+    reduce_sums: bool = False,
+    config: HopperConfig | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | bn_ops.Sums | None]:
+    """:func:`fusedres.ops.conv.conv_dgrad` on the sm_90 engine (same arguments and results; the
+    partial sums are per pixel rectangle, one row each, and ``reduce_sums`` reduces them in the
+    launch as there). A ValueError when :func:`unsupported_dgrad` names a reason."""
+    reason = unsupported_dgrad(dy, weight, stride=stride, padding=padding)
+    if reason is not None:
+        raise ValueError(f"fusedres.ops.hopper.conv_dgrad: {reason}")
+    N, C, H, W = input_shape
+    K, _, R, S = weight.shape
+    _, _, OH, OW = dy.shape
+    cfg = config or hopper_dgrad_config(C, K, R, stride, dy.dtype)
+    if K % cfg.block_k:
+        raise ValueError(f"fusedres.ops.hopper.conv_dgrad: Cout={K} is not a multiple of block_k={cfg.block_k}")
+    dz = torch.empty((N, C, H, W), device=dy.device, dtype=dy.dtype, memory_format=torch.channels_last)
+    pixels(N, H, W)
+    wf = dgrad_weight(weight)
+    dy_desc = TensorDescriptor(dy, [N, OH, OW, K], [OH * OW * K, OW * K, K, 1],
+                               [1, cfg.block_h, cfg.block_w, cfg.block_k])
+    w_desc = TensorDescriptor(wf, [C, R * S * K], [R * S * K, 1], [cfg.block_n, cfg.block_k])
+    tiles_h, tiles_w = cdiv(H, cfg.block_h), cdiv(W, cfg.block_w)
+    grid = (N * tiles_h * tiles_w, cdiv(C, cfg.block_n))
+    sums = None
+    t_args, t_flags = (dz,) * 5, dict(TICKET=False, TWO_LEVEL=False, BLOCK_T=FINALIZE_BLOCK_T)
+    if bn is not None:
+        x, scale, shift, mean, invstd = bn
+        psum = torch.empty((grid[0], C), device=dy.device, dtype=torch.float32)
+        psumx = torch.empty_like(psum)
+        sums = (psum, psumx)
+        if reduce_sums and bn_ops.TICKETS:
+            sums, t_args, t_flags = bn_ops.sums_ticket_args(grid[0], grid[1], C, dy.device)
+    else:
+        x = dz
+        scale = shift = mean = invstd = psum = psumx = dz
+    a = add if add is not None else dz
+    launch(
+        hopper_dgrad_kernel, grid,
+        dy_desc, w_desc, dz, x, a, scale, shift, mean, invstd, psum, psumx,
+        H, W, C, tiles_h, tiles_w,
+        *dz.stride(),
+        *x.stride(),
+        *a.stride(),
+        *t_args,
+        NUM_K=K // cfg.block_k, PAD_H=R - 1 - padding, PAD_W=S - 1 - padding, R=R, S=S,
+        BN_BWD=bn is not None, HAS_ADD=add is not None, INPUT_PRECISION=input_precision(dy.dtype), **t_flags,
+        BLOCK_H=cfg.block_h, BLOCK_W=cfg.block_w, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dz, sums

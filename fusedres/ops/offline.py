@@ -52,6 +52,12 @@ sm_86/89 limit; fp16 and bf16 have the same configs and element size (shared mem
 differs from bf16 only in the conversions and the MMA's type. What the lean set does not see:
 ptxas registers and spills of fp32/fp16 on sm_86/89, and gfx942's fp16 builds.
 
+For sm_90 the Hopper engine (:mod:`fusedres.ops.hopper`) is built too: "fprop-hopper" for every
+config of :func:`fusedres.ops.configs.all_hopper_configs`, and "dgrad-hopper" (the stride-1
+dgrad with the BatchNorm-backward epilogue, the added gradient and the sums' ticket; bf16) for
+each layer of :data:`HOPPER_DGRAD_SHAPES` at its own kernel size, whatever ``--ksize`` says; its
+label ends in the number of Cout slices and the kernel size ("x2 3x3").
+
 The Triton interpreter (``TRITON_INTERPRET=1``) must be off: under it ``@triton.jit`` gives
 functions that cannot be compiled.
 """
@@ -87,7 +93,14 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import _runtime
 from . import bn, conv, hopper
-from .configs import TWO_LEVEL_TILES, ConvConfig, HopperConfig, all_conv_configs, all_hopper_configs
+from .configs import (
+    TWO_LEVEL_TILES,
+    ConvConfig,
+    HopperConfig,
+    all_conv_configs,
+    all_hopper_configs,
+    hopper_dgrad_config,
+)
 
 #: Largest shared memory one block may use (the opt-in maximum), in bytes.
 SMEM_LIMITS: dict[str, int] = {
@@ -235,6 +248,31 @@ def _hopper_launchers(
     }
 
 
+#: The sm_90 dgrad's builds (role "dgrad-hopper", sm_90 only, bf16): (Cin, Cout, ksize) of the
+#: DESIGN section 5 layers (3x3 64, 128 and 512 channels) and of the three convolutions of a CIFAR
+#: bottleneck (1x1 64->16, 3x3 16->16, 1x1 16->64), each with its default tile
+#: (:func:`fusedres.ops.configs.hopper_dgrad_config`).
+HOPPER_DGRAD_SHAPES = ((64, 64, 3), (128, 128, 3), (512, 512, 3), (64, 16, 1), (16, 16, 3), (16, 64, 1))
+
+
+def _hopper_dgrad_launcher(
+    dtype: torch.dtype, cin: int, cout: int, ksize: int, fused: bool = True
+) -> tuple[HopperConfig, Callable[[], object]]:
+    """The stride-1 Hopper dgrad of a (cin -> cout, ksize) convolution with its default tile: with
+    ``fused``, as a training step's backward runs it (BatchNorm-ReLU backward, the sums reduced
+    by the launch's ticket) plus the projection's added gradient; else plain."""
+    cfg = hopper_dgrad_config(cin, cout, ksize, 1, dtype)
+    pad = ksize // 2
+    x, dy = _act(cin, _HW, dtype), _act(cout, _HW, dtype)
+    w = torch.empty((cout, cin, ksize, ksize), dtype=dtype).to(memory_format=torch.channels_last)
+    vec = lambda: torch.empty(cin, dtype=torch.float32)  # noqa: E731
+    geom: dict[str, Any] = {"stride": 1, "padding": pad, "config": cfg}
+    if not fused:
+        return cfg, lambda: hopper.conv_dgrad(dy, w, tuple(x.shape), **geom)
+    return cfg, lambda: hopper.conv_dgrad(dy, w, tuple(x.shape), bn=(x, vec(), vec(), vec(), vec()),
+                                          add=_act(cin, _HW, dtype), reduce_sums=True, **geom)
+
+
 _TWO_LEVEL_ROWS = 128 * (TWO_LEVEL_TILES + 1)
 
 
@@ -371,6 +409,8 @@ def _tile(constexprs: dict[str, Any], options: dict[str, int]) -> str:
     blocks = [f"{k[len('BLOCK') :].lstrip('_') or 'B'}{v}" for k, v in constexprs.items() if k.startswith("BLOCK")]
     given = [f"{k[len('num_') :][0]}{v}" for k, v in options.items() if k in ("num_warps", "num_stages")]
     slices = [f"x{constexprs['NUM_C']}" for _ in range("NUM_C" in constexprs)]  # the Hopper fprop's channel slices
+    if "NUM_K" in constexprs:  # the Hopper dgrad: its Cout slices and kernel size
+        slices = [f"x{constexprs['NUM_K']} {constexprs['R']}x{constexprs['S']}"]
     return " ".join(blocks + slices + given)
 
 
@@ -430,6 +470,10 @@ def plan_jobs(
                     role = "fprop-hopper" if fused else "fprop-hopper-plain"
                     call = _hopper_launchers(dtype, cfg, stride, ksize, fused, slices)["fprop-hopper"]
                     launches.append((role, dtype, cfg, stride, call))
+        for cin, cout, k in HOPPER_DGRAD_SHAPES:
+            for fused in (True, False) if plain else (True,):
+                cfg, call = _hopper_dgrad_launcher(torch.bfloat16, cin, cout, k, fused)
+                launches.append(("dgrad-hopper" if fused else "dgrad-hopper-plain", torch.bfloat16, cfg, 1, call))
     for dtype in DTYPES:
         launches.extend((None, dtype, None, None, call) for call in _bn_launchers(dtype))
 
@@ -442,7 +486,8 @@ def plan_jobs(
             # The first launch is the role's own kernel; later ones (wgrad's split reduce) are helpers.
             own = n == 0 and role is not None
             for arch in archs:
-                if (kernel is hopper.hopper_fprop_kernel or index in sm90_only) and arch != "sm_90":
+                sm90_kernel = kernel in (hopper.hopper_fprop_kernel, hopper.hopper_dgrad_kernel)
+                if (sm90_kernel or index in sm90_only) and arch != "sm_90":
                     continue
                 sig, constexprs, attrs, options = _specialize(kernel, args, kwargs, _target(arch))
                 job = Job(

@@ -3,15 +3,17 @@ kept around it. This is the one place that chooses.
 
 The two Triton engines have the same launcher contract: :mod:`fusedres.ops.conv`, the portable
 pointer kernels (any architecture, any strides), and :mod:`fusedres.ops.hopper`, the sm_90 engine
-(TMA tensor descriptors, wgmma; fprop so far). :func:`fprop_engine` names the engine and, for the
-pointer engine, the reason. ``FUSEDRES_CONV_ENGINE`` (read per call) chooses:
+(TMA tensor descriptors, wgmma; fprop, and dgrad at stride 1). :func:`fprop_engine` and
+:func:`dgrad_engine` name the engine and, for the pointer engine, the reason.
+``FUSEDRES_CONV_ENGINE`` (read per call) chooses:
 
 - ``pointer`` (the default): the pointer kernels everywhere. The Hopper engine is correct under
   the interpreter and its sm_90 build is read offline (``benchmarks/NOTES.md`` §3), but no GPU
   has run it yet: it becomes the default on sm_90 (``auto``) once a GPU run shows it matches
   the pointer engine and is faster (``scripts/gpu_check.sh``, stage ``hopper-fprop``).
 - ``auto``: the Hopper engine on an sm_90 GPU wherever its layout rules hold
-  (:func:`fusedres.ops.hopper.unsupported`), the pointer kernels elsewhere.
+  (:func:`fusedres.ops.hopper.unsupported`, :func:`~fusedres.ops.hopper.unsupported_dgrad`), the
+  pointer kernels elsewhere.
 - ``hopper``: the Hopper engine on any device wherever its layout rules hold.
 
 :func:`engine` overrides the variable inside a ``with`` block (tests use ``engine("hopper")`` to
@@ -103,22 +105,40 @@ def engine(name: str) -> contextlib.AbstractContextManager[None]:
     return _override(name, engines=True)
 
 
+def _wanted_engine(device: torch.device) -> tuple[str, str | None]:
+    """The engine the overrides and ``FUSEDRES_CONV_ENGINE`` ask for on ``device``: ``("hopper",
+    None)`` (layout rules still to check) or ``("pointer", reason)``."""
+    if _ENGINE_OVERRIDES:
+        if _ENGINE_OVERRIDES[-1] == "pointer":
+            return "pointer", "engine('pointer') in effect"
+        return "hopper", None
+    wanted = os.environ.get("FUSEDRES_CONV_ENGINE", "pointer")
+    if wanted not in ("pointer", "auto", "hopper"):
+        raise ValueError(f"FUSEDRES_CONV_ENGINE must be 'pointer', 'auto' or 'hopper', got {wanted!r}")
+    if wanted == "pointer":
+        return "pointer", "FUSEDRES_CONV_ENGINE=pointer (the default until a GPU run validates the Hopper engine)"
+    if wanted == "auto" and _arch(device) != "sm_90":
+        return "pointer", f"device {device} is not an sm_90 GPU ({_arch(device) or 'no CUDA'})"
+    return "hopper", None
+
+
 def fprop_engine(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> tuple[str, str | None]:
     """``("hopper", None)``, or ``("pointer", reason)`` with the reason the Hopper engine does not
     run this forward convolution."""
-    if _ENGINE_OVERRIDES:
-        wanted = _ENGINE_OVERRIDES[-1]
-        if wanted == "pointer":
-            return "pointer", "engine('pointer') in effect"
-    else:
-        wanted = os.environ.get("FUSEDRES_CONV_ENGINE", "pointer")
-        if wanted not in ("pointer", "auto", "hopper"):
-            raise ValueError(f"FUSEDRES_CONV_ENGINE must be 'pointer', 'auto' or 'hopper', got {wanted!r}")
-        if wanted == "pointer":
-            return "pointer", "FUSEDRES_CONV_ENGINE=pointer (the default until a GPU run validates the Hopper engine)"
-        if wanted == "auto" and _arch(x.device) != "sm_90":
-            return "pointer", f"device {x.device} is not an sm_90 GPU ({_arch(x.device) or 'no CUDA'})"
+    wanted, why = _wanted_engine(x.device)
+    if wanted == "pointer":
+        return wanted, why
     reason = hopper_ops.unsupported(x, weight, stride=stride, padding=padding)
+    return ("pointer", reason) if reason else ("hopper", None)
+
+
+def dgrad_engine(dy: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> tuple[str, str | None]:
+    """:func:`fprop_engine` for the input gradient of that convolution (``dy`` the output
+    gradient): the Hopper engine's stride-1 dgrad (:func:`fusedres.ops.hopper.unsupported_dgrad`)."""
+    wanted, why = _wanted_engine(dy.device)
+    if wanted == "pointer":
+        return wanted, why
+    reason = hopper_ops.unsupported_dgrad(dy, weight, stride=stride, padding=padding)
     return ("pointer", reason) if reason else ("hopper", None)
 
 
@@ -237,6 +257,9 @@ def conv_dgrad(
     N, C, H, W = input_shape
     K, _, R, _ = weight.shape
     if choose("dgrad", dy.device, C, K, R, stride, N * H * W) == "triton":
+        if dgrad_engine(dy, weight, stride, padding)[0] == "hopper":
+            return hopper_ops.conv_dgrad(dy, weight, input_shape, stride=stride, padding=padding, bn=bn, add=add,
+                                         reduce_sums=reduce_sums)
         return conv_ops.conv_dgrad(dy, weight, input_shape, stride=stride, padding=padding, bn=bn, add=add,
                                    reduce_sums=reduce_sums)
     # The input argument only carries the shape and the channels_last format (never read):
