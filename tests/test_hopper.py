@@ -284,3 +284,67 @@ def test_block_trains_on_the_hopper_engine(poison, device):
         r = check_module(block, (1, 16, 9, 7), dtype=torch.float32, device=device, steps=1)
     bad = r.failures(torch.float32)
     assert not bad, "; ".join(bad)
+
+
+def _finalize_inputs(k, affine, running, device, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.rand(k, generator=g) + 0.5).to(device) if affine else None
+    bias = torch.randn(k, generator=g).to(device) if affine else None
+    rm = torch.randn(k, generator=g).to(device) if running else None
+    rv = (torch.rand(k, generator=g) + 0.5).to(device) if running else None
+    return weight, bias, rm, rv
+
+
+@pytest.mark.parametrize("shape,box", [((2, 16, 9, 19), (8, 16)), ((3, 16, 7, 7), (8, 8))],
+                         ids=["4-rectangles-per-image", "1-rectangle-per-image"])
+@pytest.mark.parametrize("affine,running", [(True, True), (False, False)], ids=["affine-running", "bare"])
+def test_fprop_ticket_finalizes_as_the_two_launches(poison, device, shape, box, affine, running):
+    """With a Finalize the launch merges each image's rectangles in the image's last program and
+    finalizes over the images in the channel block's last program: the same bits as the merge
+    launch and bn_finalize after it (statistics rows and running statistics), in one launch."""
+    n, c, h, w = shape
+    x64, w64, scale, shift, res64, oshift, d = _inputs(torch.bfloat16, device, 3, 1, 1, n=n, c=c, h=h, w=w)
+    cfg = HopperConfig(block_h=box[0], block_w=box[1], block_n=64, block_k=16, num_warps=4, num_stages=2)
+    weight, bias, rm, rv = _finalize_inputs(K, affine, running, device)
+    kw = dict(stride=1, padding=1, scale=d["scale"], shift=d["shift"], residual=d["res"], stats=True, config=cfg)
+
+    before = dict(fusedres.launch_counts)
+    out_a, partials = hopper.conv_fprop(d["x"], d["w"], **kw)
+    stats_a = torch.full((4, K), float("nan"), device=device)
+    run_a = (rm.clone(), rv.clone()) if running else None
+    bn_ops.bn_finalize(partials, partials[0].shape[0] * partials[2], weight, bias,
+                       run_a[0] if running else None, run_a[1] if running else None, training=True, momentum=0.1,
+                       eps=1e-5, channels=K, device=device, out=stats_a)
+
+    mid = dict(fusedres.launch_counts)
+    stats_b = torch.full((4, K), float("nan"), device=device)
+    run_b = (rm.clone(), rv.clone()) if running else (None, None)
+    f = bn_ops.Finalize(stats_b, weight, bias, run_b[0], run_b[1], None, 0.1, 1e-5)
+    out_b, got = hopper.conv_fprop(d["x"], d["w"], finalize=f, **kw)
+    after = dict(fusedres.launch_counts)
+    two = {k: v - before.get(k, 0) for k, v in mid.items() if v != before.get(k, 0)}
+    one = {k: v - mid.get(k, 0) for k, v in after.items() if v != mid.get(k, 0)}
+    merge = {"hopper_stats_merge_kernel": 1} if box == (8, 16) else {}
+    assert two == {"hopper_fprop_kernel": 1, "bn_finalize_kernel": 1, **merge}
+    assert one == {"hopper_fprop_kernel": 1}
+    assert got is f
+    assert torch.equal(out_a, out_b)
+    assert torch.equal(stats_a, stats_b), (stats_a - stats_b).abs().max()
+    if running:
+        assert torch.equal(run_a[0], run_b[0]) and torch.equal(run_a[1], run_b[1])
+    # and the statistics are those of the stored output
+    assert_close64(stats_b[0], out_b.double().cpu().mean((0, 2, 3)), 1e-5, "finalized mean")
+
+
+def test_fprop_ticket_leaves_many_images_to_bn_finalize(poison, device, monkeypatch):
+    """Above TWO_LEVEL_TILES images (bn_finalize merges chunks of images first) the launch takes
+    no ticket: the route finalizes the per-image partials in a launch of their own."""
+    monkeypatch.setattr(hopper, "TWO_LEVEL_TILES", 1)
+    x64, w64, scale, shift, res64, oshift, d = _inputs(torch.bfloat16, device, 3, 1, 1)
+    stats = torch.full((4, K), float("nan"), device=device)
+    f = bn_ops.Finalize(stats, None, None, None, None, None, 0.1, 1e-5)
+    with route.engine("hopper"), launched("hopper_fprop_kernel", "hopper_stats_merge_kernel", "bn_finalize_kernel"):
+        out, got = route.conv_fprop(d["x"], d["w"], stride=1, padding=1, scale=d["scale"], shift=d["shift"],
+                                    stats=True, finalize=f)
+    assert got is f
+    assert_close64(stats[0], out.double().cpu().mean((0, 2, 3)), 1e-5, "finalized mean")

@@ -100,6 +100,10 @@ def test_every_kernel_compiles_within_shared_memory(tmp_path: Path) -> None:
     }
     missing = [(cfg, dtype) for cfg, dtype in all_hopper_configs() if (cfg, dtype, "sm_90") not in hopper_built]
     assert not missing, f"{len(missing)} Hopper fprop builds missing, e.g. {missing[:3]}"
+    # ... and each bf16 config with its statistics finalized by the launch (ticket checked below)
+    hopper_tickets = {HopperConfig(**r["config"]) for r in rows if r["role"] == "fprop-hopper-ticket" and r["ticket"]}
+    missing = [cfg for cfg, dtype in all_hopper_configs() if dtype == torch.bfloat16 and cfg not in hopper_tickets]
+    assert not missing, f"{len(missing)} Hopper fprop ticket builds missing, e.g. {missing[:3]}"
     # The sm_90 stride-1 dgrad: one bf16 build per shape of HOPPER_DGRAD_SHAPES (its default tile,
     # the BatchNorm-backward epilogue and the sums' ticket, whose ordering is checked below).
     from fusedres.ops.configs import hopper_dgrad_config

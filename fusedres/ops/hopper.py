@@ -50,10 +50,11 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._runtime import cdiv, launch
 from . import bn as bn_ops
-from .bn import chan_merge, pixels, relu
+from .bn import _last_ticket, chan_merge, finalize_channels, pixels, relu
 from .configs import (
     FINALIZE_BLOCK_C,
     FINALIZE_BLOCK_T,
+    TWO_LEVEL_TILES,
     HopperConfig,
     hopper_block_k,
     hopper_dgrad_config,
@@ -78,9 +79,13 @@ def hopper_fprop_kernel(
     H, W, OH, OW, K, TILES_H, TILES_W,
     son, soc, soh, sow,
     srn, src, srh, srw,
+    counter_ptr, imean_ptr, im2_ptr, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr,
+    stats_ptr, momentum, eps,
     NUM_C: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr,
     OUT_SHIFT: tl.constexpr, OUT_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr, PAD_BRANCH: tl.constexpr,
+    TICKET: tl.constexpr, UPDATE_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[n, oh, ow, k] = sum_{r,s,c} act(x)[n, oh + r - PAD, ow + s - PAD, c] * w[k, r, s, c] (+ epilogue).
@@ -91,6 +96,15 @@ def hopper_fprop_kernel(
     channel pairs, BLOCK_K // 2 per box). With STATS it writes the mean and M2 of the
     rectangle's pixels inside the image, row t of the partials. PAD_BRANCH: the taps that stay
     inside the image for the rectangle's stored pixels branch around the padding mask.
+
+    With TICKET (and STATS) the launch also finalizes the statistics, as the two launches after
+    it would (:func:`hopper_stats_merge_kernel`, then :func:`fusedres.ops.bn.bn_finalize` over
+    the images; same helpers, same order, same bits): the last rectangle of image n of a
+    channel block merges the image's rectangles into row n of ``imean/im2`` (with one rectangle
+    per image, its partials are the image's), and the last image of the channel block finalizes
+    over the images into ``stats`` and the running statistics. Counters: (channel blocks,
+    images) for the images, then one per channel block (:func:`fusedres.ops.bn._last_ticket`
+    says why each last program sees the rows it merges).
     """
     pid = tl.program_id(0)
     per_image = TILES_H * TILES_W
@@ -195,6 +209,24 @@ def hopper_fprop_kernel(
         row = pid.to(tl.int64) * K
         tl.store(pmean_ptr + row + offs_n, mean, mask=n_ok)
         tl.store(pm2_ptr + row + offs_n, tl.sum(d * d, axis=1), mask=n_ok)
+        if TICKET:
+            col = tl.program_id(1)
+            n_cols = tl.num_programs(1)
+            images = tl.num_programs(0) // per_image
+            if per_image == 1:  # one rectangle per image: its partials are the image's
+                if _last_ticket(counter_ptr + col, images):
+                    finalize_channels(pmean_ptr, pm2_ptr, images, K, images * OH * OW, OH * OW, offs_n, n_ok,
+                                      weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr,
+                                      stats_ptr, momentum, eps, True, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
+            elif _last_ticket(counter_ptr + col * images + n, per_image):
+                i_mean, i_m2 = _merge_image(pmean_ptr, pm2_ptr, n, K, OH, OW, TILES_H, TILES_W, offs_n, n_ok,
+                                            BLOCK_H, BLOCK_W, BLOCK_T)
+                tl.store(imean_ptr + n * K + offs_n, i_mean, mask=n_ok)
+                tl.store(im2_ptr + n * K + offs_n, i_m2, mask=n_ok)
+                if _last_ticket(counter_ptr + n_cols * images + col, images):
+                    finalize_channels(imean_ptr, im2_ptr, images, K, images * OH * OW, OH * OW, offs_n, n_ok,
+                                      weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr,
+                                      stats_ptr, momentum, eps, True, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
 
 
 @triton.jit
@@ -253,38 +285,62 @@ def hopper_dgrad_kernel(
 
 
 @triton.jit
+def _merge_image(pmean_ptr, pm2_ptr, n, K, OH, OW, TILES_H, TILES_W, offs_c, c_ok,
+                 BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr):
+    """(mean, M2) of image n from its rectangles' partials (a rectangle's count from its place in
+    the tile grid), chunk by chunk of BLOCK_T rectangles merged with Chan's formula, each chunk's
+    sums taken rectangle after rectangle in order from zero: the rounding does not depend on how
+    a kernel spreads the channels over its threads (:func:`fusedres.ops.bn._chunk_mean_m2`), so
+    the fprop's last program and :func:`hopper_stats_merge_kernel` give the same bits. Rows are
+    read from L2 (``.cg``), where the other programs' stores are visible after a ticket."""
+    per_image = TILES_H * TILES_W
+    n_a = tl.zeros(offs_c.shape, dtype=tl.float32)
+    mean_a = tl.zeros(offs_c.shape, dtype=tl.float32)
+    m2_a = tl.zeros(offs_c.shape, dtype=tl.float32)
+    for t0 in range(0, per_image, BLOCK_T):
+        n_b = 0.0
+        s = tl.zeros(offs_c.shape, dtype=tl.float32)
+        q = tl.zeros(offs_c.shape, dtype=tl.float32)
+        for i in range(BLOCK_T):
+            t = t0 + i
+            ok = t < per_image
+            th = t // TILES_W
+            cnt = tl.where(ok, tl.minimum(OH - th * BLOCK_H, BLOCK_H) * tl.minimum(OW - (t - th * TILES_W) * BLOCK_W,
+                                                                                   BLOCK_W), 0).to(tl.float32)
+            idx = (n * per_image + t).to(tl.int64) * K + offs_c
+            s = s + cnt * tl.load(pmean_ptr + idx, mask=ok & c_ok, other=0.0, cache_modifier=".cg")
+            q = q + tl.load(pm2_ptr + idx, mask=ok & c_ok, other=0.0, cache_modifier=".cg")
+            n_b = n_b + cnt
+        mean_b = s / n_b
+        d = tl.zeros(offs_c.shape, dtype=tl.float32)
+        for i in range(BLOCK_T):
+            t = t0 + i
+            ok = t < per_image
+            th = t // TILES_W
+            cnt = tl.where(ok, tl.minimum(OH - th * BLOCK_H, BLOCK_H) * tl.minimum(OW - (t - th * TILES_W) * BLOCK_W,
+                                                                                   BLOCK_W), 0).to(tl.float32)
+            idx = (n * per_image + t).to(tl.int64) * K + offs_c
+            dev = tl.where(ok & c_ok, tl.load(pmean_ptr + idx, mask=ok & c_ok, other=0.0, cache_modifier=".cg")
+                           - mean_b, 0.0)
+            d = d + cnt * dev * dev
+        n_a, mean_a, m2_a = chan_merge(n_a, mean_a, m2_a, n_b, mean_b, q + d)
+    return mean_a, m2_a
+
+
+@triton.jit
 def hopper_stats_merge_kernel(
     pmean_ptr, pm2_ptr, K, OH, OW, TILES_H, TILES_W, out_mean_ptr, out_m2_ptr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Program (n, c) merges image n's rectangle partials (mean, M2; the rectangle's count from
-    its place in the tile grid) into row n of the output partials, chunk by chunk in a fixed
-    order with Chan's formula, as :func:`fusedres.ops.bn.bn_finalize_kernel` merges tiles."""
+    """Program (n, c) merges image n's rectangle partials (mean, M2) into row n of the output
+    partials (:func:`_merge_image`), the layout :func:`fusedres.ops.bn.bn_finalize` merges."""
     n = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < K
-    per_image = TILES_H * TILES_W
-    n_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    mean_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    m2_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t0 in range(0, per_image, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        t_ok = t < per_image
-        th = t // TILES_W
-        tw = t - th * TILES_W
-        cnt = tl.where(t_ok, tl.minimum(OH - th * BLOCK_H, BLOCK_H) * tl.minimum(OW - tw * BLOCK_W, BLOCK_W), 0)
-        cnt = cnt.to(tl.float32)
-        mask = t_ok[:, None] & c_ok[None, :]
-        idx = (n * per_image + t).to(tl.int64)[:, None] * K + offs_c[None, :]
-        pm = tl.load(pmean_ptr + idx, mask=mask, other=0.0)
-        q = tl.load(pm2_ptr + idx, mask=mask, other=0.0)
-        n_b = tl.sum(cnt, axis=0)
-        mean_b = tl.sum(cnt[:, None] * pm, axis=0) / n_b
-        dev = tl.where(mask, pm - mean_b[None, :], 0.0)
-        m2_b = tl.sum(q, axis=0) + tl.sum(cnt[:, None] * dev * dev, axis=0)
-        n_a, mean_a, m2_a = chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
-    tl.store(out_mean_ptr + n * K + offs_c, mean_a, mask=c_ok)
-    tl.store(out_m2_ptr + n * K + offs_c, m2_a, mask=c_ok)
+    mean, m2 = _merge_image(pmean_ptr, pm2_ptr, n, K, OH, OW, TILES_H, TILES_W, offs_c, c_ok,
+                            BLOCK_H, BLOCK_W, BLOCK_T)
+    tl.store(out_mean_ptr + n * K + offs_c, mean, mask=c_ok)
+    tl.store(out_m2_ptr + n * K + offs_c, m2, mask=c_ok)
 
 
 def _tma_ready(t: torch.Tensor) -> bool:
@@ -325,10 +381,15 @@ def conv_fprop(
     stats: bool = False,
     out_shift: torch.Tensor | None = None,
     out_relu: bool = False,
+    finalize: bn_ops.Finalize | None = None,
     config: HopperConfig | None = None,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, int] | None]:
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, int] | bn_ops.Finalize | None]:
     """:func:`fusedres.ops.conv.conv_fprop` on the sm_90 engine (same arguments and results;
-    the statistics partials are per image). A ValueError when :func:`unsupported` names a reason."""
+    the statistics partials are per image). With ``finalize`` (and ``stats``, and
+    :data:`fusedres.ops.bn.TICKETS` on) the launch also finalizes the statistics into it and
+    returns it, as the pointer engine does, except above TWO_LEVEL_TILES images (where
+    :func:`fusedres.ops.bn.bn_finalize` merges chunks of images first): the per-image partials
+    come back then. A ValueError when :func:`unsupported` names a reason."""
     reason = unsupported(x, weight, stride=stride, padding=padding)
     if reason is not None:
         raise ValueError(f"fusedres.ops.hopper.conv_fprop: {reason}")
@@ -358,8 +419,29 @@ def conv_fprop(
         pmean = torch.empty((tiles, K), device=x.device, dtype=torch.float32)
         pm2 = torch.empty_like(pmean)
     res = residual if residual is not None else out
+    cols = cdiv(K, cfg.block_n)
+    ticket = stats and finalize is not None and bn_ops.TICKETS and N <= TWO_LEVEL_TILES
+    f_args: tuple = (out,) * 10 + (0.0, 0.0)
+    if ticket:
+        f = finalize
+        if f.stats.stride() != (K, 1) or f.stats.shape[0] < 4:
+            raise ValueError(f"fusedres: a stats buffer of shape {tuple(f.stats.shape)} and strides "
+                             f"{f.stats.stride()}; expected (4, {K}) contiguous")
+        imean = im2 = pmean
+        if tiles_h * tiles_w > 1:
+            imean = torch.empty((N, K), device=x.device, dtype=torch.float32)
+            im2 = torch.empty_like(imean)
+        rm_out, rv_out = f.running_out if f.running_out is not None else (f.running_mean, f.running_var)
+        s = f.stats
+
+        def given(t: torch.Tensor | None) -> torch.Tensor:
+            return t if t is not None else s
+
+        f_args = (bn_ops.ticket_counters(x.device, cols * (N + 1)), imean, im2, given(f.weight), given(f.bias),
+                  given(f.running_mean), given(f.running_var), given(rm_out), given(rv_out), s,
+                  float(f.momentum), float(f.eps))
     launch(
-        hopper_fprop_kernel, (tiles, cdiv(K, cfg.block_n)),
+        hopper_fprop_kernel, (tiles, cols),
         x_desc, w_desc, out, res,
         scale if prologue else out, shift if prologue else out,
         out_shift if out_shift is not None else out,
@@ -367,10 +449,14 @@ def conv_fprop(
         xh, xw, OH, OW, K, tiles_h, tiles_w,
         *out.stride(),
         *res.stride(),
+        *f_args,
         NUM_C=C // cfg.block_k, PAD=padding, R=R, S=S,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, STATS=stats,
         OUT_SHIFT=out_shift is not None, OUT_RELU=out_relu,
         INPUT_PRECISION=input_precision(x.dtype),
+        TICKET=ticket, UPDATE_RUNNING=ticket and finalize.running_mean is not None,
+        HAS_WEIGHT=ticket and finalize.weight is not None, HAS_BIAS=ticket and finalize.bias is not None,
+        BLOCK_T=FINALIZE_BLOCK_T,
         # The branch keeps the tile's fp32 values live across it: at most 64 per thread (the
         # 16x16-pixel, 64-channel tile's 128 spilled next to its 128-register accumulator).
         PAD_BRANCH=cfg.block_h * cfg.block_w * cfg.block_k <= 64 * 32 * cfg.num_warps,
@@ -379,6 +465,8 @@ def conv_fprop(
     )
     if not stats:
         return out, None
+    if ticket:
+        return out, finalize
     if tiles_h * tiles_w == 1:  # one rectangle per image: its partials are the image's
         return out, (pmean, pm2, OH * OW)
     merged_mean = torch.empty((N, K), device=x.device, dtype=torch.float32)

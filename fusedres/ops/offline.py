@@ -229,11 +229,13 @@ def _conv_launchers(
 
 
 def _hopper_launchers(
-    dtype: torch.dtype, cfg: HopperConfig, stride: int, ksize: int = 3, fused: bool = True, slices: int = 1
+    dtype: torch.dtype, cfg: HopperConfig, stride: int, ksize: int = 3, fused: bool = True, slices: int = 1,
+    ticket: bool = False,
 ) -> dict[str, Callable[[], object]]:
-    """The sm_90 engine's roles (fprop so far) called like :func:`_conv_launchers`' ("fprop-hopper"),
-    with ``slices`` channel slices of the config's block_k in the input (the kernel is built per
-    count: one slice loads the prologue's vectors once, more load them per tap and slice)."""
+    """The sm_90 engine's fprop called like :func:`_conv_launchers`' ("fprop-hopper"), with
+    ``slices`` channel slices of the config's block_k in the input (the kernel is built per
+    count: one slice loads the prologue's vectors once, more load them per tap and slice); with
+    ``ticket``, fused, its statistics finalized by the launch's last programs."""
     pad = 0 if stride > 1 else ksize // 2  # its strided convolutions: 1x1 without padding
     ohw = conv.conv_out_size(_HW, ksize, stride, pad)
     x, res = _act(slices * cfg.block_k, _HW, dtype), _act(_C, ohw, dtype)
@@ -243,7 +245,8 @@ def _hopper_launchers(
         return {"fprop-hopper": lambda: hopper.conv_fprop(x, w, **geom)}
     return {
         "fprop-hopper": lambda: hopper.conv_fprop(
-            x, w, scale=_vec(), shift=_vec(), residual=res, stats=True, out_shift=_vec(), out_relu=True, **geom
+            x, w, scale=_vec(), shift=_vec(), residual=res, stats=True, out_shift=_vec(), out_relu=True,
+            finalize=_finalize(dtype) if ticket else None, **geom
         ),
     }
 
@@ -470,6 +473,9 @@ def plan_jobs(
                     role = "fprop-hopper" if fused else "fprop-hopper-plain"
                     call = _hopper_launchers(dtype, cfg, stride, ksize, fused, slices)["fprop-hopper"]
                     launches.append((role, dtype, cfg, stride, call))
+            if dtype == torch.bfloat16:  # with the statistics finalized by the launch (one dtype)
+                call = _hopper_launchers(dtype, cfg, 1, ksize, True, 1, ticket=True)["fprop-hopper"]
+                launches.append(("fprop-hopper-ticket", dtype, cfg, 1, call))
         for cin, cout, k in HOPPER_DGRAD_SHAPES:
             for fused in (True, False) if plain else (True,):
                 cfg, call = _hopper_dgrad_launcher(torch.bfloat16, cin, cout, k, fused)
@@ -643,25 +649,30 @@ def nan_dropping_ops(ptx: str) -> dict[str, int]:
 
 def ticket_ordering(ptx: str) -> dict[str, int] | None:
     """How the PTX orders an atomic ticket (:func:`fusedres.ops.bn._last_ticket`), or None
-    without an ``acq_rel`` atomic: ``acq_rel`` atomics; ``barrier_before`` / ``barrier_after``:
-    a ``bar.sync`` between the last global store and the first such atomic (every thread's
-    partials are stored before the one thread releases them) and one after it (the other threads
-    wait for the acquire); ``cg_loads_after``: L2 loads (``ld.global.cg``, no stale L1 line)
-    after the atomic, ``plain_loads_after`` the other global loads there (data no program of the
-    launch writes, e.g. the BatchNorm weights)."""
+    without an ``acq_rel`` atomic: ``acq_rel`` atomics; ``barrier_before``: 1 if every such atomic
+    has a ``bar.sync`` between the last global store before it and it (every thread's partials —
+    or, at a second level, merged rows — are stored before the one thread releases them);
+    ``barrier_after``: one after the first (the other threads wait for the acquire);
+    ``cg_loads_after``: L2 loads (``ld.global.cg``, no stale L1 line) after the first atomic,
+    ``plain_loads_after`` the other global loads there (data no program of the launch writes, e.g.
+    the BatchNorm weights)."""
     lines = [ln.strip() for ln in re.sub(r"//[^\n]*", "", ptx).splitlines() if ln.strip()]
     atoms = [i for i, ln in enumerate(lines) if re.search(r"\batom(?:\.\w+)*\.acq_rel\b", ln)]
     if not atoms:
         return None
     first = atoms[0]
-    before = lines[:first]
-    last_store = max([i for i, ln in enumerate(before) if re.search(r"\bst\.global\b", ln)], default=-1)
+    stores = [i for i, ln in enumerate(lines) if re.search(r"\bst\.global\b", ln)]
+
+    def fenced(atom: int) -> bool:  # a bar.sync between the last global store before it and it
+        last_store = max([i for i in stores if i < atom], default=-1)
+        return any("bar.sync" in ln for ln in lines[last_store + 1 : atom])
+
     after = lines[first + 1 :]
     loads = [ln for ln in after if re.search(r"\bld\.global\b", ln)]
     cg = sum(bool(re.search(r"\bld\.global\.cg\b", ln)) for ln in loads)
     return {
         "acq_rel": len(atoms),
-        "barrier_before": int(any("bar.sync" in ln for ln in before[last_store + 1 :])),
+        "barrier_before": int(all(fenced(a) for a in atoms)),
         "barrier_after": int(any("bar.sync" in ln for ln in after)),
         "cg_loads_after": cg,
         "plain_loads_after": len(loads) - cg,

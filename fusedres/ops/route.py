@@ -218,10 +218,11 @@ def conv_fprop(
                                        residual=residual, stats=stats, out_shift=out_shift, out_relu=out_relu,
                                        finalize=finalize)
         y, partials = hopper_ops.conv_fprop(x, weight, stride=stride, padding=padding, scale=scale, shift=shift,
-                                            residual=residual, stats=stats, out_shift=out_shift, out_relu=out_relu)
-        if finalize is not None and partials is not None:
-            # The Hopper engine takes no ticket yet: its per-image partials are finalized by a
-            # second launch, into the buffers the caller gave.
+                                            residual=residual, stats=stats, out_shift=out_shift, out_relu=out_relu,
+                                            finalize=finalize)
+        if finalize is not None and partials is not None and not isinstance(partials, bn_ops.Finalize):
+            # Above TWO_LEVEL_TILES images the Hopper fprop takes no ticket: its per-image
+            # partials are finalized by a launch of their own, into the buffers the caller gave.
             f = finalize
             bn_ops.bn_finalize(partials, N * OH * OW, f.weight, f.bias, f.running_mean, f.running_var,
                                training=True, momentum=f.momentum, eps=f.eps, channels=K, device=x.device,
