@@ -34,7 +34,12 @@ def device() -> torch.device:
 @pytest.fixture
 def poison(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fill every floating buffer allocated with torch.empty/empty_like with NaN, so that an
-    element a kernel forgets to write (an output, a partial sum, a workspace) fails the test."""
+    element a kernel forgets to write (an output, a partial sum, a workspace) fails the test.
+    The launch plans are forgotten first, so that their cached scratch is allocated (and
+    poisoned) again in the test."""
+    from fusedres.ops import bn as bn_ops
+
+    bn_ops.clear_plans()
     real_empty, real_empty_like = torch.empty, torch.empty_like
 
     def nan_fill(t: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,12 @@ class Impl(abc.ABC):
         """(BatchNorm mode, running_mean index, running_var index) of each BatchNorm."""
 
     @classmethod
+    def dropped(cls, spec: Any) -> frozenset[int]:
+        """Indices of the inputs the backward does not keep: :meth:`unsaved` and the running
+        statistics (an impl may cache it)."""
+        return frozenset(cls.unsaved(spec) | {i for _, rm, rv in cls.slots(spec) for i in (rm, rv)})
+
+    @classmethod
     def running(cls, spec: Any, t: Tensors) -> list[tuple[int, int]]:
         """(running_mean index, running_var index) of each BatchNorm the forward updates."""
         return [(i, j) for st, i, j in cls.slots(spec) if st.batch_stats and t[i] is not None]
@@ -85,7 +91,7 @@ class Impl(abc.ABC):
 
 def _kept(impl: type[Impl], spec: Any, t: Tensors) -> list[torch.Tensor | None]:
     """The inputs the backward keeps: all but the running statistics and ``impl.unsaved``."""
-    drop = impl.unsaved(spec) | {i for _, rm, rv in impl.slots(spec) for i in (rm, rv)}
+    drop = impl.dropped(spec)
     return [None if i in drop else v for i, v in enumerate(t)]
 
 

@@ -79,6 +79,17 @@ class Chain(Impl):
         return {ChainInputs.RESIDUAL}  # its gradient is dout
 
     @staticmethod
+    def dropped(spec: ChainSpec) -> frozenset[int]:
+        return Chain._dropped(len(spec.stages))
+
+    @staticmethod
+    @functools.cache
+    def _dropped(n_stages: int) -> frozenset[int]:
+        # (the layout depends on the number of stages only: once per count, not per call)
+        return frozenset({ChainInputs.RESIDUAL} | {ChainInputs.bn(i) + j for i in range(n_stages)
+                                                   for j in (BN_RUNNING_MEAN, BN_RUNNING_VAR)})
+
+    @staticmethod
     def forward(spec: ChainSpec, t: Tensors, running_out: list[torch.Tensor] | None) -> tuple[torch.Tensor, list]:
         x, residual, proj_weight = t[ChainInputs.X], t[ChainInputs.RESIDUAL], t[ChainInputs.PROJ_WEIGHT]
         n_stages = len(spec.stages)
@@ -194,9 +205,9 @@ class Chain(Impl):
             dh = add = None  # used up: their memory can hold the next gradient
             sum_dz, sum_dzx, apply_dz, apply_dzx = bwd_sums(partials, st, stats, pending)
             if need_g and g is not None:
-                grads[ChainInputs.bn(i) + BN_WEIGHT] = sum_dzx.to(g.dtype)
+                grads[ChainInputs.bn(i) + BN_WEIGHT] = sum_dzx if g.dtype == sum_dzx.dtype else sum_dzx.to(g.dtype)
             if need_b and b is not None:
-                grads[ChainInputs.bn(i) + BN_BIAS] = sum_dz.to(b.dtype)
+                grads[ChainInputs.bn(i) + BN_BIAS] = sum_dz if b.dtype == sum_dz.dtype else sum_dz.to(b.dtype)
             if i > 0 or need_x:
                 identity = i == 0 and spec.shortcut == "identity"
                 dh = bn_ops.bn_bwd_apply(

@@ -16,8 +16,9 @@ Layout contract of the launchers (no autograd, no modules):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import NamedTuple
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -644,6 +645,67 @@ def ticket_counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
+def scratch_key(device: torch.device) -> tuple | None:
+    """Where a launch plan's cached launch-local scratch may be reused, or None: allocate fresh.
+
+    Launch-local scratch (statistics partials, backward-sum partials, a weight gradient's split
+    workspace, ticket chunk rows) is written and consumed inside one launch, by the ticket's last
+    program. Launches on one stream run one after another, so a buffer serves every later launch
+    of that stream: the key is the (device, stream) the launch goes to — another stream gets its
+    own buffers (two launches running at once must not share them), and autograd's backward,
+    which runs on the forward's stream, keys by the stream it runs on. While a CUDA graph is
+    captured: None, as :func:`ticket_counters` (a cached buffer would be shared by graphs that may
+    be replayed concurrently on different streams, and by eager launches between replays). On
+    the CPU (the interpreter runs each launch synchronously in the calling thread) the thread."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        return idx, torch._C._cuda_getCurrentRawStream(idx)
+    return device.type, threading.get_ident()
+
+
+def cached_scratch(store: dict, device: torch.device, make: Callable[[], tuple]) -> tuple:
+    """``make()``'s launch-local buffers, cached in ``store`` (a plan's) per :func:`scratch_key`."""
+    key = scratch_key(device)
+    if key is None:
+        return make()
+    got = store.get(key)
+    if got is None:
+        got = store[key] = make()
+    return got
+
+
+#: Launch plans (see :mod:`fusedres.ops.conv`): key -> plan. Cleared when it grows past
+#: :data:`PLAN_LIMIT` entries (every distinct shape, layout and mode is one entry) and by
+#: :func:`clear_plans`.
+PLANS: dict[tuple, Any] = {}
+PLAN_LIMIT = 512
+
+
+def plan_for(key: tuple, build: Callable[[], Any]) -> Any:
+    """The cached plan of ``key``, built by ``build()`` on a miss."""
+    plan = PLANS.get(key)
+    if plan is None:
+        if len(PLANS) >= PLAN_LIMIT:
+            PLANS.clear()
+        plan = PLANS[key] = build()
+    return plan
+
+
+def clear_plans() -> None:
+    """Forget every launch plan and its cached scratch (tests that poison new buffers call it, so
+    that scratch is allocated — and poisoned — again)."""
+    PLANS.clear()
+
+
+def ticket_plan(tiles: int, cols: int) -> tuple[bool, int, int]:
+    """(two levels, chunks, counters) of a ticket producer with ``tiles`` x ``cols`` programs."""
+    two_level = tiles > TWO_LEVEL_TILES
+    chunks = cdiv(tiles, FINALIZE_BLOCK_T)
+    return two_level, chunks, cols * (chunks + 1) if two_level else cols
+
+
 class Finalize(NamedTuple):
     """What :func:`bn_finalize` is given, for a launch that produces the partials and finalizes
     them in its last programs: the stats buffer to fill ((4, C) fp32 contiguous: rows mean,
@@ -667,26 +729,36 @@ class Finalize(NamedTuple):
         (tiles along grid x, channel blocks along grid y), and the chunk workspace above
         TWO_LEVEL_TILES tiles."""
         s = self.stats
+        two_level, chunks, n_counters = ticket_plan(tiles, cols)
+        cmean = cm2 = None
+        if two_level:
+            cmean = torch.empty((chunks, s.shape[1]), device=s.device, dtype=torch.float32)
+            cm2 = torch.empty_like(cmean)
+        args = self.tensor_args(ticket_counters(s.device, n_counters), cmean, cm2)
+        return args, self.flags(two_level)
+
+    def flags(self, two_level: bool) -> dict:
+        """The ticket constexprs (what a launch plan caches: they depend on which tensors are given)."""
+        return dict(TICKET=True, TWO_LEVEL=two_level, UPDATE_RUNNING=self.running_mean is not None,
+                    HAS_WEIGHT=self.weight is not None, HAS_BIAS=self.bias is not None, BLOCK_T=FINALIZE_BLOCK_T)
+
+    def key(self) -> tuple[bool, bool, bool]:
+        """What of this finalize the constexprs depend on."""
+        return self.running_mean is not None, self.weight is not None, self.bias is not None
+
+    def tensor_args(self, counters: torch.Tensor, cmean: torch.Tensor | None, cm2: torch.Tensor | None) -> tuple:
+        """The ticket arguments, given the counters and the chunk rows (None: one level)."""
+        s = self.stats
         C = s.shape[1]
         if s.stride() != (C, 1):
             raise ValueError(f"fusedres: a stats buffer of strides {s.stride()}; expected ({C}, 1)")
-        two_level = tiles > TWO_LEVEL_TILES
-        chunks = cdiv(tiles, FINALIZE_BLOCK_T)
-        cmean = cm2 = s
-        if two_level:
-            cmean = torch.empty((chunks, C), device=s.device, dtype=torch.float32)
-            cm2 = torch.empty_like(cmean)
-        counters = ticket_counters(s.device, cols * (chunks + 1) if two_level else cols)
         g, b, rm, rv = self.weight, self.bias, self.running_mean, self.running_var
         rm_out, rv_out = self.running_out if self.running_out is not None else (rm, rv)
-        args = (counters, cmean, cm2,
+        return (counters, cmean if cmean is not None else s, cm2 if cm2 is not None else s,
                 g if g is not None else s, b if b is not None else s,
                 rm if rm is not None else s, rv if rv is not None else s,
                 rm_out if rm_out is not None else s, rv_out if rv_out is not None else s,
                 s, float(self.momentum), float(self.eps))
-        flags = dict(TICKET=True, TWO_LEVEL=two_level, UPDATE_RUNNING=rm is not None,
-                     HAS_WEIGHT=g is not None, HAS_BIAS=b is not None, BLOCK_T=FINALIZE_BLOCK_T)
-        return args, flags
 
 
 class Sums(NamedTuple):
@@ -702,13 +774,12 @@ def sums_ticket_args(tiles: int, cols: int, C: int, device: torch.device) -> tup
     :func:`sums_ticket` arguments and constexprs."""
     s = torch.empty(C, device=device, dtype=torch.float32)  # two allocations: returned as
     sx = torch.empty_like(s)  # separate gradients, they must not share storage
-    two_level = tiles > TWO_LEVEL_TILES
-    chunks = cdiv(tiles, FINALIZE_BLOCK_T)
+    two_level, chunks, n_counters = ticket_plan(tiles, cols)
     cs = csx = s
     if two_level:
         cs = torch.empty((chunks, C), device=device, dtype=torch.float32)
         csx = torch.empty_like(cs)
-    counters = ticket_counters(device, cols * (chunks + 1) if two_level else cols)
+    counters = ticket_counters(device, n_counters)
     return Sums(s, sx), (counters, cs, csx, s, sx), dict(TICKET=True, TWO_LEVEL=two_level, BLOCK_T=FINALIZE_BLOCK_T)
 
 

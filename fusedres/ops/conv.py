@@ -19,6 +19,8 @@ Layout contract of every launcher here (no autograd, no modules):
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -438,6 +440,66 @@ def conv_out_size(size: int, ksize: int, stride: int, pad: int) -> int:
     return (size + 2 * pad - ksize) // stride + 1
 
 
+class _Plan:
+    """What a launcher computes once per (shapes, strides, dtype, device, mode): the grid, the
+    scalar arguments in launch order (``mid``: sizes and strides between the leading tensors and
+    the ticket arguments), the constexprs, the output's shape, and the launch-local scratch per
+    stream (:func:`fusedres.ops.bn.cached_scratch`). Per call only the tensors are filled in."""
+
+    __slots__ = ("grid", "mid", "kwargs", "out_shape", "make", "scratch", "extra")
+
+    def __init__(self, grid: tuple, mid: tuple, kwargs: dict, out_shape: tuple, make: Any = None,
+                 extra: Any = None) -> None:
+        self.grid, self.mid, self.kwargs, self.out_shape = grid, mid, kwargs, out_shape
+        self.make, self.extra = make, extra
+        self.scratch: dict = {}
+
+
+def _cl_strides(shape: tuple[int, int, int, int]) -> tuple[int, ...]:
+    """The strides of a channels_last tensor of ``shape``, as torch.empty gives them."""
+    return torch.empty(shape, device="meta", memory_format=torch.channels_last).stride()
+
+
+def _fprop_plan(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, prologue: bool,
+                residual: torch.Tensor | None, out: torch.Tensor | None, stats: bool, out_shift: bool,
+                out_relu: bool, finalize: Finalize | None, cfg: ConvConfig | None) -> _Plan:
+    N, C, H, W = x.shape
+    K, _, R, S = weight.shape
+    OH, OW = conv_out_size(H, R, stride, padding), conv_out_size(W, S, stride, padding)
+    cfg = cfg or fprop_config(C, K, R, stride, x.dtype)
+    M = pixels(N, OH, OW)
+    grid = (cdiv(M, cfg.block_m), cdiv(K, cfg.block_n))
+    o_strides = out.stride() if out is not None else _cl_strides((N, K, OH, OW))
+    r_strides = residual.stride() if residual is not None else o_strides
+    mid = (H, W, C, OH, OW, K, M, *x.stride(), *weight.stride(), *o_strides, *r_strides)
+    ticket = stats and finalize is not None and bn_ops.TICKETS
+    make = None
+    if ticket:
+        two_level, chunks, n_counters = bn_ops.ticket_plan(*grid)
+        t_flags = finalize.flags(two_level)
+        device = x.device
+
+        def make() -> tuple:
+            pmean = torch.empty((grid[0], K), device=device, dtype=torch.float32)
+            pm2 = torch.empty_like(pmean)
+            cmean = cm2 = None
+            if two_level:
+                cmean = torch.empty((chunks, K), device=device, dtype=torch.float32)
+                cm2 = torch.empty_like(cmean)
+            return pmean, pm2, bn_ops.ticket_counters(device, n_counters), cmean, cm2
+    else:
+        t_flags = no_ticket_args(x)[1]
+    kwargs = dict(
+        STRIDE=stride, PAD=padding, R=R, S=S,
+        PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, STATS=stats,
+        OUT_SHIFT=out_shift, OUT_RELU=out_relu, **t_flags,
+        INPUT_PRECISION=input_precision(x.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return _Plan(grid, mid, kwargs, (N, K, OH, OW), make, extra=cfg.block_m)
+
+
 def conv_fprop(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -462,47 +524,46 @@ def conv_fprop(
     channels when ``stats`` is set (for :func:`fusedres.ops.bn.bn_finalize`), else None — or,
     with ``stats`` and ``finalize`` (and :data:`fusedres.ops.bn.TICKETS` on), ``finalize``,
     whose stats buffer the launch filled as bn_finalize would.
+
+    Everything but the tensors comes from a plan cached per shapes, strides, dtype, device and
+    mode (:class:`_Plan`); with a ticket, the partials (consumed in the launch) are the plan's
+    per-stream scratch.
     """
-    N, C, H, W = x.shape
-    K, _, R, S = weight.shape
-    OH, OW = conv_out_size(H, R, stride, padding), conv_out_size(W, S, stride, padding)
-    cfg = config or fprop_config(C, K, R, stride, x.dtype)
-    if out is None:
-        out = torch.empty((N, K, OH, OW), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
-    M = pixels(N, OH, OW)
-    grid = (cdiv(M, cfg.block_m), cdiv(K, cfg.block_n))
-    partials = None
-    pmean = pm2 = out  # placeholders; never read when STATS is off
-    if stats:
-        pmean = torch.empty((grid[0], K), device=x.device, dtype=torch.float32)
-        pm2 = torch.empty_like(pmean)
-        partials = (pmean, pm2, cfg.block_m)
-    ticket = stats and finalize is not None and bn_ops.TICKETS
-    if ticket:
-        t_args, t_flags = finalize.launch_args(*grid)
-        partials = finalize
-    else:
-        t_args, t_flags = no_ticket_args(pmean)
     prologue = scale is not None
-    res = residual if residual is not None else out
+    ticket = stats and finalize is not None and bn_ops.TICKETS
+    args = (stride, padding, prologue, residual, out, stats, out_shift is not None, out_relu,
+            finalize if ticket else None, config)
+    if out is None and config is None:
+        key = ("fprop", x.shape, x.stride(), weight.shape, weight.stride(), x.dtype, x.device, stride, padding,
+               prologue, residual.stride() if residual is not None else None, stats, out_shift is not None,
+               out_relu, finalize.key() if ticket else None, bn_ops.TICKETS, torch.backends.cudnn.allow_tf32)
+        plan = bn_ops.plan_for(key, lambda: _fprop_plan(x, weight, *args))
+    else:
+        plan = _fprop_plan(x, weight, *args)
+    if out is None:
+        out = torch.empty(plan.out_shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    partials = None
+    if ticket:
+        pmean, pm2, counters, cmean, cm2 = bn_ops.cached_scratch(plan.scratch, x.device, plan.make)
+        t_args = finalize.tensor_args(counters, cmean, cm2)
+        partials = finalize
+    elif stats:
+        pmean = torch.empty((plan.grid[0], plan.out_shape[1]), device=x.device, dtype=torch.float32)
+        pm2 = torch.empty_like(pmean)
+        partials = (pmean, pm2, plan.extra)
+        t_args = (pmean,) * 10 + (0.0, 0.0)
+    else:
+        pmean = pm2 = out  # placeholders; never read when STATS is off
+        t_args = (out,) * 10 + (0.0, 0.0)
     launch(
-        conv_fprop_kernel, grid,
-        x, weight, out, res,
+        conv_fprop_kernel, plan.grid,
+        x, weight, out, residual if residual is not None else out,
         scale if prologue else x, shift if prologue else x,
         out_shift if out_shift is not None else x,
         pmean, pm2,
-        H, W, C, OH, OW, K, M,
-        *x.stride(),
-        *weight.stride(),
-        *out.stride(),
-        *res.stride(),
+        *plan.mid,
         *t_args,
-        STRIDE=stride, PAD=padding, R=R, S=S,
-        PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, STATS=stats,
-        OUT_SHIFT=out_shift is not None, OUT_RELU=out_relu, **t_flags,
-        INPUT_PRECISION=input_precision(x.dtype),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **plan.kwargs,
     )
     return out, partials
 
@@ -512,6 +573,42 @@ def dgrad_tiles(N: int, H: int, W: int, stride: int, block_m: int) -> int:
     parity class (ih % stride, iw % stride) in turn, the order in which the kernel finds them."""
     return sum(cdiv(N * cdiv(H - ph, stride) * cdiv(W - pw, stride), block_m)
                for ph in range(stride) for pw in range(stride))
+
+
+def _dgrad_plan(dy: torch.Tensor, weight: torch.Tensor, input_shape: tuple[int, int, int, int], stride: int,
+                padding: int, x: torch.Tensor | None, add: torch.Tensor | None, ticket: bool,
+                cfg: ConvConfig | None) -> _Plan:
+    N, C, H, W = input_shape
+    K, _, R, S = weight.shape
+    _, _, OH, OW = dy.shape
+    cfg = cfg or dgrad_config(C, K, R, stride, dy.dtype)
+    M = pixels(N, H, W)
+    grid = (dgrad_tiles(N, H, W, stride, cfg.block_m), cdiv(C, cfg.block_n))
+    z_strides = _cl_strides((N, C, H, W))
+    mid = (H, W, C, OH, OW, K, M, *dy.stride(), *weight.stride(), *z_strides,
+           *(x.stride() if x is not None else z_strides), *(add.stride() if add is not None else z_strides))
+    make = None
+    t_flags = dict(TICKET=False, TWO_LEVEL=False, BLOCK_T=FINALIZE_BLOCK_T)
+    if ticket:
+        two_level, chunks, n_counters = bn_ops.ticket_plan(*grid)
+        t_flags = dict(TICKET=True, TWO_LEVEL=two_level, BLOCK_T=FINALIZE_BLOCK_T)
+        device = dy.device
+
+        def make() -> tuple:
+            psum = torch.empty((grid[0], C), device=device, dtype=torch.float32)
+            psumx = torch.empty_like(psum)
+            cs = csx = None
+            if two_level:
+                cs = torch.empty((chunks, C), device=device, dtype=torch.float32)
+                csx = torch.empty_like(cs)
+            return psum, psumx, bn_ops.ticket_counters(device, n_counters), cs, csx
+    kwargs = dict(
+        STRIDE=stride, PAD=padding, R=R, S=S,
+        BN_BWD=x is not None, HAS_ADD=add is not None, INPUT_PRECISION=input_precision(dy.dtype), **t_flags,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return _Plan(grid, mid, kwargs, (N, C, H, W), make)
 
 
 def conv_dgrad(
@@ -533,44 +630,77 @@ def conv_dgrad(
     per-tile partial sums (sum dz, sum dz*xhat), each (tiles, Cin) fp32 — or, with
     ``reduce_sums`` (and :data:`fusedres.ops.bn.TICKETS` on), those sums reduced by the launch's
     last programs, as a :class:`fusedres.ops.bn.Sums`. ``add`` (shaped like the input) is added to the gradient
-    before the epilogue.
+    before the epilogue. Everything but the tensors comes from a cached plan (as :func:`conv_fprop`);
+    with the ticket, the partials are the plan's per-stream scratch.
     """
-    N, C, H, W = input_shape
-    K, _, R, S = weight.shape
-    _, _, OH, OW = dy.shape
-    cfg = config or dgrad_config(C, K, R, stride, dy.dtype)
-    dz = torch.empty((N, C, H, W), device=dy.device, dtype=dy.dtype, memory_format=torch.channels_last)
-    M = pixels(N, H, W)
-    grid = (dgrad_tiles(N, H, W, stride, cfg.block_m), cdiv(C, cfg.block_n))
+    x = bn[0] if bn is not None else None
+    ticket = bn is not None and reduce_sums and bn_ops.TICKETS
+    input_shape = tuple(input_shape)
+    if config is None:
+        key = ("dgrad", dy.shape, dy.stride(), weight.shape, weight.stride(), input_shape, dy.dtype, dy.device,
+               stride, padding, x.stride() if x is not None else None, add.stride() if add is not None else None,
+               ticket, torch.backends.cudnn.allow_tf32)
+        plan = bn_ops.plan_for(key, lambda: _dgrad_plan(dy, weight, input_shape, stride, padding, x, add, ticket,
+                                                        None))
+    else:
+        plan = _dgrad_plan(dy, weight, input_shape, stride, padding, x, add, ticket, config)
+    dz = torch.empty(plan.out_shape, device=dy.device, dtype=dy.dtype, memory_format=torch.channels_last)
     sums = None
-    t_args, t_flags = (dz,) * 5, dict(TICKET=False, TWO_LEVEL=False, BLOCK_T=FINALIZE_BLOCK_T)
+    t_args = (dz,) * 5
     if bn is not None:
         x, scale, shift, mean, invstd = bn
-        psum = torch.empty((grid[0], C), device=dy.device, dtype=torch.float32)
-        psumx = torch.empty_like(psum)
-        sums = (psum, psumx)
-        if reduce_sums and bn_ops.TICKETS:
-            sums, t_args, t_flags = bn_ops.sums_ticket_args(grid[0], grid[1], C, dy.device)
+        if ticket:
+            psum, psumx, counters, cs, csx = bn_ops.cached_scratch(plan.scratch, dy.device, plan.make)
+            C = plan.out_shape[1]
+            s = torch.empty(C, device=dy.device, dtype=torch.float32)  # two allocations: returned as
+            sx = torch.empty_like(s)  # separate gradients, they must not share storage
+            sums = bn_ops.Sums(s, sx)
+            t_args = (counters, cs if cs is not None else s, csx if csx is not None else s, s, sx)
+        else:
+            psum = torch.empty((plan.grid[0], plan.out_shape[1]), device=dy.device, dtype=torch.float32)
+            psumx = torch.empty_like(psum)
+            sums = (psum, psumx)
     else:
         x = dz
         scale = shift = mean = invstd = psum = psumx = dz
-    a = add if add is not None else dz
     launch(
-        conv_dgrad_kernel, grid,
-        dy, weight, dz, x, a, scale, shift, mean, invstd, psum, psumx,
-        H, W, C, OH, OW, K, M,
-        *dy.stride(),
-        *weight.stride(),
-        *dz.stride(),
-        *x.stride(),
-        *a.stride(),
+        conv_dgrad_kernel, plan.grid,
+        dy, weight, dz, x, add if add is not None else dz, scale, shift, mean, invstd, psum, psumx,
+        *plan.mid,
         *t_args,
+        **plan.kwargs,
+    )
+    return dz, sums
+
+
+def _wgrad_plan(dy: torch.Tensor, x: torch.Tensor, weight_like: torch.Tensor, stride: int, padding: int,
+                prologue: bool, splits: int | None, ticket: bool, cfg: ConvConfig | None) -> _Plan:
+    N, C, H, W = x.shape
+    K, _, R, S = weight_like.shape
+    _, _, OH, OW = dy.shape
+    cfg = cfg or wgrad_config(C, K, R, stride, x.dtype)
+    P = pixels(N, OH, OW)
+    tiles = cdiv(K, cfg.block_m) * R * S * cdiv(C, cfg.block_n)
+    if splits is None:
+        splits = max(1, min(cdiv(2 * sm_count(x.device), tiles), cdiv(P, 4 * cfg.block_k)))
+    pix_per_split = cdiv(cdiv(P, splits), cfg.block_k) * cfg.block_k
+    splits = cdiv(P, pix_per_split)
+    grid = (cdiv(K, cfg.block_m), R * S * cdiv(C, cfg.block_n), splits)
+    mid = (H, W, C, OH, OW, K, P, pix_per_split, *dy.stride(), *x.stride())
+    ws_shape = (splits, K, R, S, C)
+    device = x.device
+    make = None
+    if ticket:
+        def make() -> tuple:
+            return (torch.empty(ws_shape, device=device, dtype=torch.float32),
+                    bn_ops.ticket_counters(device, tiles))
+    kwargs = dict(
         STRIDE=stride, PAD=padding, R=R, S=S,
-        BN_BWD=bn is not None, HAS_ADD=add is not None, INPUT_PRECISION=input_precision(dy.dtype), **t_flags,
+        PROLOGUE=prologue, INPUT_PRECISION=input_precision(x.dtype), TICKET=ticket,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return dz, sums
+    return _Plan(grid, mid, kwargs, ws_shape, make, extra=(splits, S))
 
 
 def conv_wgrad(
@@ -592,40 +722,35 @@ def conv_wgrad(
     None). The pixel reduction is split over ``splits`` programs (chosen from the device's
     multiprocessor count when None) and the splits are summed in fp32 in a fixed order — by the
     last split of each tile when :data:`fusedres.ops.bn.TICKETS` is on (one launch; the gradient
-    comes back done), else by a launch of its own, or with ``defer_reduce`` by the caller: a
-    :class:`PendingWgrad` comes back, for :func:`reduce_wgrad_and_bn_sums` (or
-    :meth:`PendingWgrad.finish`).
+    comes back done; the split workspace is then the plan's per-stream scratch), else by a launch
+    of its own, or with ``defer_reduce`` by the caller: a :class:`PendingWgrad` comes back, for
+    :func:`reduce_wgrad_and_bn_sums` (or :meth:`PendingWgrad.finish`).
     """
-    N, C, H, W = x.shape
-    K, _, R, S = weight_like.shape
-    _, _, OH, OW = dy.shape
-    cfg = config or wgrad_config(C, K, R, stride, x.dtype)
-    P = pixels(N, OH, OW)
-    tiles = cdiv(K, cfg.block_m) * R * S * cdiv(C, cfg.block_n)
-    if splits is None:
-        splits = max(1, min(cdiv(2 * sm_count(x.device), tiles), cdiv(P, 4 * cfg.block_k)))
-    pix_per_split = cdiv(cdiv(P, splits), cfg.block_k) * cfg.block_k
-    splits = cdiv(P, pix_per_split)
-    ws = torch.empty((splits, K, R, S, C), device=x.device, dtype=torch.float32)
-    dw = torch.empty_like(weight_like)
-    ticket = bn_ops.TICKETS
-    counters = bn_ops.ticket_counters(x.device, tiles) if ticket else ws
     prologue = scale is not None
+    ticket = bn_ops.TICKETS
+    if config is None:
+        key = ("wgrad", dy.shape, dy.stride(), x.shape, x.stride(), weight_like.shape, x.dtype, x.device, stride,
+               padding, prologue, splits, ticket, torch.backends.cudnn.allow_tf32)
+        plan = bn_ops.plan_for(key, lambda: _wgrad_plan(dy, x, weight_like, stride, padding, prologue, splits,
+                                                        ticket, None))
+    else:
+        plan = _wgrad_plan(dy, x, weight_like, stride, padding, prologue, splits, ticket, config)
+    dw = torch.empty_like(weight_like)
+    if ticket:
+        ws, counters = bn_ops.cached_scratch(plan.scratch, x.device, plan.make)
+    else:
+        ws = torch.empty(plan.out_shape, device=x.device, dtype=torch.float32)
+        counters = ws
     launch(
-        conv_wgrad_kernel, (cdiv(K, cfg.block_m), R * S * cdiv(C, cfg.block_n), splits),
+        conv_wgrad_kernel, plan.grid,
         dy, x, scale if prologue else x, shift if prologue else x, ws,
-        H, W, C, OH, OW, K, P, pix_per_split,
-        *dy.stride(),
-        *x.stride(),
+        *plan.mid,
         counters, dw, *dw.stride(),
-        STRIDE=stride, PAD=padding, R=R, S=S,
-        PROLOGUE=prologue, INPUT_PRECISION=input_precision(x.dtype), TICKET=ticket,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **plan.kwargs,
     )
     if ticket:
         return dw
-    pending = PendingWgrad(ws, dw, splits, S)
+    pending = PendingWgrad(ws, dw, *plan.extra)
     return pending if defer_reduce else pending.finish()
 
 
