@@ -173,3 +173,19 @@ def test_scratch_reused_per_stream_and_fresh_while_capturing(monkeypatch: pytest
     _, partials = conv_ops.conv_fprop(x, w, stride=1, padding=1, stats=True)
     _, partials2 = conv_ops.conv_fprop(x, w, stride=1, padding=1, stats=True)
     assert partials[0].data_ptr() != partials2[0].data_ptr()
+
+
+def test_large_scratch_is_not_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scratch above SCRATCH_CACHE_BYTES is made per call (held, it would add to every later
+    step's peak memory)."""
+    bn_ops.clear_plans()
+    monkeypatch.setattr(bn_ops, "SCRATCH_CACHE_BYTES", 0)
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=CL)
+    w = torch.randn(4, 8, 3, 3)
+    held = []
+    for _ in range(3):
+        fin = bn_ops.Finalize(torch.empty(4, 4), None, None, None, None, None, 0.1, 1e-5)
+        with recorded() as calls:
+            conv_ops.conv_fprop(x, w, stride=1, padding=1, stats=True, finalize=fin)
+        held.append(calls[0][2][7])
+    assert len({t.data_ptr() for t in held}) == 3

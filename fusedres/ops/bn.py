@@ -665,14 +665,23 @@ def scratch_key(device: torch.device) -> tuple | None:
     return device.type, threading.get_ident()
 
 
+#: Launch-local scratch above this many bytes is not kept by a plan: held between calls it would
+#: add to every later step's peak memory (a weight gradient's split workspace reaches tens of MB
+#: at ImageNet widths), while at such sizes the launch's GPU time dwarfs an allocation's host cost.
+SCRATCH_CACHE_BYTES = 1 << 20
+
+
 def cached_scratch(store: dict, device: torch.device, make: Callable[[], tuple]) -> tuple:
-    """``make()``'s launch-local buffers, cached in ``store`` (a plan's) per :func:`scratch_key`."""
+    """``make()``'s launch-local buffers, cached in ``store`` (a plan's) per :func:`scratch_key`,
+    unless they are larger than :data:`SCRATCH_CACHE_BYTES` together (then made per call)."""
     key = scratch_key(device)
     if key is None:
         return make()
     got = store.get(key)
     if got is None:
-        got = store[key] = make()
+        got = make()
+        if sum(t.numel() * t.element_size() for t in got if isinstance(t, torch.Tensor)) <= SCRATCH_CACHE_BYTES:
+            store[key] = got
     return got
 
 
