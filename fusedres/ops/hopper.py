@@ -48,18 +48,20 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .._runtime import cdiv, launch
+from .._runtime import cdiv, launch, sm_count
 from . import bn as bn_ops
-from .bn import chan_merge, pixels, relu
+from .bn import _last_ticket, chan_merge, pixels, relu
 from .configs import (
     FINALIZE_BLOCK_C,
     FINALIZE_BLOCK_T,
     HopperConfig,
+    HopperWgradConfig,
     hopper_block_k,
     hopper_dgrad_config,
     hopper_fprop_config,
+    hopper_wgrad_config,
 )
-from .conv import conv_out_size, dgrad_epilogue, input_precision
+from .conv import PendingWgrad, conv_out_size, dgrad_epilogue, input_precision
 from .weights import cached_layout
 
 
@@ -250,6 +252,157 @@ def hopper_dgrad_kernel(
                    szn, szc, szh, szw, sxn, sxc, sxh, sxw, san, sac, sah, saw,
                    counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr,
                    BN_BWD, HAS_ADD, TICKET, TWO_LEVEL, BLOCK_T)
+
+
+@triton.jit
+def _wgrad_tap(acc, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap,
+               S: tl.constexpr, PAD: tl.constexpr, PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+               BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc += dy^T . act(x) at filter tap ``tap``: the tap's activation box (the copy engine
+    zero-fills what lies outside the image), with the prologue transformed in registers and
+    masked to exactly 0 outside the image and on the rectangle's overhang (relu(shift) is not 0)."""
+    r = tap // S
+    s = tap - r * S
+    v = x_desc.load([n, oh0 + r - PAD, ow0 + s - PAD, c0]).reshape(BLOCK_P, BLOCK_N)
+    if PROLOGUE:
+        y = relu(v.to(tl.float32) * sc[None, :] + sh[None, :])
+        keep = pix_ok & _inside(ohs, ows, r - PAD, s - PAD, H, W)
+        v = tl.where(keep[:, None], y, 0.0).to(x_desc.dtype)
+    return tl.dot(dyt, v, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _wgrad_store_tap(acc, ws_tile, tap, C, tile_ok):
+    tl.store(ws_tile + tap * C, acc, mask=tile_ok)
+
+
+@triton.jit
+def hopper_wgrad_kernel(
+    dy_desc, x_desc, scale_ptr, shift_ptr, ws_ptr, counter_ptr, dw_ptr,
+    H, W, OH, OW, C, K, TILES_H, TILES_W, TILES, TILES_PER_SPLIT,
+    swk, swc, swr, sws,
+    R: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, TAPS: tl.constexpr,
+    PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr, TICKET: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """ws[split, k, r, s, c] = sum over this split's pixel rectangles of dy[p, k] * act(x)[p + tap(r,s) - PAD, c].
+
+    Program (i, j, split): output channels [i*BLOCK_M, +BLOCK_M) x input channels of block
+    j // (R*S/TAPS) x the TAPS taps of group j % (R*S/TAPS) (all R*S when TAPS = R*S), over the
+    rectangles [split*TILES_PER_SPLIT, +TILES_PER_SPLIT) (row-major over the images' tile grids).
+    Per rectangle one dy box [BLOCK_H*BLOCK_W, BLOCK_M] is loaded and serves every tap as wgmma's
+    A (dy^T from shared memory), each tap's activation box its B; the pixels are wgmma's K.
+    The workspace is the pointer wgrad's, fp32 contiguous (splits, K, R, S, C); with TICKET the
+    last split of each tile sums the splits' partials in split order from zero into ``dw``, the
+    arithmetic of :func:`fusedres.ops.conv.wgrad_reduce_kernel` (the same bits either way).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    split = tl.program_id(2)
+    GROUPS: tl.constexpr = (R * S) // TAPS
+    cb = pid_n // GROUPS
+    tap0 = (pid_n - cb * GROUPS) * TAPS
+    k0 = pid_m * BLOCK_M
+    c0 = cb * BLOCK_N
+    BLOCK_P: tl.constexpr = BLOCK_H * BLOCK_W
+    rows = tl.arange(0, BLOCK_P)
+    offs_c = c0 + tl.arange(0, BLOCK_N)
+    c_ok = offs_c < C
+    if PROLOGUE:
+        sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
+        sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
+    else:
+        sc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        sh = sc
+    per_image = TILES_H * TILES_W
+    t_start = split * TILES_PER_SPLIT
+    t_end = tl.minimum(TILES, t_start + TILES_PER_SPLIT)
+    acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
+    acc4 = acc0
+    acc5 = acc0
+    acc6 = acc0
+    acc7 = acc0
+    acc8 = acc0
+    for t in range(t_start, t_end):
+        n = t // per_image
+        th = (t - n * per_image) // TILES_W
+        oh0 = th * BLOCK_H
+        ow0 = (t - n * per_image - th * TILES_W) * BLOCK_W
+        ohs = oh0 + rows // BLOCK_W
+        ows = ow0 + rows % BLOCK_W
+        pix_ok = (ohs < OH) & (ows < OW)
+        # The rectangle's dy, read once for all TAPS taps (rows past OH/OW and channels past K
+        # zero-filled by the copy engine).
+        dyt = tl.trans(dy_desc.load([n, oh0, ow0, k0]).reshape(BLOCK_P, BLOCK_M))
+        acc0 = _wgrad_tap(acc0, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap0,
+                          S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N)
+        if TAPS > 1:
+            acc1 = _wgrad_tap(acc1, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap0 + 1,
+                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N)
+        if TAPS > 2:
+            acc2 = _wgrad_tap(acc2, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap0 + 2,
+                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N)
+        if TAPS > 3:
+            acc3 = _wgrad_tap(acc3, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap0 + 3,
+                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N)
+        if TAPS > 4:
+            acc4 = _wgrad_tap(acc4, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap0 + 4,
+                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N)
+        if TAPS > 5:
+            acc5 = _wgrad_tap(acc5, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap0 + 5,
+                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N)
+        if TAPS > 6:
+            acc6 = _wgrad_tap(acc6, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap0 + 6,
+                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N)
+        if TAPS > 7:
+            acc7 = _wgrad_tap(acc7, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap0 + 7,
+                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N)
+        if TAPS > 8:
+            acc8 = _wgrad_tap(acc8, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap0 + 8,
+                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N)
+
+    RSC = R * S * C
+    offs_k = k0 + tl.arange(0, BLOCK_M)
+    k64 = offs_k.to(tl.int64)[:, None]
+    tile_ok = (offs_k < K)[:, None] & c_ok[None, :]
+    ws_tile = ws_ptr + split.to(tl.int64) * K * RSC + k64 * RSC + offs_c[None, :]
+    _wgrad_store_tap(acc0, ws_tile, tap0, C, tile_ok)
+    if TAPS > 1:
+        _wgrad_store_tap(acc1, ws_tile, tap0 + 1, C, tile_ok)
+    if TAPS > 2:
+        _wgrad_store_tap(acc2, ws_tile, tap0 + 2, C, tile_ok)
+    if TAPS > 3:
+        _wgrad_store_tap(acc3, ws_tile, tap0 + 3, C, tile_ok)
+    if TAPS > 4:
+        _wgrad_store_tap(acc4, ws_tile, tap0 + 4, C, tile_ok)
+    if TAPS > 5:
+        _wgrad_store_tap(acc5, ws_tile, tap0 + 5, C, tile_ok)
+    if TAPS > 6:
+        _wgrad_store_tap(acc6, ws_tile, tap0 + 6, C, tile_ok)
+    if TAPS > 7:
+        _wgrad_store_tap(acc7, ws_tile, tap0 + 7, C, tile_ok)
+    if TAPS > 8:
+        _wgrad_store_tap(acc8, ws_tile, tap0 + 8, C, tile_ok)
+    if TICKET:
+        # the ordering argument of fusedres.ops.bn._last_ticket: every split's workspace tiles are
+        # stored before its release, and read from L2 after the last split's acquire
+        splits = tl.num_programs(2)
+        if _last_ticket(counter_ptr + pid_m * tl.num_programs(1) + pid_n, splits):
+            total = K * RSC
+            for i in tl.static_range(TAPS):
+                tap = tap0 + i
+                r = tap // S
+                s = tap - r * S
+                ptrs = ws_ptr + k64 * RSC + tap * C + offs_c[None, :]
+                red = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for _ in range(0, splits):  # split after split from zero, as _wgrad_reduce_block
+                    red += tl.load(ptrs, mask=tile_ok, other=0.0, cache_modifier=".cg")
+                    ptrs += total
+                dw_ptrs = dw_ptr + k64 * swk + offs_c[None, :] * swc + r * swr + s * sws
+                tl.store(dw_ptrs, red.to(dw_ptr.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit
@@ -475,3 +628,86 @@ def conv_dgrad(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dz, sums
+
+
+def unsupported_wgrad(dy: torch.Tensor, x: torch.Tensor, weight_like: torch.Tensor, *, stride: int,
+                      padding: int) -> str | None:
+    """Why :func:`conv_wgrad` cannot take this weight gradient (a reason the route reports), or None."""
+    _, _, R, S = weight_like.shape
+    if stride != 1 and (R, S, padding) != (1, 1, 0):
+        return f"stride {stride} with a {R}x{S} kernel (padding {padding}): a TMA box reads a dense window"
+    if R * S > 9:
+        return f"a {R}x{S} kernel: more than 9 taps (one accumulator per tap)"
+    if x.dtype == torch.float32 and input_precision(x.dtype) == "ieee":
+        return "fp32 without TF32 (torch.backends.cudnn.allow_tf32 is False): wgmma has no fp32 product"
+    if dy.dtype != x.dtype:
+        return f"dy is {dy.dtype} and x {x.dtype}: one wgmma operand type"
+    if not _tma_ready(dy):
+        return (f"dy is not dense channels_last at a 16-byte aligned address with 16-byte rows of channels "
+                f"(Cout={dy.shape[1]}, strides {tuple(dy.stride())})")
+    if not _tma_ready(x):
+        return (f"x is not dense channels_last at a 16-byte aligned address with 16-byte rows of channels "
+                f"(Cin={x.shape[1]}, strides {tuple(x.stride())})")
+    return None
+
+
+def conv_wgrad(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight_like: torch.Tensor,
+    *,
+    stride: int,
+    padding: int,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    splits: int | None = None,
+    config: HopperWgradConfig | None = None,
+    defer_reduce: bool = False,
+) -> torch.Tensor | PendingWgrad:
+    """:func:`fusedres.ops.conv.conv_wgrad` on the sm_90 engine: the same arguments, results and
+    workspace (fp32 (splits, K, R, S, C)), so that without the ticket (or with ``defer_reduce`` and
+    the ticket off) the same :class:`~fusedres.ops.conv.PendingWgrad` comes back. ``splits``
+    counts pixel-rectangle ranges. A ValueError when :func:`unsupported_wgrad` names a reason."""
+    reason = unsupported_wgrad(dy, x, weight_like, stride=stride, padding=padding)
+    if reason is not None:
+        raise ValueError(f"fusedres.ops.hopper.conv_wgrad: {reason}")
+    N, C, H, W = x.shape
+    K, _, R, S = weight_like.shape
+    _, _, OH, OW = dy.shape
+    cfg = config or hopper_wgrad_config(C, K, R, stride, x.dtype)
+    if (R * S) % cfg.taps or cfg.taps > 9:
+        raise ValueError(f"fusedres.ops.hopper.conv_wgrad: taps={cfg.taps} does not divide {R}x{S}")
+    pixels(N, OH, OW)
+    tiles_h, tiles_w = cdiv(OH, cfg.block_h), cdiv(OW, cfg.block_w)
+    rects = N * tiles_h * tiles_w
+    grid01 = cdiv(K, cfg.block_m) * cdiv(C, cfg.block_n) * (R * S // cfg.taps)
+    if splits is None:
+        splits = max(1, min(cdiv(2 * sm_count(x.device), grid01), cdiv(rects, 4)))
+    per_split = cdiv(rects, splits)
+    splits = cdiv(rects, per_split)
+    # A strided 1x1 reads the strided view of x at stride 1 (as the fprop engine).
+    xh, xw = cdiv(H, stride), cdiv(W, stride)
+    x_desc = TensorDescriptor(x, [N, xh, xw, C], [H * W * C, stride * W * C, stride * C, 1],
+                              [1, cfg.block_h, cfg.block_w, cfg.block_n])
+    dy_desc = TensorDescriptor(dy, [N, OH, OW, K], [OH * OW * K, OW * K, K, 1],
+                               [1, cfg.block_h, cfg.block_w, cfg.block_m])
+    ws = torch.empty((splits, K, R, S, C), device=x.device, dtype=torch.float32)
+    dw = torch.empty_like(weight_like)
+    ticket = bn_ops.TICKETS
+    grid = (cdiv(K, cfg.block_m), cdiv(C, cfg.block_n) * (R * S // cfg.taps), splits)
+    counters = bn_ops.ticket_counters(x.device, grid[0] * grid[1]) if ticket else ws
+    prologue = scale is not None
+    launch(
+        hopper_wgrad_kernel, grid,
+        dy_desc, x_desc, scale if prologue else ws, shift if prologue else ws, ws, counters, dw,
+        xh, xw, OH, OW, C, K, tiles_h, tiles_w, rects, per_split,
+        *dw.stride(),
+        R=R, S=S, PAD=padding, TAPS=cfg.taps,
+        PROLOGUE=prologue, INPUT_PRECISION=input_precision(x.dtype), TICKET=ticket,
+        BLOCK_H=cfg.block_h, BLOCK_W=cfg.block_w, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if ticket:
+        return dw
+    pending = PendingWgrad(ws, dw, splits, S)
+    return pending if defer_reduce else pending.finish()
