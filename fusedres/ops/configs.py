@@ -197,4 +197,4 @@ def hopper_wgrad_config(cin: int, cout: int, ksize: int, stride: int, dtype: tor
     stages 88 KB). A 1x1 kernel has one accumulator: up to 64 input channels, an 8x16 rectangle."""
     if ksize == 1:
         return HopperWgradConfig(8, 16, 64, _pow2_clamp(cin, 16, 64), 1, 4, 3)
-    return HopperWgradConfig(8, 8, 64, _pow2_clamp(cin, 16, 32), ksize * ksize, 4, 2)
+    return HopperWgradConfig(8, 8, 64, _pow2_clamp(cin, 16, 32), ksize * ksize, 4, 3)
