@@ -257,17 +257,35 @@ def hopper_dgrad_kernel(
 @triton.jit
 def _wgrad_tap(acc, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap,
                S: tl.constexpr, PAD: tl.constexpr, PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-               BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+               BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PAIRS: tl.constexpr):
     """acc += dy^T . act(x) at filter tap ``tap``: the tap's activation box (the copy engine
     zero-fills what lies outside the image), with the prologue transformed in registers and
     masked to exactly 0 outside the image and on the rectangle's overhang (relu(shift) is not 0)."""
     r = tap // S
     s = tap - r * S
-    v = x_desc.load([n, oh0 + r - PAD, ow0 + s - PAD, c0]).reshape(BLOCK_P, BLOCK_N)
-    if PROLOGUE:
-        y = relu(v.to(tl.float32) * sc[None, :] + sh[None, :])
+    if PAIRS:
+        # a 16-bit x through its uint32 view, two adjacent channels per element (as the fprop
+        # engine's prologue: a shift and an AND unpack a bf16 pair)
+        u = x_desc.load([n, oh0 + r - PAD, ow0 + s - PAD, c0 // 2]).reshape(BLOCK_P, BLOCK_N // 2)
+        u = u.to(tl.uint32, bitcast=True)
+        if dyt.dtype == tl.bfloat16:
+            lo = (u << 16).to(tl.float32, bitcast=True)
+            hi = (u & 0xFFFF0000).to(tl.float32, bitcast=True)
+        else:
+            lo = u.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            hi = (u >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        sc_lo, sc_hi = tl.split(sc.reshape(BLOCK_N // 2, 2))
+        sh_lo, sh_hi = tl.split(sh.reshape(BLOCK_N // 2, 2))
+        y = tl.join(lo * sc_lo[None, :] + sh_lo[None, :], hi * sc_hi[None, :] + sh_hi[None, :])
+        y = relu(y.reshape(BLOCK_P, BLOCK_N))
         keep = pix_ok & _inside(ohs, ows, r - PAD, s - PAD, H, W)
-        v = tl.where(keep[:, None], y, 0.0).to(x_desc.dtype)
+        v = tl.where(keep[:, None], y, 0.0).to(dyt.dtype)
+    else:
+        v = x_desc.load([n, oh0 + r - PAD, ow0 + s - PAD, c0]).reshape(BLOCK_P, BLOCK_N)
+        if PROLOGUE:
+            y = relu(v.to(tl.float32) * sc[None, :] + sh[None, :])
+            keep = pix_ok & _inside(ohs, ows, r - PAD, s - PAD, H, W)
+            v = tl.where(keep[:, None], y, 0.0).to(dyt.dtype)
     return tl.dot(dyt, v, acc, input_precision=INPUT_PRECISION)
 
 
@@ -284,6 +302,7 @@ def hopper_wgrad_kernel(
     R: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, TAPS: tl.constexpr,
     PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr, TICKET: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     """ws[split, k, r, s, c] = sum over this split's pixel rectangles of dy[p, k] * act(x)[p + tap(r,s) - PAD, c].
 
@@ -338,31 +357,31 @@ def hopper_wgrad_kernel(
         # zero-filled by the copy engine).
         dyt = tl.trans(dy_desc.load([n, oh0, ow0, k0]).reshape(BLOCK_P, BLOCK_M))
         acc0 = _wgrad_tap(acc0, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap0,
-                          S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N)
+                          S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N, PAIRS)
         if TAPS > 1:
             acc1 = _wgrad_tap(acc1, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap0 + 1,
-                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N)
+                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N, PAIRS)
         if TAPS > 2:
             acc2 = _wgrad_tap(acc2, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap0 + 2,
-                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N)
+                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N, PAIRS)
         if TAPS > 3:
             acc3 = _wgrad_tap(acc3, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap0 + 3,
-                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N)
+                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N, PAIRS)
         if TAPS > 4:
             acc4 = _wgrad_tap(acc4, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap0 + 4,
-                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N)
+                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N, PAIRS)
         if TAPS > 5:
             acc5 = _wgrad_tap(acc5, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap0 + 5,
-                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N)
+                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N, PAIRS)
         if TAPS > 6:
             acc6 = _wgrad_tap(acc6, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap0 + 6,
-                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N)
+                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N, PAIRS)
         if TAPS > 7:
             acc7 = _wgrad_tap(acc7, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap0 + 7,
-                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N)
+                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N, PAIRS)
         if TAPS > 8:
             acc8 = _wgrad_tap(acc8, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap0 + 8,
-                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N)
+                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N, PAIRS)
 
     RSC = R * S * C
     offs_k = k0 + tl.arange(0, BLOCK_M)
@@ -687,8 +706,12 @@ def conv_wgrad(
     splits = cdiv(rects, per_split)
     # A strided 1x1 reads the strided view of x at stride 1 (as the fprop engine).
     xh, xw = cdiv(H, stride), cdiv(W, stride)
-    x_desc = TensorDescriptor(x, [N, xh, xw, C], [H * W * C, stride * W * C, stride * C, 1],
-                              [1, cfg.block_h, cfg.block_w, cfg.block_n])
+    # With the prologue a 16-bit x is read through its uint32 view (channel pairs; PAIRS).
+    pairs = scale is not None and x.element_size() == 2
+    xv, pair = (x.permute(0, 2, 3, 1).view(torch.int32), 2) if pairs else (x, 1)
+    x_desc = TensorDescriptor(xv, [N, xh, xw, C // pair],
+                              [H * W * C // pair, stride * W * C // pair, stride * C // pair, 1],
+                              [1, cfg.block_h, cfg.block_w, cfg.block_n // pair])
     dy_desc = TensorDescriptor(dy, [N, OH, OW, K], [OH * OW * K, OW * K, K, 1],
                                [1, cfg.block_h, cfg.block_w, cfg.block_m])
     ws = torch.empty((splits, K, R, S, C), device=x.device, dtype=torch.float32)
@@ -704,7 +727,7 @@ def conv_wgrad(
         *dw.stride(),
         R=R, S=S, PAD=padding, TAPS=cfg.taps,
         PROLOGUE=prologue, INPUT_PRECISION=input_precision(x.dtype), TICKET=ticket,
-        BLOCK_H=cfg.block_h, BLOCK_W=cfg.block_w, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_H=cfg.block_h, BLOCK_W=cfg.block_w, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAIRS=pairs,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if ticket:
