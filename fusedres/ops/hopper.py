@@ -255,12 +255,23 @@ def hopper_dgrad_kernel(
 
 
 @triton.jit
-def _wgrad_tap(acc, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap,
+def _wgrad_pad_mask(y, ohs, ows, r, s, r_lo, r_hi, s_lo, s_hi, H, W, PAD: tl.constexpr):
+    """The transformed activation with the taps outside the image at exactly 0 (the copy engine's
+    zero is not 0 after the BN-ReLU: relu(shift)). Only a tap that leaves the image for one of the
+    rectangle's stored pixels needs it (the others branch around): the overhang's pixels have
+    dy = 0 (zero-filled), so their activation, finite, adds nothing."""
+    if (r < r_lo) | (r > r_hi) | (s < s_lo) | (s > s_hi):
+        y = tl.where(_inside(ohs, ows, r - PAD, s - PAD, H, W)[:, None], y, 0.0)
+    return y
+
+
+@triton.jit
+def _wgrad_tap(acc, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, r_lo, r_hi, s_lo, s_hi, H, W, tap,
                S: tl.constexpr, PAD: tl.constexpr, PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PAIRS: tl.constexpr):
     """acc += dy^T . act(x) at filter tap ``tap``: the tap's activation box (the copy engine
     zero-fills what lies outside the image), with the prologue transformed in registers and
-    masked to exactly 0 outside the image and on the rectangle's overhang (relu(shift) is not 0)."""
+    masked to exactly 0 outside the image (:func:`_wgrad_pad_mask`)."""
     r = tap // S
     s = tap - r * S
     if PAIRS:
@@ -277,15 +288,17 @@ def _wgrad_tap(acc, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W
         sc_lo, sc_hi = tl.split(sc.reshape(BLOCK_N // 2, 2))
         sh_lo, sh_hi = tl.split(sh.reshape(BLOCK_N // 2, 2))
         y = tl.join(lo * sc_lo[None, :] + sh_lo[None, :], hi * sc_hi[None, :] + sh_hi[None, :])
-        y = relu(y.reshape(BLOCK_P, BLOCK_N))
-        keep = pix_ok & _inside(ohs, ows, r - PAD, s - PAD, H, W)
-        v = tl.where(keep[:, None], y, 0.0).to(dyt.dtype)
+        y = y.reshape(BLOCK_P, BLOCK_N)
+        if PAD > 0:
+            y = _wgrad_pad_mask(y, ohs, ows, r, s, r_lo, r_hi, s_lo, s_hi, H, W, PAD)
+        v = relu(y).to(dyt.dtype)
     else:
         v = x_desc.load([n, oh0 + r - PAD, ow0 + s - PAD, c0]).reshape(BLOCK_P, BLOCK_N)
         if PROLOGUE:
-            y = relu(v.to(tl.float32) * sc[None, :] + sh[None, :])
-            keep = pix_ok & _inside(ohs, ows, r - PAD, s - PAD, H, W)
-            v = tl.where(keep[:, None], y, 0.0).to(dyt.dtype)
+            y = v.to(tl.float32) * sc[None, :] + sh[None, :]
+            if PAD > 0:
+                y = _wgrad_pad_mask(y, ohs, ows, r, s, r_lo, r_hi, s_lo, s_hi, H, W, PAD)
+            v = relu(y).to(dyt.dtype)
     return tl.dot(dyt, v, acc, input_precision=INPUT_PRECISION)
 
 
@@ -352,35 +365,40 @@ def hopper_wgrad_kernel(
         ow0 = (t - n * per_image - th * TILES_W) * BLOCK_W
         ohs = oh0 + rows // BLOCK_W
         ows = ow0 + rows % BLOCK_W
-        pix_ok = (ohs < OH) & (ows < OW)
+        # Filter rows r in [r_lo, r_hi] (columns s in [s_lo, s_hi]) read inside the image for
+        # every stored pixel of the rectangle (the fprop engine's PAD_BRANCH).
+        r_lo = PAD - oh0
+        r_hi = H + PAD - tl.minimum(oh0 + BLOCK_H, OH)
+        s_lo = PAD - ow0
+        s_hi = W + PAD - tl.minimum(ow0 + BLOCK_W, OW)
         # The rectangle's dy, read once for all TAPS taps (rows past OH/OW and channels past K
         # zero-filled by the copy engine).
         dyt = tl.trans(dy_desc.load([n, oh0, ow0, k0]).reshape(BLOCK_P, BLOCK_M))
-        acc0 = _wgrad_tap(acc0, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap0,
+        acc0 = _wgrad_tap(acc0, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, r_lo, r_hi, s_lo, s_hi, H, W, tap0,
                           S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N, PAIRS)
         if TAPS > 1:
-            acc1 = _wgrad_tap(acc1, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap0 + 1,
+            acc1 = _wgrad_tap(acc1, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 1,
                               S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N, PAIRS)
         if TAPS > 2:
-            acc2 = _wgrad_tap(acc2, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap0 + 2,
+            acc2 = _wgrad_tap(acc2, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 2,
                               S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N, PAIRS)
         if TAPS > 3:
-            acc3 = _wgrad_tap(acc3, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap0 + 3,
+            acc3 = _wgrad_tap(acc3, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 3,
                               S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N, PAIRS)
         if TAPS > 4:
-            acc4 = _wgrad_tap(acc4, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap0 + 4,
+            acc4 = _wgrad_tap(acc4, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 4,
                               S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N, PAIRS)
         if TAPS > 5:
-            acc5 = _wgrad_tap(acc5, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap0 + 5,
+            acc5 = _wgrad_tap(acc5, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 5,
                               S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N, PAIRS)
         if TAPS > 6:
-            acc6 = _wgrad_tap(acc6, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap0 + 6,
+            acc6 = _wgrad_tap(acc6, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 6,
                               S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N, PAIRS)
         if TAPS > 7:
-            acc7 = _wgrad_tap(acc7, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap0 + 7,
+            acc7 = _wgrad_tap(acc7, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 7,
                               S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N, PAIRS)
         if TAPS > 8:
-            acc8 = _wgrad_tap(acc8, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, pix_ok, H, W, tap0 + 8,
+            acc8 = _wgrad_tap(acc8, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 8,
                               S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N, PAIRS)
 
     RSC = R * S * C
