@@ -2,8 +2,8 @@
 
 :mod:`fusedres.ops.conv` is the portable engine (pointer loads, any strides, any architecture);
 this module is the Hopper one, with the same launcher contract; :mod:`fusedres.ops.route` picks
-between them (and cuDNN) in one place. Built so far: fprop, and dgrad at stride 1
-(:func:`conv_dgrad`, contract below).
+between them (and cuDNN) in one place. Built so far: fprop, dgrad at stride 1
+(:func:`conv_dgrad`) and wgrad (:func:`conv_wgrad`), contracts below.
 
 Layout contract of :func:`conv_fprop` (what :func:`unsupported` checks; the route falls back to
 the pointer engine, with the reason, wherever one does not hold):
@@ -39,6 +39,17 @@ multiple of 16; Cin may be anything (weight rows past it are zero-filled, dz sto
 kernel's (:func:`fusedres.ops.conv.dgrad_epilogue`) on the transposed accumulator, with the
 per-rectangle partial sums of the BatchNorm backward reduced by the launch's last program
 (``sums_ticket``) exactly as there: the same contract, ``(psum, psumx)`` or a ``Sums``.
+
+:func:`conv_wgrad` (stride 1, or a 1x1 without padding at any stride; :func:`unsupported_wgrad`)
+reads each dy box once for all the filter taps a program serves: a program holds one fp32
+accumulator per tap (all R*S, up to 9) for a 64-channel block of Cout and a block of Cin, and per
+output-pixel rectangle of its split loads the dy box (wgmma's A, dy^T; pixels are the GEMM's K)
+and each tap's activation box (B, the BN-ReLU recomputed in registers and masked to 0 outside the
+image). ``dy`` and ``x`` must be dense channels_last, 16-byte aligned, with 16-byte rows of
+channels (Cin and Cout otherwise anything: boxes past them are zero-filled, stores masked). The
+split-K partials go to :func:`fusedres.ops.conv.conv_wgrad`'s workspace and are merged in split
+order by the last split's ticket, or returned as its :class:`~fusedres.ops.conv.PendingWgrad`:
+the same bits either way, every run.
 """
 
 from __future__ import annotations
