@@ -121,7 +121,8 @@ def test_every_kernel_compiles_within_shared_memory(tmp_path: Path) -> None:
         cfg = hopper_wgrad_config(cin, cout, k, 1, torch.bfloat16)
         assert cfg in wgrad_built, f"Hopper wgrad {cin}->{cout} {k}x{k} ({cfg}) not built"
     assert all(r["ticket"] for r in wgrad_rows), "a Hopper wgrad build without its split-merge ticket"
-    spilled = [(r["tile"], r["spill_stores"], r["spill_loads"]) for r in wgrad_rows if r["spill_stores"] or r["spill_loads"]]
+    spilled = [(r["tile"], r["spill_stores"], r["spill_loads"])
+               for r in wgrad_rows if r["spill_stores"] or r["spill_loads"]]
     assert not spilled, f"Hopper wgrad builds that spill: {spilled}"
     for arch in ARCHS:
         kernels = {r["role"] for r in rows if r["arch"] == arch}

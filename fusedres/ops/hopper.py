@@ -385,32 +385,41 @@ def hopper_wgrad_kernel(
         # The rectangle's dy, read once for all TAPS taps (rows past OH/OW and channels past K
         # zero-filled by the copy engine).
         dyt = tl.trans(dy_desc.load([n, oh0, ow0, k0]).reshape(BLOCK_P, BLOCK_M))
-        acc0 = _wgrad_tap(acc0, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, r_lo, r_hi, s_lo, s_hi, H, W, tap0,
-                          S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N, PAIRS)
+        acc0 = _wgrad_tap(acc0, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows,
+                          r_lo, r_hi, s_lo, s_hi, H, W, tap0, S, PAD, PROLOGUE, INPUT_PRECISION,
+                          BLOCK_P, BLOCK_N, PAIRS)
         if TAPS > 1:
-            acc1 = _wgrad_tap(acc1, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 1,
-                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N, PAIRS)
+            acc1 = _wgrad_tap(acc1, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows,
+                              r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 1, S, PAD, PROLOGUE, INPUT_PRECISION,
+                              BLOCK_P, BLOCK_N, PAIRS)
         if TAPS > 2:
-            acc2 = _wgrad_tap(acc2, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 2,
-                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N, PAIRS)
+            acc2 = _wgrad_tap(acc2, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows,
+                              r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 2, S, PAD, PROLOGUE, INPUT_PRECISION,
+                              BLOCK_P, BLOCK_N, PAIRS)
         if TAPS > 3:
-            acc3 = _wgrad_tap(acc3, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 3,
-                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N, PAIRS)
+            acc3 = _wgrad_tap(acc3, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows,
+                              r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 3, S, PAD, PROLOGUE, INPUT_PRECISION,
+                              BLOCK_P, BLOCK_N, PAIRS)
         if TAPS > 4:
-            acc4 = _wgrad_tap(acc4, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 4,
-                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N, PAIRS)
+            acc4 = _wgrad_tap(acc4, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows,
+                              r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 4, S, PAD, PROLOGUE, INPUT_PRECISION,
+                              BLOCK_P, BLOCK_N, PAIRS)
         if TAPS > 5:
-            acc5 = _wgrad_tap(acc5, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 5,
-                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N, PAIRS)
+            acc5 = _wgrad_tap(acc5, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows,
+                              r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 5, S, PAD, PROLOGUE, INPUT_PRECISION,
+                              BLOCK_P, BLOCK_N, PAIRS)
         if TAPS > 6:
-            acc6 = _wgrad_tap(acc6, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 6,
-                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N, PAIRS)
+            acc6 = _wgrad_tap(acc6, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows,
+                              r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 6, S, PAD, PROLOGUE, INPUT_PRECISION,
+                              BLOCK_P, BLOCK_N, PAIRS)
         if TAPS > 7:
-            acc7 = _wgrad_tap(acc7, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 7,
-                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N, PAIRS)
+            acc7 = _wgrad_tap(acc7, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows,
+                              r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 7, S, PAD, PROLOGUE, INPUT_PRECISION,
+                              BLOCK_P, BLOCK_N, PAIRS)
         if TAPS > 8:
-            acc8 = _wgrad_tap(acc8, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 8,
-                              S, PAD, PROLOGUE, INPUT_PRECISION, BLOCK_P, BLOCK_N, PAIRS)
+            acc8 = _wgrad_tap(acc8, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows,
+                              r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 8, S, PAD, PROLOGUE, INPUT_PRECISION,
+                              BLOCK_P, BLOCK_N, PAIRS)
 
     RSC = R * S * C
     offs_k = k0 + tl.arange(0, BLOCK_M)

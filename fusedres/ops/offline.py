@@ -456,7 +456,10 @@ def plan_jobs(
         )
     # (conv role, dtype, config, stride, launcher call); the per-channel kernels are named after themselves.
     launches: list[
-        tuple[str | None, torch.dtype, ConvConfig | HopperConfig | HopperWgradConfig | None, int | None, Callable[[], object]]
+        tuple[
+            str | None, torch.dtype, ConvConfig | HopperConfig | HopperWgradConfig | None, int | None,
+            Callable[[], object],
+        ]
     ] = []
     # Builds made for sm_90 only: the Hopper engine (it runs nowhere else), and the launches whose
     # reductions take the atomic ticket (same kernels as the ordinary builds plus the ticket
