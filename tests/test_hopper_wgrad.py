@@ -91,6 +91,16 @@ def test_wgrad_one_image_wide_channels(poison, device, dtype):
     _check(device, dtype, 3, 1, 1, True, splits=None, n=1, c=40, h=7, w=7, k=80, like_nchw=True)
 
 
+def test_wgrad_two_warpgroups(poison, device):
+    """The Cout >= 128 tile (128 dy rows per program, 8 warps) with 144 output channels: a full
+    and a mostly empty Cout block."""
+    from fusedres.ops.configs import hopper_wgrad_config
+
+    cfg = hopper_wgrad_config(C, 144, 3, 1, torch.bfloat16)
+    assert (cfg.block_m, cfg.num_warps) == (128, 8)
+    _check(device, torch.bfloat16, 3, 1, 1, True, config=cfg, k=144)
+
+
 def test_wgrad_strided_1x1(poison, device):
     """The projection shortcut: 1x1 at stride 2, the descriptor over x's strided view."""
     _check(device, torch.bfloat16, 1, 0, 2, True, h=9, w=19)

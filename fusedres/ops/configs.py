@@ -194,7 +194,13 @@ def hopper_wgrad_config(cin: int, cout: int, ksize: int, stride: int, dtype: tor
     """All R*S taps per program, so that each dy box serves every tap: R*S accumulators of
     64 x block_n fp32 on one warpgroup (3x3: 9 x 64 x 32 / 128 threads = 144 registers), and R*S
     activation boxes per stage (3x3, bf16, an 8x8 rectangle: 9 x 4 KB + the 8 KB dy box, two
-    stages 88 KB). A 1x1 kernel has one accumulator: up to 64 input channels, an 8x16 rectangle."""
+    stages 88 KB; three stages, two buffers each at sm_90: 100 KB, 2 CTAs/SM). Cout >= 128 takes
+    two warpgroups (Cout 128 per CTA) that share each transformed activation tile, halving the
+    prologue's instructions per HGMMA (sm_90 SASS, benchmarks/NOTES.md section 3: 30.9 -> 23.0
+    instructions per HGMMA.64x32x16, issue cap 52% -> 70%; 8 warps x 232 registers is 1 CTA/SM).
+    A 1x1 kernel has one accumulator: up to 64 input channels, an 8x16 rectangle."""
     if ksize == 1:
         return HopperWgradConfig(8, 16, 64, _pow2_clamp(cin, 16, 64), 1, 4, 3)
+    if cout >= 128:
+        return HopperWgradConfig(8, 8, 128, _pow2_clamp(cin, 16, 32), ksize * ksize, 8, 3)
     return HopperWgradConfig(8, 8, 64, _pow2_clamp(cin, 16, 32), ksize * ksize, 4, 3)
