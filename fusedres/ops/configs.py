@@ -201,6 +201,8 @@ def hopper_wgrad_config(cin: int, cout: int, ksize: int, stride: int, dtype: tor
     A 1x1 kernel has one accumulator: up to 64 input channels, an 8x16 rectangle."""
     if ksize == 1:
         return HopperWgradConfig(8, 16, 64, _pow2_clamp(cin, 16, 64), 1, 4, 3)
+    # fp32 (TF32) at 32 input channels: 255 registers, 68 bytes of spill and 200 KB (sm_90, 3.8).
+    block_n = _pow2_clamp(cin, 16, 16 if dtype == torch.float32 else 32)
     if cout >= 128:
-        return HopperWgradConfig(8, 8, 128, _pow2_clamp(cin, 16, 32), ksize * ksize, 8, 3)
-    return HopperWgradConfig(8, 8, 64, _pow2_clamp(cin, 16, 32), ksize * ksize, 4, 3)
+        return HopperWgradConfig(8, 8, 128, block_n, ksize * ksize, 8, 3)
+    return HopperWgradConfig(8, 8, 64, block_n, ksize * ksize, 4, 3)
