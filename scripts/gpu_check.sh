@@ -17,6 +17,8 @@
 #                (same results) and the cuDNN route at the DESIGN §5 and CIFAR shapes -> train.txt
 #   hopper-dgrad the same script for the sm_90 stride-1 dgrad (BN-ReLU backward fused, and plain)
 #                                                                -> train.txt
+#   hopper-wgrad the same script for the sm_90 wgrad (BN-ReLU recomputed, and plain; bitwise
+#                run to run)                                     -> train.txt
 #   train-fused  fusedres train, ResNet-164, 50 steps, --fused (issue #6) -> train.txt (appended)
 #   train-eager  the same with --eager                                  -> train.txt (appended)
 #   bench-compile  the quick blocks/networks again with the torch.compile column, each compilation
@@ -152,24 +154,27 @@ if [ -n "$part" ]; then
 fi
 
 # Seconds promised to each stage by the ones before it (its limit is at least this minus the 20 s grace).
-MIN_HOST=50 MIN_KERNELS=50 MIN_HOPPER=45 MIN_HOPPER_DGRAD=45 MIN_TRAIN_FUSED=60 MIN_TRAIN_EAGER=35 MIN_TESTS=140
+MIN_HOST=50 MIN_KERNELS=50 MIN_HOPPER=45 MIN_HOPPER_DGRAD=45 MIN_HOPPER_WGRAD=45 MIN_TRAIN_FUSED=60 MIN_TRAIN_EAGER=35 MIN_TESTS=140
 
 FUSEDRES_BENCH_COMPILE=0 \
-  stage bench-core 300 $(( MIN_HOST + MIN_KERNELS + MIN_HOPPER + MIN_HOPPER_DGRAD + MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) \
+  stage bench-core 300 $(( MIN_HOST + MIN_KERNELS + MIN_HOPPER + MIN_HOPPER_DGRAD + MIN_HOPPER_WGRAD + MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) \
   "$OUT/bench.txt" "${bench[@]}" benchmarks/ --quick
 
 # Where a launched fused step's host time goes, and the direct launch path against Triton's (NOTES log 4-5).
-stage host-profile 60 $(( MIN_KERNELS + MIN_HOPPER + MIN_HOPPER_DGRAD + MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train.txt" \
+stage host-profile 60 $(( MIN_KERNELS + MIN_HOPPER + MIN_HOPPER_DGRAD + MIN_HOPPER_WGRAD + MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train.txt" \
   python3 scripts/host_profile.py 20
 # Where a step's GPU time goes: per-kernel times, fused (each route) and eager (NOTES §4 item 1a).
-stage kernel-profile 60 $(( MIN_HOPPER + MIN_HOPPER_DGRAD + MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train.txt" \
+stage kernel-profile 60 $(( MIN_HOPPER + MIN_HOPPER_DGRAD + MIN_HOPPER_WGRAD + MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train.txt" \
   python3 scripts/kernel_profile.py 5
 # The sm_90 fprop engine (issue #12) against the pointer engine (same results) and cuDNN, NOTES §3.
-stage hopper-fprop 60 $(( MIN_HOPPER_DGRAD + MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train.txt" \
+stage hopper-fprop 60 $(( MIN_HOPPER_DGRAD + MIN_HOPPER_WGRAD + MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train.txt" \
   python3 scripts/hopper_fprop_bench.py 30 fprop
 # The sm_90 stride-1 dgrad (issue #12) likewise, NOTES §3.
-stage hopper-dgrad 60 $(( MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train.txt" \
+stage hopper-dgrad 60 $(( MIN_HOPPER_WGRAD + MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train.txt" \
   python3 scripts/hopper_fprop_bench.py 30 dgrad
+# The sm_90 wgrad (issue #12 item 4) likewise, NOTES §3.
+stage hopper-wgrad 60 $(( MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train.txt" \
+  python3 scripts/hopper_fprop_bench.py 30 wgrad
 
 train=(python3 -m fusedres train --synthetic --steps 50 --depth 164 --batch-size 128 --channels-last --amp)
 stage train-fused 80 $(( MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train.txt" "${train[@]}" --fused

@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
 """The sm_90 engine on a GPU: same results as the pointer engine, and its time beside the
 pointer engine's and cuDNN's, for fprop (the cuDNN route: BN-ReLU pass + conv + statistics pass)
-and the stride-1 dgrad (the cuDNN route: conv backward + BN-ReLU-backward pass).
+the stride-1 dgrad (the cuDNN route: conv backward + BN-ReLU-backward pass) and the wgrad (the
+cuDNN route: BN-ReLU pass + conv backward).
 
-    python3 scripts/hopper_fprop_bench.py [reps] [fprop|dgrad|both]
+    python3 scripts/hopper_fprop_bench.py [reps] [fprop|dgrad|wgrad|both|all]
+
+("both" = fprop and dgrad, "all" = the three.)
 
 Shapes: DESIGN.md section 5 (bf16, N=256) and the CIFAR bottleneck's three convolutions (N=128,
 32x32), each fused and plain. Fused fprop: BN-ReLU prologue, statistics of the output, + residual
 where the block has one; fused dgrad: the BatchNorm-ReLU backward (mask from x, dz, the sums
-reduced in the launch). Prints one line per shape and role: relative difference against the
+reduced in the launch); fused wgrad: the BN-ReLU recomputed, the splits merged in the launch.
+Prints one line per shape and role: relative difference against the
 pointer engine (output, and the statistics or sums; MISMATCH above 2e-2 fails the run), median
 microseconds of each engine (triton.testing.do_bench), and the engine ``FUSEDRES_CONV_ENGINE=auto``
 picks.
@@ -76,16 +80,49 @@ def dgrad(reps: int, dev: torch.device) -> int:
     return bad
 
 
+def wgrad(reps: int, dev: torch.device) -> int:
+    """The wgrad rows (stride 1); returns the number of mismatches. The two engines split and sum
+    the pixels in different orders: equal within rounding, not bitwise."""
+    cl = torch.channels_last
+    bad = 0
+    for label, n, cin, cout, h, k, _ in SHAPES:
+        x = torch.randn(n, cin, h, h, device=dev, dtype=torch.bfloat16).contiguous(memory_format=cl)
+        dy = torch.randn(n, cout, h, h, device=dev, dtype=torch.bfloat16).contiguous(memory_format=cl)
+        w = torch.empty(cout, cin, k, k, device=dev, dtype=torch.bfloat16).contiguous(memory_format=cl)
+        sc, sh = torch.rand(cin, device=dev) + 0.5, torch.randn(cin, device=dev) * 0.3
+        for fused in (True, False):
+            kw = dict(stride=1, padding=k // 2, weight_like=w)
+            if fused:
+                kw.update(scale=sc, shift=sh)
+            dw_h = hopper.conv_wgrad(dy, x, **kw)
+            again = hopper.conv_wgrad(dy, x, **kw)
+            dw_p = conv.conv_wgrad(dy, x, **kw)
+            diff = _rel(dw_h, dw_p)
+            ok = diff < 2e-2 and torch.equal(dw_h, again)
+            bad += not ok
+            with route.force("cudnn"):
+                t_cudnn = _time(route.conv_wgrad, dy, x, kw, reps)
+            t_h = _time(hopper.conv_wgrad, dy, x, kw, reps)
+            t_p = _time(conv.conv_wgrad, dy, x, kw, reps)
+            picks = "pointer" if hopper.unsupported_wgrad(dy, x, w, stride=1, padding=k // 2) else "hopper"
+            print(f"wgrad {label:18s} {'fused' if fused else 'plain'}  diff {diff:.1e} {'ok' if ok else 'MISMATCH'}  "
+                  f"hopper {1e3 * t_h:8.1f} us  pointer {1e3 * t_p:8.1f} us  cudnn-route {1e3 * t_cudnn:8.1f} us  "
+                  f"auto picks {picks}", flush=True)
+    return bad
+
+
 def main() -> int:
     reps = int(sys.argv[1]) if len(sys.argv) > 1 else 50
     roles = sys.argv[2] if len(sys.argv) > 2 else "both"
-    if roles not in ("fprop", "dgrad", "both"):
-        raise SystemExit(f"role must be fprop, dgrad or both, got {roles!r}")
+    if roles not in ("fprop", "dgrad", "wgrad", "both", "all"):
+        raise SystemExit(f"role must be fprop, dgrad, wgrad, both or all, got {roles!r}")
     dev = torch.device("cuda")
     print(f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}, triton {triton.__version__}")
-    bad = fprop(reps, dev) if roles != "dgrad" else 0
-    if roles != "fprop":
+    bad = fprop(reps, dev) if roles in ("fprop", "both", "all") else 0
+    if roles in ("dgrad", "both", "all"):
         bad += dgrad(reps, dev)
+    if roles in ("wgrad", "all"):
+        bad += wgrad(reps, dev)
     return 1 if bad else 0
 
 

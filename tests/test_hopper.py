@@ -278,9 +278,10 @@ def test_route_runs_the_hopper_engine(poison, device):
 def test_block_trains_on_the_hopper_engine(poison, device):
     """A basic block's forward convolutions and input gradients on the Hopper engine, its
     statistics partials through the BatchNorm finalize, its backward sums through the dgrad's
-    ticket, the weight gradients on the pointer kernel: the same training as eager."""
+    ticket, the weight gradients through the Hopper wgrad's split-merge ticket: the same training
+    as eager."""
     block = fusedres.PreActBasicBlock(16, 16)
-    with route.engine("hopper"), launched("hopper_fprop_kernel", "hopper_dgrad_kernel", "conv_wgrad_kernel"):
+    with route.engine("hopper"), launched("hopper_fprop_kernel", "hopper_dgrad_kernel", "hopper_wgrad_kernel"):
         r = check_module(block, (1, 16, 9, 7), dtype=torch.float32, device=device, steps=1)
     bad = r.failures(torch.float32)
     assert not bad, "; ".join(bad)

@@ -115,6 +115,19 @@ def test_every_kernel_compiles_within_shared_memory(tmp_path: Path) -> None:
         cfg = hopper_dgrad_config(cin, cout, k, 1, torch.bfloat16)
         assert (cfg, f"{k}x{k}") in dgrad_tiles, f"Hopper dgrad {cin}->{cout} {k}x{k} not built"
     assert all(r["ticket"] for r in dgrad_rows), "a Hopper dgrad build without its sums ticket"
+    # The sm_90 wgrad: one bf16 build per distinct default tile of the same shapes (the BN-ReLU
+    # recomputed, the splits merged by the last split's ticket, ordered as checked below), no spill.
+    from fusedres.ops.configs import HopperWgradConfig, hopper_wgrad_config
+
+    wgrad_rows = [r for r in rows if r["role"] == "wgrad-hopper" and r["arch"] == "sm_90"]
+    wgrad_built = {HopperWgradConfig(**r["config"]) for r in wgrad_rows if r["status"] == "ok"}
+    for cin, cout, k in HOPPER_DGRAD_SHAPES:
+        cfg = hopper_wgrad_config(cin, cout, k, 1, torch.bfloat16)
+        assert cfg in wgrad_built, f"Hopper wgrad {cin}->{cout} {k}x{k} ({cfg}) not built"
+    assert all(r["ticket"] for r in wgrad_rows), "a Hopper wgrad build without its split-merge ticket"
+    spilled = [(r["tile"], r["spill_stores"], r["spill_loads"])
+               for r in wgrad_rows if r["spill_stores"] or r["spill_loads"]]
+    assert not spilled, f"Hopper wgrad builds that spill: {spilled}"
     for arch in ARCHS:
         kernels = {r["role"] for r in rows if r["arch"] == arch}
         assert PER_CHANNEL_KERNELS <= kernels, f"{arch}: missing {PER_CHANNEL_KERNELS - kernels}"

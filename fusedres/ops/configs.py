@@ -171,3 +171,38 @@ def all_hopper_configs() -> set[tuple[HopperConfig, torch.dtype]]:
         for cout in _CHANNELS
         if hopper_block_k(cin, dtype)
     }
+
+
+@dataclass(frozen=True)
+class HopperWgradConfig:
+    """Tile of the sm_90 weight gradient (:func:`fusedres.ops.hopper.conv_wgrad`): ``block_m``
+    output channels (wgmma's M; dy rows past Cout zero-filled) x ``block_n`` input channels x
+    ``taps`` filter taps (one accumulator each), reduced over ``block_h`` x ``block_w`` output-pixel
+    rectangles (wgmma's K: one dy box per rectangle, read once for all ``taps``)."""
+
+    block_h: int
+    block_w: int
+    block_m: int
+    block_n: int
+    taps: int
+    num_warps: int
+    num_stages: int
+
+
+@functools.cache  # called per launch: a lookup instead of a new dataclass
+def hopper_wgrad_config(cin: int, cout: int, ksize: int, stride: int, dtype: torch.dtype) -> HopperWgradConfig:
+    """All R*S taps per program, so that each dy box serves every tap: R*S accumulators of
+    64 x block_n fp32 on one warpgroup (3x3: 9 x 64 x 32 / 128 threads = 144 registers), and R*S
+    activation boxes per stage (3x3, bf16, an 8x8 rectangle: 9 x 4 KB + the 8 KB dy box, two
+    stages 88 KB; three stages, two buffers each at sm_90: 100 KB, 2 CTAs/SM). Cout >= 128 takes
+    two warpgroups (Cout 128 per CTA) that share each transformed activation tile, halving the
+    prologue's instructions per HGMMA (sm_90 SASS, benchmarks/NOTES.md section 3: 30.9 -> 23.0
+    instructions per HGMMA.64x32x16, issue cap 52% -> 70%; 8 warps x 232 registers is 1 CTA/SM).
+    A 1x1 kernel has one accumulator: up to 64 input channels, an 8x16 rectangle."""
+    if ksize == 1:
+        return HopperWgradConfig(8, 16, 64, _pow2_clamp(cin, 16, 64), 1, 4, 3)
+    # fp32 (TF32) at 32 input channels: 255 registers, 68 bytes of spill and 200 KB (sm_90, 3.8).
+    block_n = _pow2_clamp(cin, 16, 16 if dtype == torch.float32 else 32)
+    if cout >= 128:
+        return HopperWgradConfig(8, 8, 128, block_n, ksize * ksize, 8, 3)
+    return HopperWgradConfig(8, 8, 64, block_n, ksize * ksize, 4, 3)

@@ -2,8 +2,8 @@
 
 :mod:`fusedres.ops.conv` is the portable engine (pointer loads, any strides, any architecture);
 this module is the Hopper one, with the same launcher contract; :mod:`fusedres.ops.route` picks
-between them (and cuDNN) in one place. Built so far: fprop, and dgrad at stride 1
-(:func:`conv_dgrad`, contract below).
+between them (and cuDNN) in one place. Built so far: fprop, dgrad at stride 1
+(:func:`conv_dgrad`) and wgrad (:func:`conv_wgrad`), contracts below.
 
 Layout contract of :func:`conv_fprop` (what :func:`unsupported` checks; the route falls back to
 the pointer engine, with the reason, wherever one does not hold):
@@ -39,6 +39,17 @@ multiple of 16; Cin may be anything (weight rows past it are zero-filled, dz sto
 kernel's (:func:`fusedres.ops.conv.dgrad_epilogue`) on the transposed accumulator, with the
 per-rectangle partial sums of the BatchNorm backward reduced by the launch's last program
 (``sums_ticket``) exactly as there: the same contract, ``(psum, psumx)`` or a ``Sums``.
+
+:func:`conv_wgrad` (stride 1, or a 1x1 without padding at any stride; :func:`unsupported_wgrad`)
+reads each dy box once for all the filter taps a program serves: a program holds one fp32
+accumulator per tap (all R*S, up to 9) for a 64-channel block of Cout and a block of Cin, and per
+output-pixel rectangle of its split loads the dy box (wgmma's A, dy^T; pixels are the GEMM's K)
+and each tap's activation box (B, the BN-ReLU recomputed in registers and masked to 0 outside the
+image). ``dy`` and ``x`` must be dense channels_last, 16-byte aligned, with 16-byte rows of
+channels (Cin and Cout otherwise anything: boxes past them are zero-filled, stores masked). The
+split-K partials go to :func:`fusedres.ops.conv.conv_wgrad`'s workspace and are merged in split
+order by the last split's ticket, or returned as its :class:`~fusedres.ops.conv.PendingWgrad`:
+the same bits either way, every run.
 """
 
 from __future__ import annotations
@@ -48,7 +59,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .._runtime import cdiv, launch
+from .._runtime import cdiv, launch, sm_count
 from . import bn as bn_ops
 from .bn import _last_ticket, chan_merge, finalize_channels, pixels, relu
 from .configs import (
@@ -56,11 +67,13 @@ from .configs import (
     FINALIZE_BLOCK_T,
     TWO_LEVEL_TILES,
     HopperConfig,
+    HopperWgradConfig,
     hopper_block_k,
     hopper_dgrad_config,
     hopper_fprop_config,
+    hopper_wgrad_config,
 )
-from .conv import conv_out_size, dgrad_epilogue, input_precision
+from .conv import PendingWgrad, conv_out_size, dgrad_epilogue, input_precision
 from .weights import cached_layout
 
 
@@ -328,6 +341,203 @@ def _merge_image(pmean_ptr, pm2_ptr, n, K, OH, OW, TILES_H, TILES_W, offs_c, c_o
 
 
 @triton.jit
+def _wgrad_pad_mask(y, ohs, ows, r, s, r_lo, r_hi, s_lo, s_hi, H, W, PAD: tl.constexpr):
+    """The transformed activation with the taps outside the image at exactly 0 (the copy engine's
+    zero is not 0 after the BN-ReLU: relu(shift)). Only a tap that leaves the image for one of the
+    rectangle's stored pixels needs it (the others branch around): the overhang's pixels have
+    dy = 0 (zero-filled), so their activation, finite, adds nothing."""
+    if (r < r_lo) | (r > r_hi) | (s < s_lo) | (s > s_hi):
+        y = tl.where(_inside(ohs, ows, r - PAD, s - PAD, H, W)[:, None], y, 0.0)
+    return y
+
+
+@triton.jit
+def _wgrad_tap(acc, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows, r_lo, r_hi, s_lo, s_hi, H, W, tap,
+               S: tl.constexpr, PAD: tl.constexpr, PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+               BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PAIRS: tl.constexpr):
+    """acc += dy^T . act(x) at filter tap ``tap``: the tap's activation box (the copy engine
+    zero-fills what lies outside the image), with the prologue transformed in registers and
+    masked to exactly 0 outside the image (:func:`_wgrad_pad_mask`)."""
+    r = tap // S
+    s = tap - r * S
+    if PAIRS:
+        # a 16-bit x through its uint32 view, two adjacent channels per element (as the fprop
+        # engine's prologue: a shift and an AND unpack a bf16 pair)
+        u = x_desc.load([n, oh0 + r - PAD, ow0 + s - PAD, c0 // 2]).reshape(BLOCK_P, BLOCK_N // 2)
+        u = u.to(tl.uint32, bitcast=True)
+        if dyt.dtype == tl.bfloat16:
+            lo = (u << 16).to(tl.float32, bitcast=True)
+            hi = (u & 0xFFFF0000).to(tl.float32, bitcast=True)
+        else:
+            lo = u.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            hi = (u >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        sc_lo, sc_hi = tl.split(sc.reshape(BLOCK_N // 2, 2))
+        sh_lo, sh_hi = tl.split(sh.reshape(BLOCK_N // 2, 2))
+        y = tl.join(lo * sc_lo[None, :] + sh_lo[None, :], hi * sc_hi[None, :] + sh_hi[None, :])
+        y = y.reshape(BLOCK_P, BLOCK_N)
+        if PAD > 0:
+            y = _wgrad_pad_mask(y, ohs, ows, r, s, r_lo, r_hi, s_lo, s_hi, H, W, PAD)
+        v = relu(y).to(dyt.dtype)
+    else:
+        v = x_desc.load([n, oh0 + r - PAD, ow0 + s - PAD, c0]).reshape(BLOCK_P, BLOCK_N)
+        if PROLOGUE:
+            y = v.to(tl.float32) * sc[None, :] + sh[None, :]
+            if PAD > 0:
+                y = _wgrad_pad_mask(y, ohs, ows, r, s, r_lo, r_hi, s_lo, s_hi, H, W, PAD)
+            v = relu(y).to(dyt.dtype)
+    return tl.dot(dyt, v, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _wgrad_store_tap(acc, ws_tile, tap, C, tile_ok):
+    tl.store(ws_tile + tap * C, acc, mask=tile_ok)
+
+
+@triton.jit
+def hopper_wgrad_kernel(
+    dy_desc, x_desc, scale_ptr, shift_ptr, ws_ptr, counter_ptr, dw_ptr,
+    H, W, OH, OW, C, K, TILES_H, TILES_W, TILES, TILES_PER_SPLIT,
+    swk, swc, swr, sws,
+    R: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, TAPS: tl.constexpr,
+    PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr, TICKET: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAIRS: tl.constexpr,
+):
+    """ws[split, k, r, s, c] = sum over this split's pixel rectangles of dy[p, k] * act(x)[p + tap(r,s) - PAD, c].
+
+    Program (i, j, split): output channels [i*BLOCK_M, +BLOCK_M) x input channels of block
+    j // (R*S/TAPS) x the TAPS taps of group j % (R*S/TAPS) (all R*S when TAPS = R*S), over the
+    rectangles [split*TILES_PER_SPLIT, +TILES_PER_SPLIT) (row-major over the images' tile grids).
+    Per rectangle one dy box [BLOCK_H*BLOCK_W, BLOCK_M] is loaded and serves every tap as wgmma's
+    A (dy^T from shared memory), each tap's activation box its B; the pixels are wgmma's K.
+    The workspace is the pointer wgrad's, fp32 contiguous (splits, K, R, S, C); with TICKET the
+    last split of each tile sums the splits' partials in split order from zero into ``dw``, the
+    arithmetic of :func:`fusedres.ops.conv.wgrad_reduce_kernel` (the same bits either way).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    split = tl.program_id(2)
+    GROUPS: tl.constexpr = (R * S) // TAPS
+    cb = pid_n // GROUPS
+    tap0 = (pid_n - cb * GROUPS) * TAPS
+    k0 = pid_m * BLOCK_M
+    c0 = cb * BLOCK_N
+    BLOCK_P: tl.constexpr = BLOCK_H * BLOCK_W
+    rows = tl.arange(0, BLOCK_P)
+    offs_c = c0 + tl.arange(0, BLOCK_N)
+    c_ok = offs_c < C
+    if PROLOGUE:
+        sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
+        sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
+    else:
+        sc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        sh = sc
+    per_image = TILES_H * TILES_W
+    t_start = split * TILES_PER_SPLIT
+    t_end = tl.minimum(TILES, t_start + TILES_PER_SPLIT)
+    acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
+    acc4 = acc0
+    acc5 = acc0
+    acc6 = acc0
+    acc7 = acc0
+    acc8 = acc0
+    for t in range(t_start, t_end):
+        n = t // per_image
+        th = (t - n * per_image) // TILES_W
+        oh0 = th * BLOCK_H
+        ow0 = (t - n * per_image - th * TILES_W) * BLOCK_W
+        ohs = oh0 + rows // BLOCK_W
+        ows = ow0 + rows % BLOCK_W
+        # Filter rows r in [r_lo, r_hi] (columns s in [s_lo, s_hi]) read inside the image for
+        # every stored pixel of the rectangle (the fprop engine's PAD_BRANCH).
+        r_lo = PAD - oh0
+        r_hi = H + PAD - tl.minimum(oh0 + BLOCK_H, OH)
+        s_lo = PAD - ow0
+        s_hi = W + PAD - tl.minimum(ow0 + BLOCK_W, OW)
+        # The rectangle's dy, read once for all TAPS taps (rows past OH/OW and channels past K
+        # zero-filled by the copy engine).
+        dyt = tl.trans(dy_desc.load([n, oh0, ow0, k0]).reshape(BLOCK_P, BLOCK_M))
+        acc0 = _wgrad_tap(acc0, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows,
+                          r_lo, r_hi, s_lo, s_hi, H, W, tap0, S, PAD, PROLOGUE, INPUT_PRECISION,
+                          BLOCK_P, BLOCK_N, PAIRS)
+        if TAPS > 1:
+            acc1 = _wgrad_tap(acc1, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows,
+                              r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 1, S, PAD, PROLOGUE, INPUT_PRECISION,
+                              BLOCK_P, BLOCK_N, PAIRS)
+        if TAPS > 2:
+            acc2 = _wgrad_tap(acc2, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows,
+                              r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 2, S, PAD, PROLOGUE, INPUT_PRECISION,
+                              BLOCK_P, BLOCK_N, PAIRS)
+        if TAPS > 3:
+            acc3 = _wgrad_tap(acc3, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows,
+                              r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 3, S, PAD, PROLOGUE, INPUT_PRECISION,
+                              BLOCK_P, BLOCK_N, PAIRS)
+        if TAPS > 4:
+            acc4 = _wgrad_tap(acc4, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows,
+                              r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 4, S, PAD, PROLOGUE, INPUT_PRECISION,
+                              BLOCK_P, BLOCK_N, PAIRS)
+        if TAPS > 5:
+            acc5 = _wgrad_tap(acc5, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows,
+                              r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 5, S, PAD, PROLOGUE, INPUT_PRECISION,
+                              BLOCK_P, BLOCK_N, PAIRS)
+        if TAPS > 6:
+            acc6 = _wgrad_tap(acc6, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows,
+                              r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 6, S, PAD, PROLOGUE, INPUT_PRECISION,
+                              BLOCK_P, BLOCK_N, PAIRS)
+        if TAPS > 7:
+            acc7 = _wgrad_tap(acc7, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows,
+                              r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 7, S, PAD, PROLOGUE, INPUT_PRECISION,
+                              BLOCK_P, BLOCK_N, PAIRS)
+        if TAPS > 8:
+            acc8 = _wgrad_tap(acc8, dyt, x_desc, sc, sh, n, oh0, ow0, c0, ohs, ows,
+                              r_lo, r_hi, s_lo, s_hi, H, W, tap0 + 8, S, PAD, PROLOGUE, INPUT_PRECISION,
+                              BLOCK_P, BLOCK_N, PAIRS)
+
+    RSC = R * S * C
+    offs_k = k0 + tl.arange(0, BLOCK_M)
+    k64 = offs_k.to(tl.int64)[:, None]
+    tile_ok = (offs_k < K)[:, None] & c_ok[None, :]
+    ws_tile = ws_ptr + split.to(tl.int64) * K * RSC + k64 * RSC + offs_c[None, :]
+    _wgrad_store_tap(acc0, ws_tile, tap0, C, tile_ok)
+    if TAPS > 1:
+        _wgrad_store_tap(acc1, ws_tile, tap0 + 1, C, tile_ok)
+    if TAPS > 2:
+        _wgrad_store_tap(acc2, ws_tile, tap0 + 2, C, tile_ok)
+    if TAPS > 3:
+        _wgrad_store_tap(acc3, ws_tile, tap0 + 3, C, tile_ok)
+    if TAPS > 4:
+        _wgrad_store_tap(acc4, ws_tile, tap0 + 4, C, tile_ok)
+    if TAPS > 5:
+        _wgrad_store_tap(acc5, ws_tile, tap0 + 5, C, tile_ok)
+    if TAPS > 6:
+        _wgrad_store_tap(acc6, ws_tile, tap0 + 6, C, tile_ok)
+    if TAPS > 7:
+        _wgrad_store_tap(acc7, ws_tile, tap0 + 7, C, tile_ok)
+    if TAPS > 8:
+        _wgrad_store_tap(acc8, ws_tile, tap0 + 8, C, tile_ok)
+    if TICKET:
+        # the ordering argument of fusedres.ops.bn._last_ticket: every split's workspace tiles are
+        # stored before its release, and read from L2 after the last split's acquire
+        splits = tl.num_programs(2)
+        if _last_ticket(counter_ptr + pid_m * tl.num_programs(1) + pid_n, splits):
+            total = K * RSC
+            for i in tl.static_range(TAPS):
+                tap = tap0 + i
+                r = tap // S
+                s = tap - r * S
+                ptrs = ws_ptr + k64 * RSC + tap * C + offs_c[None, :]
+                red = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for _ in range(0, splits):  # split after split from zero, as _wgrad_reduce_block
+                    red += tl.load(ptrs, mask=tile_ok, other=0.0, cache_modifier=".cg")
+                    ptrs += total
+                dw_ptrs = dw_ptr + k64 * swk + offs_c[None, :] * swc + r * swr + s * sws
+                tl.store(dw_ptrs, red.to(dw_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
 def hopper_stats_merge_kernel(
     pmean_ptr, pm2_ptr, K, OH, OW, TILES_H, TILES_W, out_mean_ptr, out_m2_ptr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -563,3 +773,90 @@ def conv_dgrad(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dz, sums
+
+
+def unsupported_wgrad(dy: torch.Tensor, x: torch.Tensor, weight_like: torch.Tensor, *, stride: int,
+                      padding: int) -> str | None:
+    """Why :func:`conv_wgrad` cannot take this weight gradient (a reason the route reports), or None."""
+    _, _, R, S = weight_like.shape
+    if stride != 1 and (R, S, padding) != (1, 1, 0):
+        return f"stride {stride} with a {R}x{S} kernel (padding {padding}): a TMA box reads a dense window"
+    if R * S > 9:
+        return f"a {R}x{S} kernel: more than 9 taps (one accumulator per tap)"
+    if x.dtype == torch.float32 and input_precision(x.dtype) == "ieee":
+        return "fp32 without TF32 (torch.backends.cudnn.allow_tf32 is False): wgmma has no fp32 product"
+    if dy.dtype != x.dtype:
+        return f"dy is {dy.dtype} and x {x.dtype}: one wgmma operand type"
+    if not _tma_ready(dy):
+        return (f"dy is not dense channels_last at a 16-byte aligned address with 16-byte rows of channels "
+                f"(Cout={dy.shape[1]}, strides {tuple(dy.stride())})")
+    if not _tma_ready(x):
+        return (f"x is not dense channels_last at a 16-byte aligned address with 16-byte rows of channels "
+                f"(Cin={x.shape[1]}, strides {tuple(x.stride())})")
+    return None
+
+
+def conv_wgrad(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight_like: torch.Tensor,
+    *,
+    stride: int,
+    padding: int,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    splits: int | None = None,
+    config: HopperWgradConfig | None = None,
+    defer_reduce: bool = False,
+) -> torch.Tensor | PendingWgrad:
+    """:func:`fusedres.ops.conv.conv_wgrad` on the sm_90 engine: the same arguments, results and
+    workspace (fp32 (splits, K, R, S, C)), so that without the ticket (or with ``defer_reduce`` and
+    the ticket off) the same :class:`~fusedres.ops.conv.PendingWgrad` comes back. ``splits``
+    counts pixel-rectangle ranges. A ValueError when :func:`unsupported_wgrad` names a reason."""
+    reason = unsupported_wgrad(dy, x, weight_like, stride=stride, padding=padding)
+    if reason is not None:
+        raise ValueError(f"fusedres.ops.hopper.conv_wgrad: {reason}")
+    N, C, H, W = x.shape
+    K, _, R, S = weight_like.shape
+    _, _, OH, OW = dy.shape
+    cfg = config or hopper_wgrad_config(C, K, R, stride, x.dtype)
+    if (R * S) % cfg.taps or cfg.taps > 9:
+        raise ValueError(f"fusedres.ops.hopper.conv_wgrad: taps={cfg.taps} does not divide {R}x{S}")
+    pixels(N, OH, OW)
+    tiles_h, tiles_w = cdiv(OH, cfg.block_h), cdiv(OW, cfg.block_w)
+    rects = N * tiles_h * tiles_w
+    grid01 = cdiv(K, cfg.block_m) * cdiv(C, cfg.block_n) * (R * S // cfg.taps)
+    if splits is None:
+        splits = max(1, min(cdiv(2 * sm_count(x.device), grid01), cdiv(rects, 4)))
+    per_split = cdiv(rects, splits)
+    splits = cdiv(rects, per_split)
+    # A strided 1x1 reads the strided view of x at stride 1 (as the fprop engine).
+    xh, xw = cdiv(H, stride), cdiv(W, stride)
+    # With the prologue a 16-bit x is read through its uint32 view (channel pairs; PAIRS).
+    pairs = scale is not None and x.element_size() == 2
+    xv, pair = (x.permute(0, 2, 3, 1).view(torch.int32), 2) if pairs else (x, 1)
+    x_desc = TensorDescriptor(xv, [N, xh, xw, C // pair],
+                              [H * W * C // pair, stride * W * C // pair, stride * C // pair, 1],
+                              [1, cfg.block_h, cfg.block_w, cfg.block_n // pair])
+    dy_desc = TensorDescriptor(dy, [N, OH, OW, K], [OH * OW * K, OW * K, K, 1],
+                               [1, cfg.block_h, cfg.block_w, cfg.block_m])
+    ws = torch.empty((splits, K, R, S, C), device=x.device, dtype=torch.float32)
+    dw = torch.empty_like(weight_like)
+    ticket = bn_ops.TICKETS
+    grid = (cdiv(K, cfg.block_m), cdiv(C, cfg.block_n) * (R * S // cfg.taps), splits)
+    counters = bn_ops.ticket_counters(x.device, grid[0] * grid[1]) if ticket else ws
+    prologue = scale is not None
+    launch(
+        hopper_wgrad_kernel, grid,
+        dy_desc, x_desc, scale if prologue else ws, shift if prologue else ws, ws, counters, dw,
+        xh, xw, OH, OW, C, K, tiles_h, tiles_w, rects, per_split,
+        *dw.stride(),
+        R=R, S=S, PAD=padding, TAPS=cfg.taps,
+        PROLOGUE=prologue, INPUT_PRECISION=input_precision(x.dtype), TICKET=ticket,
+        BLOCK_H=cfg.block_h, BLOCK_W=cfg.block_w, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAIRS=pairs,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if ticket:
+        return dw
+    pending = PendingWgrad(ws, dw, splits, S)
+    return pending if defer_reduce else pending.finish()

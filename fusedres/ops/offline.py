@@ -56,7 +56,9 @@ For sm_90 the Hopper engine (:mod:`fusedres.ops.hopper`) is built too: "fprop-ho
 config of :func:`fusedres.ops.configs.all_hopper_configs`, and "dgrad-hopper" (the stride-1
 dgrad with the BatchNorm-backward epilogue, the added gradient and the sums' ticket; bf16) for
 each layer of :data:`HOPPER_DGRAD_SHAPES` at its own kernel size, whatever ``--ksize`` says; its
-label ends in the number of Cout slices and the kernel size ("x2 3x3").
+label ends in the number of Cout slices and the kernel size ("x2 3x3"); and "wgrad-hopper" (the
+BN-ReLU recomputed, the splits merged by the ticket; bf16) for the same layers, labelled with
+the taps per program and the kernel size ("t9 3x3").
 
 The Triton interpreter (``TRITON_INTERPRET=1``) must be off: under it ``@triton.jit`` gives
 functions that cannot be compiled.
@@ -97,9 +99,11 @@ from .configs import (
     TWO_LEVEL_TILES,
     ConvConfig,
     HopperConfig,
+    HopperWgradConfig,
     all_conv_configs,
     all_hopper_configs,
     hopper_dgrad_config,
+    hopper_wgrad_config,
 )
 
 #: Largest shared memory one block may use (the opt-in maximum), in bytes.
@@ -276,6 +280,19 @@ def _hopper_dgrad_launcher(
                                           add=_act(cin, _HW, dtype), reduce_sums=True, **geom)
 
 
+def _hopper_wgrad_launcher(
+    dtype: torch.dtype, cin: int, cout: int, ksize: int
+) -> tuple[HopperWgradConfig, Callable[[], object]]:
+    """The Hopper wgrad of a (cin -> cout, ksize) convolution (stride 1) with its default tile, as a
+    training step's backward runs it: the BN-ReLU recomputed, the splits merged by the ticket."""
+    cfg = hopper_wgrad_config(cin, cout, ksize, 1, dtype)
+    x, dy = _act(cin, _HW, dtype), _act(cout, _HW, dtype)
+    w = torch.empty((cout, cin, ksize, ksize), dtype=dtype).to(memory_format=torch.channels_last)
+    vec = lambda: torch.empty(cin, dtype=torch.float32)  # noqa: E731
+    return cfg, lambda: hopper.conv_wgrad(dy, x, w, stride=1, padding=ksize // 2, scale=vec(), shift=vec(),
+                                          splits=_SPLITS, config=cfg)
+
+
 _TWO_LEVEL_ROWS = 128 * (TWO_LEVEL_TILES + 1)
 
 
@@ -414,6 +431,8 @@ def _tile(constexprs: dict[str, Any], options: dict[str, int]) -> str:
     slices = [f"x{constexprs['NUM_C']}" for _ in range("NUM_C" in constexprs)]  # the Hopper fprop's channel slices
     if "NUM_K" in constexprs:  # the Hopper dgrad: its Cout slices and kernel size
         slices = [f"x{constexprs['NUM_K']} {constexprs['R']}x{constexprs['S']}"]
+    if "TAPS" in constexprs:  # the Hopper wgrad: taps per program and kernel size
+        slices = [f"t{constexprs['TAPS']} {constexprs['R']}x{constexprs['S']}"]
     return " ".join(blocks + slices + given)
 
 
@@ -440,7 +459,10 @@ def plan_jobs(
         )
     # (conv role, dtype, config, stride, launcher call); the per-channel kernels are named after themselves.
     launches: list[
-        tuple[str | None, torch.dtype, ConvConfig | HopperConfig | None, int | None, Callable[[], object]]
+        tuple[
+            str | None, torch.dtype, ConvConfig | HopperConfig | HopperWgradConfig | None, int | None,
+            Callable[[], object],
+        ]
     ] = []
     # Builds made for sm_90 only: the Hopper engine (it runs nowhere else), and the launches whose
     # reductions take the atomic ticket (same kernels as the ordinary builds plus the ticket
@@ -480,6 +502,9 @@ def plan_jobs(
             for fused in (True, False) if plain else (True,):
                 cfg, call = _hopper_dgrad_launcher(torch.bfloat16, cin, cout, k, fused)
                 launches.append(("dgrad-hopper" if fused else "dgrad-hopper-plain", torch.bfloat16, cfg, 1, call))
+        for cin, cout, k in HOPPER_DGRAD_SHAPES:
+            wcfg, call = _hopper_wgrad_launcher(torch.bfloat16, cin, cout, k)
+            launches.append(("wgrad-hopper", torch.bfloat16, wcfg, 1, call))
     for dtype in DTYPES:
         launches.extend((None, dtype, None, None, call) for call in _bn_launchers(dtype))
 
@@ -492,7 +517,8 @@ def plan_jobs(
             # The first launch is the role's own kernel; later ones (wgrad's split reduce) are helpers.
             own = n == 0 and role is not None
             for arch in archs:
-                sm90_kernel = kernel in (hopper.hopper_fprop_kernel, hopper.hopper_dgrad_kernel)
+                sm90_kernel = kernel in (hopper.hopper_fprop_kernel, hopper.hopper_dgrad_kernel,
+                                          hopper.hopper_wgrad_kernel)
                 if (sm90_kernel or index in sm90_only) and arch != "sm_90":
                     continue
                 sig, constexprs, attrs, options = _specialize(kernel, args, kwargs, _target(arch))

@@ -3,8 +3,8 @@ kept around it. This is the one place that chooses.
 
 The two Triton engines have the same launcher contract: :mod:`fusedres.ops.conv`, the portable
 pointer kernels (any architecture, any strides), and :mod:`fusedres.ops.hopper`, the sm_90 engine
-(TMA tensor descriptors, wgmma; fprop, and dgrad at stride 1). :func:`fprop_engine` and
-:func:`dgrad_engine` name the engine and, for the pointer engine, the reason.
+(TMA tensor descriptors, wgmma; fprop, dgrad at stride 1, wgrad). :func:`fprop_engine`,
+:func:`dgrad_engine` and :func:`wgrad_engine` name the engine and, for the pointer engine, the reason.
 ``FUSEDRES_CONV_ENGINE`` (read per call) chooses:
 
 - ``pointer`` (the default): the pointer kernels everywhere. The Hopper engine is correct under
@@ -12,7 +12,8 @@ pointer kernels (any architecture, any strides), and :mod:`fusedres.ops.hopper`,
   has run it yet: it becomes the default on sm_90 (``auto``) once a GPU run shows it matches
   the pointer engine and is faster (``scripts/gpu_check.sh``, stage ``hopper-fprop``).
 - ``auto``: the Hopper engine on an sm_90 GPU wherever its layout rules hold
-  (:func:`fusedres.ops.hopper.unsupported`, :func:`~fusedres.ops.hopper.unsupported_dgrad`), the
+  (:func:`fusedres.ops.hopper.unsupported`, :func:`~fusedres.ops.hopper.unsupported_dgrad`,
+  :func:`~fusedres.ops.hopper.unsupported_wgrad`), the
   pointer kernels elsewhere.
 - ``hopper``: the Hopper engine on any device wherever its layout rules hold.
 
@@ -139,6 +140,17 @@ def dgrad_engine(dy: torch.Tensor, weight: torch.Tensor, stride: int, padding: i
     if wanted == "pointer":
         return wanted, why
     reason = hopper_ops.unsupported_dgrad(dy, weight, stride=stride, padding=padding)
+    return ("pointer", reason) if reason else ("hopper", None)
+
+
+def wgrad_engine(dy: torch.Tensor, x: torch.Tensor, weight_like: torch.Tensor, stride: int,
+                 padding: int) -> tuple[str, str | None]:
+    """:func:`fprop_engine` for the weight gradient of that convolution: the Hopper engine's wgrad
+    (:func:`fusedres.ops.hopper.unsupported_wgrad`)."""
+    wanted, why = _wanted_engine(x.device)
+    if wanted == "pointer":
+        return wanted, why
+    reason = hopper_ops.unsupported_wgrad(dy, x, weight_like, stride=stride, padding=padding)
     return ("pointer", reason) if reason else ("hopper", None)
 
 
@@ -293,6 +305,9 @@ def conv_wgrad(
     K, _, R, _ = weight_like.shape
     _, _, OH, OW = dy.shape
     if choose("wgrad", x.device, C, K, R, stride, N * OH * OW) == "triton":
+        if wgrad_engine(dy, x, weight_like, stride, padding)[0] == "hopper":
+            return hopper_ops.conv_wgrad(dy, x, weight_like, stride=stride, padding=padding, scale=scale,
+                                         shift=shift, defer_reduce=defer_reduce)
         return conv_ops.conv_wgrad(dy, x, weight_like, stride=stride, padding=padding, scale=scale, shift=shift,
                                    defer_reduce=defer_reduce)
     a = bn_ops.bn_relu_apply(x, scale, shift) if scale is not None else _cl(x)
