@@ -5,6 +5,8 @@
 #     OUT=/some/dir FUSEDRES_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_check.sh [--full PART]
 # Without arguments (quick), in this order, most important first:
 #   env          nvidia-smi, versions                                   -> head of stages.txt
+#   ticket-stress tests/test_ticket.py's CUDA stress test: the last-program reductions (atomic
+#                ticket) against the two-launch path bit for bit, 200 repeats, large grids -> pytest.txt
 #   bench-core   the --quick benchmark subset without torch.compile     -> bench.txt, bench/<card>/run-*.json
 #                (7 bf16 block training steps, CIFAR bottlenecks first; CUDA-graph steps of the 3
 #                CIFAR bottleneck blocks; 25 kernel-role rows; ResNet-164 step — in that order)
@@ -13,12 +15,10 @@
 #                a cProfile of each (where the ~110 us per launch go)  -> train.txt
 #   kernel-profile scripts/kernel_profile.py: torch.profiler per-kernel GPU time of the 64/16
 #                bottleneck and the 64ch 56^2 basic block, eager and fused on each route -> train.txt
-#   hopper-fprop scripts/hopper_fprop_bench.py: the sm_90 fprop engine against the pointer engine
-#                (same results) and the cuDNN route at the DESIGN §5 and CIFAR shapes -> train.txt
-#   hopper-dgrad the same script for the sm_90 stride-1 dgrad (BN-ReLU backward fused, and plain)
-#                                                                -> train.txt
-#   hopper-wgrad the same script for the sm_90 wgrad (BN-ReLU recomputed, and plain; bitwise
-#                run to run)                                     -> train.txt
+#   hopper       scripts/hopper_fprop_bench.py 20 all: the sm_90 engine's fprop, stride-1 dgrad and
+#                wgrad (fused and plain) against the pointer engine (same results, MISMATCH fails the
+#                stage; wgrad bitwise run to run) and the cuDNN route at the DESIGN §5 and CIFAR
+#                shapes                                                -> train.txt
 #   train-fused  fusedres train, ResNet-164, 50 steps, --fused (issue #6) -> train.txt (appended)
 #   train-eager  the same with --eager                                  -> train.txt (appended)
 #   bench-compile  the quick blocks/networks again with the torch.compile column, each compilation
@@ -154,27 +154,30 @@ if [ -n "$part" ]; then
 fi
 
 # Seconds promised to each stage by the ones before it (its limit is at least this minus the 20 s grace).
-MIN_HOST=50 MIN_KERNELS=50 MIN_HOPPER=45 MIN_HOPPER_DGRAD=45 MIN_HOPPER_WGRAD=45 MIN_TRAIN_FUSED=60 MIN_TRAIN_EAGER=35 MIN_TESTS=140
+# (All of them sum to ~430 s of the 560: bench-core, the launched and graphed block steps, gets what
+# the ticket stress test leaves of the rest, ~110-140 s.)
+MIN_HOST=40 MIN_KERNELS=40 MIN_HOPPER=90 MIN_TRAIN_FUSED=50 MIN_TRAIN_EAGER=30 MIN_TESTS=120
+AFTER_BENCH=$(( MIN_HOST + MIN_KERNELS + MIN_HOPPER + MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS ))
+
+# First, what every figure after it relies on: the atomic-ticket reductions against the two-launch
+# path bit for bit on real concurrency (tests/test_ticket.py's CUDA stress test; the interpreter
+# runs programs one at a time and cannot show a memory-ordering fault).
+stage ticket-stress 45 $(( AFTER_BENCH + 100 )) "$OUT/pytest.txt" \
+  python3 -m pytest tests/test_ticket.py -q -p no:cacheprovider -k cuda
 
 FUSEDRES_BENCH_COMPILE=0 \
-  stage bench-core 300 $(( MIN_HOST + MIN_KERNELS + MIN_HOPPER + MIN_HOPPER_DGRAD + MIN_HOPPER_WGRAD + MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) \
-  "$OUT/bench.txt" "${bench[@]}" benchmarks/ --quick
+  stage bench-core 300 "$AFTER_BENCH" "$OUT/bench.txt" "${bench[@]}" benchmarks/ --quick
 
 # Where a launched fused step's host time goes, and the direct launch path against Triton's (NOTES log 4-5).
-stage host-profile 60 $(( MIN_KERNELS + MIN_HOPPER + MIN_HOPPER_DGRAD + MIN_HOPPER_WGRAD + MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train.txt" \
+stage host-profile 60 $(( AFTER_BENCH - MIN_HOST )) "$OUT/train.txt" \
   python3 scripts/host_profile.py 20
 # Where a step's GPU time goes: per-kernel times, fused (each route) and eager (NOTES §4 item 1a).
-stage kernel-profile 60 $(( MIN_HOPPER + MIN_HOPPER_DGRAD + MIN_HOPPER_WGRAD + MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train.txt" \
+stage kernel-profile 60 $(( AFTER_BENCH - MIN_HOST - MIN_KERNELS )) "$OUT/train.txt" \
   python3 scripts/kernel_profile.py 5
-# The sm_90 fprop engine (issue #12) against the pointer engine (same results) and cuDNN, NOTES §3.
-stage hopper-fprop 60 $(( MIN_HOPPER_DGRAD + MIN_HOPPER_WGRAD + MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train.txt" \
-  python3 scripts/hopper_fprop_bench.py 30 fprop
-# The sm_90 stride-1 dgrad (issue #12) likewise, NOTES §3.
-stage hopper-dgrad 60 $(( MIN_HOPPER_WGRAD + MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train.txt" \
-  python3 scripts/hopper_fprop_bench.py 30 dgrad
-# The sm_90 wgrad (issue #12 item 4) likewise, NOTES §3.
-stage hopper-wgrad 60 $(( MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train.txt" \
-  python3 scripts/hopper_fprop_bench.py 30 wgrad
+# The sm_90 engine (issue #12): fprop, stride-1 dgrad and wgrad against the pointer engine (same
+# results: MISMATCH fails the stage) and cuDNN, NOTES §3. 20 repetitions each.
+stage hopper 120 $(( MIN_TRAIN_FUSED + MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train.txt" \
+  python3 scripts/hopper_fprop_bench.py 20 all
 
 train=(python3 -m fusedres train --synthetic --steps 50 --depth 164 --batch-size 128 --channels-last --amp)
 stage train-fused 80 $(( MIN_TRAIN_EAGER + MIN_TESTS )) "$OUT/train.txt" "${train[@]}" --fused
