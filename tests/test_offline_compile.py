@@ -216,6 +216,21 @@ def test_sass_profile_reads_the_main_loop() -> None:
     }
     assert "HGMMA.64x64x16 1/iter" in format_sass(p)
     assert sass_profile("")["mma"] == "none"
+    # A kernel without an MMA loop whose wait is out of line: the block after EXIT branches back
+    # into the main code over the HGMMA; that is no loop.
+    straight = """
+        /*0000*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R3 ;
+        /*0010*/              @!P0 BRA 0x60 ;
+        /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8].tnspB, R24, gsb0 ;
+        /*0030*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0040*/                   STG.E [R2.64], R24 ;
+        /*0050*/                   EXIT ;
+        /*0060*/                   SYNCS.PHASECHK.TRANS64 P0, [UR4], R3 ;
+        /*0070*/              @!P0 BRA 0x60 ;
+        /*0080*/                   BRA 0x20 ;
+    """
+    p = sass_profile(straight)
+    assert p["mma"] == "HGMMA.64x64x16" and p["mma_per_iter"] == 0 and p["insns_per_mma"] is None
 
 
 def test_ticket_ordering_reads_ptx() -> None:

@@ -289,8 +289,11 @@ def _hopper_wgrad_launcher(
     x, dy = _act(cin, _HW, dtype), _act(cout, _HW, dtype)
     w = torch.empty((cout, cin, ksize, ksize), dtype=dtype).to(memory_format=torch.channels_last)
     vec = lambda: torch.empty(cin, dtype=torch.float32)  # noqa: E731
+    # One split: it loops over all the image's rectangles (4 of them at 1x1's 8x16 box). With a
+    # split per rectangle the count would be 1, which Triton specializes as a constant: the loop
+    # over rectangles would vanish from the build, and what the SASS profile reads with it.
     return cfg, lambda: hopper.conv_wgrad(dy, x, w, stride=1, padding=ksize // 2, scale=vec(), shift=vec(),
-                                          splits=_SPLITS, config=cfg)
+                                          splits=1, config=cfg)
 
 
 _TWO_LEVEL_ROWS = 128 * (TWO_LEVEL_TILES + 1)
@@ -599,20 +602,29 @@ def sass_profile(sass: str, ttgir: str = "") -> dict[str, Any]:
     (shared-memory stores from registers, STS/STSM: operands staged by the threads rather than
     copied asynchronously), and over the whole kernel ``ldgsts`` / ``ldg`` (asynchronous copies
     and global loads, as {bytes per thread: count}) and ``tma`` (UTMALDG bulk tensor loads).
-    Instructions predicated on ``!PT`` (never executed) are left out. From ``ttgir``, ``buffers``
+    Instructions predicated on ``!PT`` (never executed) are left out, and so is a backward branch
+    whose span holds an unpredicated ``EXIT`` (the return of an out-of-line block into the main
+    code, not a loop). From ``ttgir``, ``buffers``
     lists the shared-memory buffers the software pipeliner allocated (leading dimension = stages,
     e.g. "3x128x64xbf16").
     """
     insns = []
+    exits = []  # unpredicated EXITs: the kernel's end
     for pc, pred, op, operands in _SASS_INSN.findall(sass):
         if pred.strip() == "@!PT":
             continue
         insns.append((int(pc, 16), op, operands))
+        if op == "EXIT" and not pred.strip():
+            exits.append(int(pc, 16))
     loops = []
     for pc, op, operands in insns:
         target = re.search(r"0x([0-9a-f]+)", operands)
         if op.startswith("BRA") and target and int(target.group(1), 16) <= pc:
-            loops.append((int(target.group(1), 16), pc))
+            lo = int(target.group(1), 16)
+            # A branch back from a block placed after the kernel's EXIT (an out-of-line wait that
+            # returns into the main code) spans that EXIT: no loop body.
+            if not any(lo <= e < pc for e in exits):
+                loops.append((lo, pc))
 
     def mma_count(lo: int, hi: int) -> int:
         return sum(lo <= pc <= hi and op.startswith(_MMA_OPS) for pc, op, _ in insns)
