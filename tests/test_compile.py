@@ -235,16 +235,23 @@ def test_reduce_overhead_training_matches_eager(no_tf32: None) -> None:
 
 
 def test_no_weight_cache_while_a_cuda_graph_is_captured(monkeypatch: pytest.MonkeyPatch) -> None:
-    """While a CUDA graph is captured, kernel_weight copies the weight in the graph (a replay must
-    read the weight as it is then) instead of returning the cached copy."""
+    """While a CUDA graph is captured, the weight-layout cache (kernel_weight, and the sm_90
+    dgrad's flipped copy) copies the weight in the graph (a replay must read the weight as it is
+    then) instead of returning the cached copy."""
+    from fusedres.ops import hopper, weights
+
     w = torch.randn(6, 4, 3, 3)  # not channels_last: reordered and cached outside capture
     first = _fused.kernel_weight(w)
     assert _fused.kernel_weight(w) is first  # cached
-    monkeypatch.setattr(_fused.memory, "capturing", lambda t: True)
+    flipped = hopper.dgrad_weight(w)
+    assert hopper.dgrad_weight(w) is flipped
+    monkeypatch.setattr(weights, "capturing", lambda t: True)  # the one cache's capture check
     in_graph = _fused.kernel_weight(w)
     assert in_graph is not first and in_graph.data_ptr() != first.data_ptr()
     assert torch.equal(in_graph, w) and in_graph.is_contiguous(memory_format=torch.channels_last)
     assert _fused.kernel_weight(w) is not in_graph  # a fresh copy per captured call
+    flipped_in_graph = hopper.dgrad_weight(w)
+    assert flipped_in_graph is not flipped and torch.equal(flipped_in_graph, flipped)
 
 
 @needs_cuda
