@@ -124,6 +124,22 @@ def test_wgrad_row_of_taps(poison, device):
         hopper.conv_wgrad(dy, x, like, config=dataclasses.replace(cfg, taps=1), **args)
 
 
+# the interpreter's numpy matmul warns on the inf * 0 this test makes on purpose
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
+def test_wgrad_infinite_activation_in_the_first_row(device):
+    """The documented non-finite difference (README): an infinite x in the first row meets the
+    zero-filled dy above the image at filter row 2, NaN there where eager leaves the term out;
+    every other weight gradient is as finite or not as eager's."""
+    dy, x, like, args, _, _ = _inputs(device, torch.bfloat16, 3, 1, 1, True)
+    x[0, 3, 0, 5] = float("inf")
+    dw = hopper.conv_wgrad(dy, x, like, splits=3, **args).float().cpu()
+    a = torch.relu(x.float() * args["scale"][None, :, None, None] + args["shift"][None, :, None, None])
+    eager = torch.nn.grad.conv2d_weight(a.to(torch.bfloat16).float(), like.shape, dy.float(), 1, 1).cpu()
+    differs = dw.isfinite() != eager.isfinite()
+    assert differs.any() and dw[differs].isnan().all() and eager[differs].isfinite().all()
+    assert differs.nonzero()[:, 1:3].unique(dim=0).tolist() == [[3, 2]], "only channel 3, filter row 2"
+
+
 def test_route_runs_the_hopper_wgrad(poison, device):
     dy, x, like, args, ref, eager = _inputs(device, torch.bfloat16, 3, 1, 1, True)
     with route.engine("hopper"), launched("hopper_wgrad_kernel"):
