@@ -508,7 +508,7 @@ def hopper_wgrad_kernel(
         if TAPS > 8:
             acc8 = _wgrad_tap(acc8, 8, d0, d1, d2, a0, a1, a2, S, INPUT_PRECISION)
         # the next rectangle, row-major over the images' tile grids: stepped, not divided out of
-        # the rectangle index (two integer divisions cost ~45 instructions per iteration)
+        # the rectangle index (sm_90, Triton 3.8, 3x3 64->64: 667 -> 598 instructions per iteration)
         ow0 += BLOCK_W
         row_done = (ow0 >= OW).to(tl.int32)
         ow0 -= row_done * ow0
