@@ -848,7 +848,7 @@ def conv_wgrad(
     pixels(N, OH, OW)
     # A strided 1x1 reads the strided view of x at stride 1 (as the fprop engine).
     xh, xw = cdiv(H, stride), cdiv(W, stride)
-    # The rectangles tile x (each activation computed once), not dy.
+    # Rectangles of x rows by dy columns: the kernel shifts dy by filter rows, x by filter columns.
     tiles_h, tiles_w = cdiv(xh, cfg.block_h), cdiv(OW, cfg.block_w)
     rects = N * tiles_h * tiles_w
     grid01 = cdiv(K, cfg.block_m) * cdiv(C, cfg.block_n) * (R * S // cfg.taps)
