@@ -10,6 +10,8 @@ that the last split's ticket merges partials from all three.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from _helpers import DTYPE_IDS, DTYPES, assert_matches, launched, rounded
@@ -101,15 +103,41 @@ def test_wgrad_two_warpgroups(poison, device):
     _check(device, torch.bfloat16, 3, 1, 1, True, config=cfg, k=144)
 
 
+def test_wgrad_nopad_fewer_dy_columns(poison, device):
+    """3x3 without padding where dy has fewer 8-wide column tiles than x (OW = 15, W = 17): the
+    rectangles step over dy's columns and x's rows, three splits starting mid-row."""
+    _check(device, torch.bfloat16, 3, 0, 1, True, h=9, w=17)
+
+
 def test_wgrad_strided_1x1(poison, device):
     """The projection shortcut: 1x1 at stride 2, the descriptor over x's strided view."""
     _check(device, torch.bfloat16, 1, 0, 2, True, h=9, w=19)
 
 
 def test_wgrad_row_of_taps(poison, device):
-    """taps=3: a 3x3 in three programs of one filter row each (dy read once per row)."""
+    """taps=3: a 3x3 in three programs of one filter row each (per rectangle one dy box and the
+    three activation boxes); a tap group that is not whole filter rows is refused."""
     cfg = HopperWgradConfig(block_h=4, block_w=8, block_m=64, block_n=16, taps=3, num_warps=4, num_stages=2)
     _check(device, torch.float16, 3, 1, 1, True, config=cfg)
+    dy, x, like, args, _, _ = _inputs(device, torch.float16, 3, 1, 1, True)
+    with pytest.raises(ValueError, match="taps=1 is not a whole number of the 3x3 kernel's filter rows"):
+        hopper.conv_wgrad(dy, x, like, config=dataclasses.replace(cfg, taps=1), **args)
+
+
+# the interpreter's numpy matmul warns on the inf * 0 this test makes on purpose
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
+def test_wgrad_infinite_activation_in_the_first_row(device):
+    """The documented non-finite difference (README): an infinite x in the first row meets the
+    zero-filled dy above the image at filter row 2, NaN there where eager leaves the term out;
+    every other weight gradient is as finite or not as eager's."""
+    dy, x, like, args, _, _ = _inputs(device, torch.bfloat16, 3, 1, 1, True)
+    x[0, 3, 0, 5] = float("inf")
+    dw = hopper.conv_wgrad(dy, x, like, splits=3, **args).float().cpu()
+    a = torch.relu(x.float() * args["scale"][None, :, None, None] + args["shift"][None, :, None, None])
+    eager = torch.nn.grad.conv2d_weight(a.to(torch.bfloat16).float(), like.shape, dy.float(), 1, 1).cpu()
+    differs = dw.isfinite() != eager.isfinite()
+    assert differs.any() and dw[differs].isnan().all() and eager[differs].isfinite().all()
+    assert differs.nonzero()[:, 1:3].unique(dim=0).tolist() == [[3, 2]], "only channel 3, filter row 2"
 
 
 def test_route_runs_the_hopper_wgrad(poison, device):
@@ -141,7 +169,10 @@ def _fallbacks(device):
         ("misaligned x", act(32), _misaligned(act(16)), w3, 1, 1, "x is not dense channels_last"),
         ("fp32 without TF32", act(32, dtype=torch.float32), act(16, dtype=torch.float32), w3.float(), 1, 1,
          "fp32 without TF32"),
-        ("5x5", act(32, 9, 19), act(16), torch.empty(32, 16, 5, 5, device=device), 1, 2, "more than 9 taps"),
+        ("5x5", act(32, 9, 19), act(16), torch.empty(32, 16, 5, 5, device=device), 1, 2,
+         "more than 3 filter rows or columns"),
+        ("1x5", act(32, 9, 15), act(16), torch.empty(32, 16, 1, 5, device=device), 1, 0,
+         "more than 3 filter rows or columns"),
     ]
 
 

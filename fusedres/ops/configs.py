@@ -177,8 +177,9 @@ def all_hopper_configs() -> set[tuple[HopperConfig, torch.dtype]]:
 class HopperWgradConfig:
     """Tile of the sm_90 weight gradient (:func:`fusedres.ops.hopper.conv_wgrad`): ``block_m``
     output channels (wgmma's M; dy rows past Cout zero-filled) x ``block_n`` input channels x
-    ``taps`` filter taps (one accumulator each), reduced over ``block_h`` x ``block_w`` output-pixel
-    rectangles (wgmma's K: one dy box per rectangle, read once for all ``taps``)."""
+    ``taps`` filter taps (whole filter rows, one accumulator each), reduced over rectangles of
+    ``block_h`` x rows by ``block_w`` dy columns (wgmma's K: per rectangle one dy box per filter row
+    and one activation box per filter column serve the ``taps``)."""
 
     block_h: int
     block_w: int
@@ -191,18 +192,20 @@ class HopperWgradConfig:
 
 @functools.cache  # called per launch: a lookup instead of a new dataclass
 def hopper_wgrad_config(cin: int, cout: int, ksize: int, stride: int, dtype: torch.dtype) -> HopperWgradConfig:
-    """All R*S taps per program, so that each dy box serves every tap: R*S accumulators of
-    64 x block_n fp32 on one warpgroup (3x3: 9 x 64 x 32 / 128 threads = 144 registers), and R*S
-    activation boxes per stage (3x3, bf16, an 8x8 rectangle: 9 x 4 KB + the 8 KB dy box, two
-    stages 88 KB; three stages, two buffers each at sm_90: 100 KB, 2 CTAs/SM). Cout >= 128 takes
-    two warpgroups (Cout 128 per CTA) that share each transformed activation tile, halving the
-    prologue's instructions per HGMMA (sm_90 SASS, benchmarks/NOTES.md section 3: 30.9 -> 23.0
-    instructions per HGMMA.64x32x16, issue cap 52% -> 70%; 8 warps x 232 registers is 1 CTA/SM).
-    A 1x1 kernel has one accumulator: up to 64 input channels, an 8x16 rectangle."""
+    """All R*S taps per program: R*S accumulators of 64 x block_n fp32 on one warpgroup (3x3: 9 x
+    64 x 32 / 128 threads = 144 registers), fed per 8x8 rectangle by 3 dy boxes (one per filter row,
+    8 KB each in bf16) and 3 activation boxes (one per filter column, 4 KB), two buffers each at
+    three stages: 72 KB. sm_90 SASS (benchmarks/NOTES.md section 3), 3x3 Cin 32 x Cout 64, Triton
+    3.8 / 3.6: 598 / 553 instructions per 36 HGMMA.64x32x16 (issue cap 96% / 104%), 254 / 231
+    registers and 111 / 86 KB of shared memory (3.8 restages each dy box through registers for
+    wgmma's A): 2 CTAs/SM. Cout >= 128 takes two warpgroups (Cout 128 per CTA) that share each
+    transformed activation tile (14.2 / 12.8 instructions per HGMMA; 8 warps x 255 / 238 registers
+    is 1 CTA/SM). A 1x1 kernel has one accumulator: up to 64 input channels, an 8x16 rectangle."""
     if ksize == 1:
         return HopperWgradConfig(8, 16, 64, _pow2_clamp(cin, 16, 64), 1, 4, 3)
     # fp32 (TF32) at 32 input channels: 255 registers, 68 bytes of spill and 200 KB (sm_90, 3.8).
     block_n = _pow2_clamp(cin, 16, 16 if dtype == torch.float32 else 32)
-    if cout >= 128:
+    # fp32 with two warpgroups: 3 dy boxes of 8x8 x 128 fp32 channels, two buffers each, 331 KB.
+    if cout >= 128 and dtype != torch.float32:
         return HopperWgradConfig(8, 8, 128, block_n, ksize * ksize, 8, 3)
     return HopperWgradConfig(8, 8, 64, block_n, ksize * ksize, 4, 3)
