@@ -19,7 +19,7 @@ import fusedres
 from fusedres.ops import bn as bn_ops
 from fusedres.ops import conv as conv_ops
 from fusedres.ops import hopper, route
-from fusedres.ops.configs import HopperConfig
+from fusedres.ops.configs import HopperConfig, hopper_fprop_config
 from fusedres.testing import check_module
 
 N, C, H, W, K = 2, 16, 9, 19, 24
@@ -114,6 +114,55 @@ def test_fprop_one_image_one_rectangle_wide_channels(poison, device, dtype):
     assert_matches(out, ref, eager, dtype, "hopper fprop output")
     assert partials[2] == 49 and partials[0].shape == (1, 96)
     assert_close64(partials[0][0], out.double().cpu().mean((0, 2, 3)), 1e-5, "image mean")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("n,h,w", [(2, 7, 7), (1, 9, 12)], ids=["7x7-one-rectangle", "9x12-four-rectangles"])
+def test_fprop_256_channel_tile(poison, device, dtype, n, h, w):
+    """The tile the chooser gives 16-bit layers of Cout >= 512 (256 output channels per program,
+    two stages, registers capped) run here at Cin 128 (two 64-channel slices: the prologue's
+    vectors loaded per slice, as at 512) and Cout 272 (two channel blocks, the second holding 16
+    real rows of 256), every fusion on; the statistics finalized by the launch (its last programs
+    over 256 channels) match the merge and bn_finalize launches bit for bit."""
+    k = 272
+    cfg = hopper_fprop_config(512, 512, 3, 1, dtype)
+    assert (cfg.block_n, cfg.block_k, cfg.num_stages, cfg.max_regs) == (256, 64, 2, 128), cfg
+    x64, w64, scale, shift, res64, oshift, d = _inputs(dtype, device, 3, 1, 1, n=n, c=128, h=h, w=w, k=k)
+    kw = dict(stride=1, padding=1, scale=d["scale"], shift=d["shift"], residual=d["res"], stats=True,
+              out_shift=d["oshift"], out_relu=True, config=cfg)
+    merged = h > 8 or w > 8
+    with launched("hopper_fprop_kernel", *(["hopper_stats_merge_kernel"] if merged else [])):
+        out, partials = hopper.conv_fprop(d["x"], d["w"], **kw)
+    ref = _reference(x64, w64, scale, shift, res64, oshift, 1, 1, True, True, True)
+    eager = _reference(x64.to(dtype), w64.to(dtype), scale, shift, res64.to(dtype), oshift, 1, 1, True, True, True,
+                       dtype)
+    assert_matches(out, ref, eager, dtype, "hopper fprop output (256-channel tile)")
+
+    stats_a = torch.full((4, k), float("nan"), device=device)
+    bn_ops.bn_finalize(partials, n * h * w, None, None, None, None, training=True, momentum=0.1, eps=1e-5,
+                       channels=k, device=device, out=stats_a)
+    stats_b = torch.full((4, k), float("nan"), device=device)
+    f = bn_ops.Finalize(stats_b, None, None, None, None, None, 0.1, 1e-5)
+    before = dict(fusedres.launch_counts)
+    out_b, got = hopper.conv_fprop(d["x"], d["w"], finalize=f, **kw)
+    ran = {name: c - before.get(name, 0) for name, c in fusedres.launch_counts.items() if c != before.get(name, 0)}
+    assert ran == {"hopper_fprop_kernel": 1} and got is f
+    assert torch.equal(out, out_b)
+    assert torch.equal(stats_a, stats_b), (stats_a - stats_b).abs().max()
+    assert_close64(stats_b[0], out.double().cpu().mean((0, 2, 3)), 1e-5, "finalized mean")
+
+
+def test_register_cap_reaches_the_launch(device, monkeypatch):
+    """A tile's ``max_regs`` is passed to Triton as ``maxnreg`` (what keeps the 256-channel tile at
+    128 registers, two CTAs per SM on sm_90); a tile without one leaves ptxas its own choice."""
+    calls = []
+    monkeypatch.setattr(hopper, "launch", lambda kernel, grid, *args, **kwargs: calls.append(kwargs))
+    x = torch.zeros(1, 64, 7, 7, device=device, dtype=torch.bfloat16).contiguous(memory_format=CL)
+    w = torch.zeros(512, 64, 3, 3, device=device, dtype=torch.bfloat16).contiguous(memory_format=CL)
+    hopper.conv_fprop(x, w, stride=1, padding=1)
+    hopper.conv_fprop(x, w[:128], stride=1, padding=1)
+    assert calls[0]["maxnreg"] == 128 and calls[0]["BLOCK_N"] == 256
+    assert "maxnreg" not in calls[1] and calls[1]["BLOCK_N"] == 128
 
 
 def test_fprop_without_stats_into_given_output(poison, device):

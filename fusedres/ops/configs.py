@@ -106,7 +106,8 @@ def all_conv_configs() -> dict[str, set[tuple[ConvConfig, torch.dtype]]]:
 class HopperConfig:
     """Tile of the sm_90 (TMA + wgmma) convolution engine, :mod:`fusedres.ops.hopper`: a
     ``block_h`` x ``block_w`` rectangle of output pixels (one TMA box per filter tap) by
-    ``block_n`` output channels, reduced in ``block_k``-channel slices."""
+    ``block_n`` output channels, reduced in ``block_k``-channel slices; ``max_regs``, when not 0,
+    caps the registers per thread (ptxas ``.maxnreg``) so that a given number of CTAs fits per SM."""
 
     block_h: int
     block_w: int
@@ -114,6 +115,7 @@ class HopperConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    max_regs: int = 0
 
 
 def hopper_block_k(cin: int, dtype: torch.dtype) -> int:
@@ -138,12 +140,22 @@ def hopper_fprop_config(cin: int, cout: int, ksize: int, stride: int, dtype: tor
     so that the per-iteration cost of the copies and barriers is spread over twice the pixels
     (16-bit only: in fp32 that tile spills, 140 bytes per thread).
     512 channels come in 7x7 images in ResNets: an 8x8 rectangle covers 49 of 64 pixels where
-    8x16 would cover 49 of 128."""
+    8x16 would cover 49 of 128. Where Cin is a multiple of 64 (16-bit: 64-channel slices) that
+    rectangle takes 256 output channels: each warpgroup issues two HGMMA.64x64 per K step
+    against the same transformed activation tile, so the per-iteration work (TMA issue,
+    barriers, the BN-ReLU transform) feeds 8 HGMMAs instead of 4: 204/214 instructions per
+    iteration at 7x7 (Triton 3.8/3.6) where 128 channels took 201/211 for 4 (issue cap 125%/120%
+    instead of 64%/61%). Two stages (81 KB of shared memory; a third 32 KB weight box makes 121
+    KB: one CTA per SM) and at most 128 registers (147/130 at images of several rectangles,
+    taken by the epilogue's addresses; capped: no spill, the same loop) keep two CTAs per SM.
+    fp32 (TF32) keeps 128 channels: 256 held 185-190 registers."""
     block_k = hopper_block_k(cin, dtype)
     if cout <= 32 and dtype != torch.float32:
         return HopperConfig(16, 16, 64, block_k, 4, 3)
     if cout <= 64:
         return HopperConfig(8, 16, 64, block_k, 4, 3)
+    if cout >= 512 and block_k == 64:
+        return HopperConfig(8, 8, 256, block_k, 8, 2, max_regs=128)
     return HopperConfig(8, 8 if cout >= 512 else 16, 128, block_k, 8, 3)
 
 
@@ -155,10 +167,15 @@ def hopper_dgrad_config(cin: int, cout: int, ksize: int, stride: int, dtype: tor
     convolution (``block_k`` from Cout), but never its 16x16 rectangle for Cin <= 32: with the
     BatchNorm-backward epilogue (x, dz, add and the sums on the transposed 64x256 fp32 tile) that
     tile held 255 registers at 4 warps and spilled 704-1004 bytes per thread (sm_90, bf16; 154
-    registers without the epilogue), so it takes the 8x16 rectangle of Cin = 64 (191, no spill)."""
+    registers without the epilogue), so it takes the 8x16 rectangle of Cin = 64 (191, no spill).
+    Nor the fprop's 256-row tile for Cin >= 512: that one amortizes the activation transform of
+    the fprop's prologue, which the dgrad does not have (its loop at 128 rows is already 24-25
+    instructions per HGMMA.64x64), so it keeps 128 rows in three stages."""
     cfg = hopper_fprop_config(cout, cin, ksize, stride, dtype)
     if cfg.block_h * cfg.block_w > 128:
         return HopperConfig(8, 16, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)
+    if cfg.block_n > 128:
+        return HopperConfig(cfg.block_h, cfg.block_w, 128, cfg.block_k, cfg.num_warps, 3)
     return cfg
 
 

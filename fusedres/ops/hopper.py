@@ -574,6 +574,15 @@ def hopper_stats_merge_kernel(
     tl.store(out_m2_ptr + n * K + offs_c, m2, mask=c_ok)
 
 
+def _launch_options(cfg: HopperConfig) -> dict[str, int]:
+    """Triton's launch options for ``cfg``: warps, stages and, where the tile sets one, the cap on
+    registers per thread (``maxnreg``; absent otherwise, so ptxas chooses as it always did)."""
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if cfg.max_regs:
+        options["maxnreg"] = cfg.max_regs
+    return options
+
+
 def _tma_ready(t: torch.Tensor) -> bool:
     """Whether a channels_last tensor is what a descriptor reads: dense NHWC memory (strides then
     follow from the shape), 16-byte aligned address and rows of channels (TMA's rules)."""
@@ -692,7 +701,7 @@ def conv_fprop(
         # 16x16-pixel, 64-channel tile's 128 spilled next to its 128-register accumulator).
         PAD_BRANCH=cfg.block_h * cfg.block_w * cfg.block_k <= 64 * 32 * cfg.num_warps,
         BLOCK_H=cfg.block_h, BLOCK_W=cfg.block_w, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **_launch_options(cfg),
     )
     if not stats:
         return out, None
@@ -791,7 +800,7 @@ def conv_dgrad(
         NUM_K=K // cfg.block_k, PAD_H=R - 1 - padding, PAD_W=S - 1 - padding, R=R, S=S,
         BN_BWD=bn is not None, HAS_ADD=add is not None, INPUT_PRECISION=input_precision(dy.dtype), **t_flags,
         BLOCK_H=cfg.block_h, BLOCK_W=cfg.block_w, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **_launch_options(cfg),
     )
     return dz, sums
 

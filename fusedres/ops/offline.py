@@ -1,7 +1,7 @@
 """Compile every Triton kernel of fusedres ahead of time, without a GPU, and report its resources.
 
 ``python -m fusedres.ops.offline [--arch 80,86,89,90] [--amd] [--json PATH] [--jobs N]
-[--sass] [--plain] [--ksize 1|3] [--only REGEX] [--lean]``
+[--sass] [--plain] [--ksize 1|3] [--only REGEX] [--lean] [--layer CIN,COUT,HW]``
 
 For every GPU architecture asked for, this builds each convolution kernel role (fprop, dgrad,
 wgrad) for every ``(ConvConfig, dtype)`` of :func:`fusedres.ops.configs.all_conv_configs`
@@ -58,7 +58,11 @@ dgrad with the BatchNorm-backward epilogue, the added gradient and the sums' tic
 each layer of :data:`HOPPER_DGRAD_SHAPES` at its own kernel size, whatever ``--ksize`` says; its
 label ends in the number of Cout slices and the kernel size ("x2 3x3"); and "wgrad-hopper" (the
 BN-ReLU recomputed, the splits merged by the ticket; bf16) for the same layers, labelled with
-the taps per program and the kernel size ("t9 3x3").
+the taps per program and the kernel size ("t9 3x3"). A tile's register cap ends its label in
+"r128" (ptxas ``.maxnreg``). ``--layer 512,512,7`` builds the fprop engine at that one
+convolution instead (Cin, Cout, images of 7x7) with each dtype's default tile
+(:func:`fusedres.ops.configs.hopper_fprop_config`): fused, with the statistics ticket (bf16),
+and plain with ``--plain`` -- the per-shape rows of benchmarks/NOTES.md section 3.
 
 The Triton interpreter (``TRITON_INTERPRET=1``) must be off: under it ``@triton.jit`` gives
 functions that cannot be compiled.
@@ -102,7 +106,9 @@ from .configs import (
     HopperWgradConfig,
     all_conv_configs,
     all_hopper_configs,
+    hopper_block_k,
     hopper_dgrad_config,
+    hopper_fprop_config,
     hopper_wgrad_config,
 )
 
@@ -200,8 +206,8 @@ def _act(c: int, hw: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty((_N, c, hw, hw), dtype=dtype).to(memory_format=torch.channels_last)
 
 
-def _vec() -> torch.Tensor:
-    return torch.empty(_C, dtype=torch.float32)
+def _vec(channels: int = _C) -> torch.Tensor:
+    return torch.empty(channels, dtype=torch.float32)
 
 
 def _conv_launchers(
@@ -234,23 +240,26 @@ def _conv_launchers(
 
 def _hopper_launchers(
     dtype: torch.dtype, cfg: HopperConfig, stride: int, ksize: int = 3, fused: bool = True, slices: int = 1,
-    ticket: bool = False,
+    ticket: bool = False, layer: tuple[int, int, int] | None = None,
 ) -> dict[str, Callable[[], object]]:
     """The sm_90 engine's fprop called like :func:`_conv_launchers`' ("fprop-hopper"), with
     ``slices`` channel slices of the config's block_k in the input (the kernel is built per
     count: one slice loads the prologue's vectors once, more load them per tap and slice); with
-    ``ticket``, fused, its statistics finalized by the launch's last programs."""
+    ``ticket``, fused, its statistics finalized by the launch's last programs. ``layer`` =
+    (Cin, Cout, H=W): that convolution instead of ``slices`` slices into _C channels on _HW²
+    images (an image of one rectangle specializes its tile counts to the constant 1)."""
+    cin, cout, hw = layer or (slices * cfg.block_k, _C, _HW)
     pad = 0 if stride > 1 else ksize // 2  # its strided convolutions: 1x1 without padding
-    ohw = conv.conv_out_size(_HW, ksize, stride, pad)
-    x, res = _act(slices * cfg.block_k, _HW, dtype), _act(_C, ohw, dtype)
-    w = torch.empty((_C, slices * cfg.block_k, ksize, ksize), dtype=dtype).to(memory_format=torch.channels_last)
+    ohw = conv.conv_out_size(hw, ksize, stride, pad)
+    x, res = _act(cin, hw, dtype), _act(cout, ohw, dtype)
+    w = torch.empty((cout, cin, ksize, ksize), dtype=dtype).to(memory_format=torch.channels_last)
     geom: dict[str, Any] = {"stride": stride, "padding": pad, "config": cfg}
     if not fused:
         return {"fprop-hopper": lambda: hopper.conv_fprop(x, w, **geom)}
     return {
         "fprop-hopper": lambda: hopper.conv_fprop(
-            x, w, scale=_vec(), shift=_vec(), residual=res, stats=True, out_shift=_vec(), out_relu=True,
-            finalize=_finalize(dtype) if ticket else None, **geom
+            x, w, scale=_vec(cin), shift=_vec(cin), residual=res, stats=True, out_shift=_vec(cout), out_relu=True,
+            finalize=_finalize(dtype, cout) if ticket else None, **geom
         ),
     }
 
@@ -299,10 +308,10 @@ def _hopper_wgrad_launcher(
 _TWO_LEVEL_ROWS = 128 * (TWO_LEVEL_TILES + 1)
 
 
-def _finalize(dtype: torch.dtype) -> bn.Finalize:
+def _finalize(dtype: torch.dtype, channels: int = _C) -> bn.Finalize:
     """What a producer that finalizes the next BatchNorm's statistics is given."""
-    weight, bias, rmean, rvar = (torch.empty(_C, dtype=dtype) for _ in range(4))
-    return bn.Finalize(torch.empty((4, _C)), weight, bias, rmean, rvar, None, 0.1, 1e-5)
+    weight, bias, rmean, rvar = (torch.empty(channels, dtype=dtype) for _ in range(4))
+    return bn.Finalize(torch.empty((4, channels)), weight, bias, rmean, rvar, None, 0.1, 1e-5)
 
 
 def _ticket_launchers(dtype: torch.dtype, cfg: ConvConfig, ksize: int = 3) -> dict[str, Callable[[], object]]:
@@ -431,6 +440,7 @@ def _tile(constexprs: dict[str, Any], options: dict[str, int]) -> str:
     a Hopper fprop over two channel slices."""
     blocks = [f"{k[len('BLOCK') :].lstrip('_') or 'B'}{v}" for k, v in constexprs.items() if k.startswith("BLOCK")]
     given = [f"{k[len('num_') :][0]}{v}" for k, v in options.items() if k in ("num_warps", "num_stages")]
+    given += [f"r{options['maxnreg']}" for _ in range("maxnreg" in options)]  # a Hopper tile's register cap
     slices = [f"x{constexprs['NUM_C']}" for _ in range("NUM_C" in constexprs)]  # the Hopper fprop's channel slices
     if "NUM_K" in constexprs:  # the Hopper dgrad: its Cout slices and kernel size
         slices = [f"x{constexprs['NUM_K']} {constexprs['R']}x{constexprs['S']}"]
@@ -446,14 +456,16 @@ def _target(arch: str) -> GPUTarget:
 
 
 def plan_jobs(
-    archs: list[str], *, plain: bool = False, ksize: int = 3, only: str | None = None, lean: bool = False
+    archs: list[str], *, plain: bool = False, ksize: int = 3, only: str | None = None, lean: bool = False,
+    layer: tuple[int, int, int] | None = None,
 ) -> list[Job]:
     """Every build, for each of ``archs`` ("sm_90", "gfx942", ...), without duplicates.
 
     ``plain`` adds the conv roles without fusion (labelled "fprop-plain", ...); ``ksize`` is the
     conv kernel size (padding ksize // 2); ``only`` keeps the builds whose "role dtype tile"
     label matches this regular expression; ``lean`` builds only :data:`LEAN_DTYPES` where it
-    names the architecture.
+    names the architecture; ``layer`` = (Cin, Cout, H=W) builds the sm_90 fprop engine at that
+    convolution (stride 1) with its default tile per dtype instead of every Hopper config.
     """
     if _runtime.INTERPRET:
         raise InterpreterActiveError(
@@ -490,7 +502,19 @@ def plan_jobs(
             for call in _bn_ticket_launchers(dtype):
                 sm90_only.add(len(launches))
                 launches.append((None, dtype, None, None, call))
-    if "sm_90" in archs:  # the TMA + wgmma engine exists for sm_90 only
+    if "sm_90" in archs and layer is not None:  # one layer's fprop, each dtype's default tile
+        cin, cout, _ = layer
+        for dtype in DTYPES:
+            if not hopper_block_k(cin, dtype):
+                continue
+            cfg = hopper_fprop_config(cin, cout, ksize, 1, dtype)
+            for fused in (True, False) if plain else (True,):
+                call = _hopper_launchers(dtype, cfg, 1, ksize, fused, layer=layer)["fprop-hopper"]
+                launches.append(("fprop-hopper" if fused else "fprop-hopper-plain", dtype, cfg, 1, call))
+            if dtype == torch.bfloat16:
+                call = _hopper_launchers(dtype, cfg, 1, ksize, True, ticket=True, layer=layer)["fprop-hopper"]
+                launches.append(("fprop-hopper-ticket", dtype, cfg, 1, call))
+    elif "sm_90" in archs:  # the TMA + wgmma engine exists for sm_90 only
         for cfg, dtype in sorted(all_hopper_configs(), key=lambda item: (str(item[1]), dataclasses.astuple(item[0]))):
             strides = (1, 2) if ksize == 1 and dtype == torch.bfloat16 else (1,)
             for stride, slices in itertools.product(strides, (1, 2)):
@@ -814,10 +838,11 @@ def run(
     ksize: int = 3,
     only: str | None = None,
     lean: bool = False,
+    layer: tuple[int, int, int] | None = None,
 ) -> list[Row]:
     """Compile everything for ``archs`` with ``jobs`` processes, printing each row as it arrives
     (the other arguments: see :func:`plan_jobs` and :func:`sass_profile`)."""
-    planned = plan_jobs(archs, plain=plain, ksize=ksize, only=only, lean=lean)
+    planned = plan_jobs(archs, plain=plain, ksize=ksize, only=only, lean=lean, layer=layer)
     # Spawned workers: forking a process that has imported torch can deadlock.
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         rows = []
@@ -858,6 +883,14 @@ def _parse_archs(text: str) -> list[str]:
     return archs
 
 
+def _parse_layer(text: str) -> tuple[int, int, int]:
+    try:
+        cin, cout, hw = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CIN,COUT,HW (three integers), got {text!r}") from None
+    return cin, cout, hw
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fusedres.ops.offline", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -875,12 +908,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", metavar="REGEX", help='keep builds whose "role dtype tile" label matches')
     parser.add_argument("--lean", action="store_true",
                         help="the CI set: sm_86/89 in bf16 only, gfx942 without fp16 (see LEAN_DTYPES)")
+    parser.add_argument("--layer", type=_parse_layer, metavar="CIN,COUT,HW",
+                        help="build the sm_90 fprop engine at this convolution (HW x HW images) with its default "
+                             "tiles, instead of every Hopper config")
     args = parser.parse_args(argv)
     archs = args.arch + ([AMD_ARCH] if args.amd else [])
     start = time.perf_counter()
     try:
         rows = run(archs, max(1, args.jobs), sass=args.sass, plain=args.plain, ksize=args.ksize, only=args.only,
-                   lean=args.lean)
+                   lean=args.lean, layer=args.layer)
     except InterpreterActiveError as e:
         print(e, file=sys.stderr)
         return 2
