@@ -153,16 +153,18 @@ def test_fprop_256_channel_tile(poison, device, dtype, n, h, w):
 
 
 def test_register_cap_reaches_the_launch(device, monkeypatch):
-    """A tile's ``max_regs`` is passed to Triton as ``maxnreg`` (what keeps the 256-channel tile at
-    128 registers, two CTAs per SM on sm_90); a tile without one leaves ptxas its own choice."""
+    """A tile's ``max_regs`` is passed to Triton as ``maxnreg`` (what keeps the 256- and 128-channel
+    tiles at 128 registers, two CTAs per SM on sm_90); a tile without one leaves ptxas its own choice."""
     calls = []
     monkeypatch.setattr(hopper, "launch", lambda kernel, grid, *args, **kwargs: calls.append(kwargs))
     x = torch.zeros(1, 64, 7, 7, device=device, dtype=torch.bfloat16).contiguous(memory_format=CL)
     w = torch.zeros(512, 64, 3, 3, device=device, dtype=torch.bfloat16).contiguous(memory_format=CL)
     hopper.conv_fprop(x, w, stride=1, padding=1)
     hopper.conv_fprop(x, w[:128], stride=1, padding=1)
+    hopper.conv_fprop(x, w[:64], stride=1, padding=1)
     assert calls[0]["maxnreg"] == 128 and calls[0]["BLOCK_N"] == 256
-    assert "maxnreg" not in calls[1] and calls[1]["BLOCK_N"] == 128
+    assert calls[1]["maxnreg"] == 128 and calls[1]["BLOCK_N"] == 128
+    assert "maxnreg" not in calls[2] and calls[2]["BLOCK_N"] == 64
 
 
 def test_fprop_without_stats_into_given_output(poison, device):

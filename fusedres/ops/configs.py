@@ -8,6 +8,7 @@ offline-compile test builds each of them for every supported GPU architecture.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -148,15 +149,20 @@ def hopper_fprop_config(cin: int, cout: int, ksize: int, stride: int, dtype: tor
     instead of 64%/61%). Two stages (81 KB of shared memory; a third 32 KB weight box makes 121
     KB: one CTA per SM) and at most 128 registers (147/130 at images of several rectangles,
     taken by the epilogue's addresses; capped: no spill, the same loop) keep two CTAs per SM.
-    fp32 (TF32) keeps 128 channels: 256 held 185-190 registers."""
+    fp32 (TF32) keeps 128 channels: 256 held 185-190 registers. The 16-bit 3x3 128-channel tile is
+    capped at 128 registers too (3.8: 142, 163 with the statistics ticket, at 28x28: one CTA per
+    SM; capped: no spill, the same loop, the ticket's 293 -> 301 instructions per iteration); not
+    fp32, whose 8x16 tile then spills 316 bytes per thread, nor a 1x1 (4-8 bytes of spill at
+    stride 2 and with the ticket)."""
     block_k = hopper_block_k(cin, dtype)
-    if cout <= 32 and dtype != torch.float32:
+    wide = dtype == torch.float32
+    if cout <= 32 and not wide:
         return HopperConfig(16, 16, 64, block_k, 4, 3)
     if cout <= 64:
         return HopperConfig(8, 16, 64, block_k, 4, 3)
     if cout >= 512 and block_k == 64:
         return HopperConfig(8, 8, 256, block_k, 8, 2, max_regs=128)
-    return HopperConfig(8, 8 if cout >= 512 else 16, 128, block_k, 8, 3)
+    return HopperConfig(8, 8 if cout >= 512 else 16, 128, block_k, 8, 3, max_regs=128 if ksize == 3 and not wide else 0)
 
 
 @functools.cache  # called per launch: a lookup instead of a new dataclass
@@ -170,8 +176,9 @@ def hopper_dgrad_config(cin: int, cout: int, ksize: int, stride: int, dtype: tor
     registers without the epilogue), so it takes the 8x16 rectangle of Cin = 64 (191, no spill).
     Nor the fprop's 256-row tile for Cin >= 512: that one amortizes the activation transform of
     the fprop's prologue, which the dgrad does not have (its loop at 128 rows is already 24-25
-    instructions per HGMMA.64x64), so it keeps 128 rows in three stages."""
-    cfg = hopper_fprop_config(cout, cin, ksize, stride, dtype)
+    instructions per HGMMA.64x64), so it keeps 128 rows in three stages. Nor the fprop's register
+    cap: the BatchNorm-backward epilogue holds 186-209 registers (sm_90, 3.8)."""
+    cfg = dataclasses.replace(hopper_fprop_config(cout, cin, ksize, stride, dtype), max_regs=0)
     if cfg.block_h * cfg.block_w > 128:
         return HopperConfig(8, 16, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)
     if cfg.block_n > 128:
@@ -215,14 +222,14 @@ def hopper_wgrad_config(cin: int, cout: int, ksize: int, stride: int, dtype: tor
     three stages: 72 KB. sm_90 SASS (benchmarks/NOTES.md section 3), 3x3 Cin 32 x Cout 64, Triton
     3.8 / 3.6: 598 / 553 instructions per 36 HGMMA.64x32x16 (issue cap 96% / 104%), 254 / 231
     registers and 111 / 86 KB of shared memory (3.8 restages each dy box through registers for
-    wgmma's A): 2 CTAs/SM. Cout >= 128 takes two warpgroups (Cout 128 per CTA) that share each
-    transformed activation tile (14.2 / 12.8 instructions per HGMMA; 8 warps x 255 / 238 registers
-    is 1 CTA/SM). A 1x1 kernel has one accumulator: up to 64 input channels, an 8x16 rectangle."""
+    wgmma's A): 2 CTAs/SM. Every Cout takes that tile (Cout / 64 programs per Cin block): two
+    warpgroups sharing each transformed activation tile (Cout 128 per CTA: 14.2 / 12.8 instructions
+    per HGMMA) held 8 warps x 255 / 238 registers, one CTA per SM, where 64 rows at 96% already
+    meet the loop's target at two (the GPU may still prefer the wider tile: it transforms each
+    activation half as often). A 1x1 kernel has one accumulator: up to 64 input channels, an 8x16
+    rectangle."""
     if ksize == 1:
         return HopperWgradConfig(8, 16, 64, _pow2_clamp(cin, 16, 64), 1, 4, 3)
     # fp32 (TF32) at 32 input channels: 255 registers, 68 bytes of spill and 200 KB (sm_90, 3.8).
     block_n = _pow2_clamp(cin, 16, 16 if dtype == torch.float32 else 32)
-    # fp32 with two warpgroups: 3 dy boxes of 8x8 x 128 fp32 channels, two buffers each, 331 KB.
-    if cout >= 128 and dtype != torch.float32:
-        return HopperWgradConfig(8, 8, 128, block_n, ksize * ksize, 8, 3)
     return HopperWgradConfig(8, 8, 64, block_n, ksize * ksize, 4, 3)
