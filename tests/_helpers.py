@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterator, Sequence
 
+import pytest
 import torch
 from torch import nn
 
@@ -13,6 +15,44 @@ from fusedres.testing import atol, rel_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
+
+
+def covering_rows(sizes: Sequence[int], strength: int) -> list[tuple[int, ...]]:
+    """Rows of the product of ``range(n) for n in sizes``, in product order, such that for every
+    ``strength`` of the axes each combination of their values is in some row (a covering array):
+    greedily, the row that covers the most combinations still missing, the first such on ties."""
+    rows = list(itertools.product(*(range(n) for n in sizes)))
+    axes = list(itertools.combinations(range(len(sizes)), min(strength, len(sizes))))
+    missing = {(a, tuple(row[i] for i in a)) for row in rows for a in axes}
+    chosen = []
+    while missing:
+        best = max(rows, key=lambda row: sum((a, tuple(row[i] for i in a)) in missing for a in axes))
+        chosen.append(best)
+        missing -= {(a, tuple(best[i] for i in a)) for a in axes}
+    return sorted(chosen)
+
+
+def kernel_matrix(axes: dict[str, tuple[Sequence, Sequence[str]]], strength: int = 3) -> tuple[str, list]:
+    """``(argnames, params)`` for one ``pytest.mark.parametrize`` over the product of ``axes``
+    (name -> (values, ids); a name "a,b" takes tuple values).
+
+    On CUDA the whole product. Under the interpreter (no GPU: every kernel runs in numpy, about a
+    second per case) a covering array of it: every combination of the values of any ``strength``
+    axes is still tested (every dtype x fusion flag x geometry, say), but not every combination
+    of all of them; the GPU run of the suite takes the whole product."""
+    values = [v for v, _ in axes.values()]
+    ids = [i for _, i in axes.values()]
+    if torch.cuda.is_available():
+        rows = list(itertools.product(*(range(len(v)) for v in values)))
+    else:
+        rows = covering_rows([len(v) for v in values], strength)
+    params = []
+    for row in rows:
+        args: list = []
+        for name, v, i in zip(axes, values, row):
+            args.extend(v[i] if "," in name else [v[i]])
+        params.append(pytest.param(*args, id="-".join(idx[i] for idx, i in zip(ids, row))))
+    return ",".join(axes), params
 
 # What each fused path launches (fusedres.launch_counts names), for the launch guards below.
 #: The three convolution roles of a training step on the Triton route.
