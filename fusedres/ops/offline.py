@@ -417,7 +417,7 @@ def run_per_element(jobs: int, only: str | None = None) -> list[tuple[ElementJob
                 m = per_element(ej, row)
                 print(f"{k}x{k} {cin}->{cout:<4} {ej.role:<5} {ej.engine:<7} {row.tile:<28} {m['mma']:<26} "
                       f"loop {m['loop_insns']:>4} x{ej.iterations} -> {m['loop']} /elem, kernel {m['kernel_insns']} "
-                      f"-> {m['kernel']} /elem, regs {m['regs']}, spill {m['spill']}", flush=True)
+                      f"-> {m['kernel']} /elem, regs {m['regs']}, spill {m['spill']}, smem {row.shared}", flush=True)
             out.append((ej, row))
     return out
 
