@@ -390,15 +390,19 @@ def per_element(ej: ElementJob, row: Row) -> dict[str, Any]:
     """Instructions per output element of one build: ``loop`` = the main loop's (static count per
     iteration x threads x iterations / elements; None without a loop), ``kernel`` = the whole
     kernel's, the loop counted ``iterations`` times and everything else once (static: branches
-    not taken count too; None for wgrad, whose loop length is a split's)."""
+    not taken count too; None for wgrad, whose loop length is a split's), ``mainloop`` = the same up
+    to the last matrix instruction (the kernel without its epilogue: what stands for the main loop
+    of a kernel with one K step and no loop)."""
     p = row.sass or {}
     loop = p.get("loop_insns", 0) if p.get("mma_per_iter") else 0
     scale = ej.threads / ej.elements
-    kernel = None
+    kernel = mainloop = None
     if ej.role != "wgrad":
         kernel = round((p["kernel_insns"] + (ej.iterations - 1) * loop) * scale, 1)
+        mainloop = round((p["to_last_mma"] + (ej.iterations - 1) * loop) * scale, 1)
     return {"mma": p.get("mma"), "loop": round(loop * ej.iterations * scale, 1) if loop else None, "kernel": kernel,
-            "loop_insns": loop, "kernel_insns": p.get("kernel_insns"), "regs": row.regs, "spill": row.spill_stores}
+            "mainloop": mainloop, "loop_insns": loop, "kernel_insns": p.get("kernel_insns"), "regs": row.regs,
+            "spill": row.spill_stores}
 
 
 def run_per_element(jobs: int, only: str | None = None) -> list[tuple[ElementJob, Row]]:
@@ -417,7 +421,8 @@ def run_per_element(jobs: int, only: str | None = None) -> list[tuple[ElementJob
                 m = per_element(ej, row)
                 print(f"{k}x{k} {cin}->{cout:<4} {ej.role:<5} {ej.engine:<7} {row.tile:<28} {m['mma']:<26} "
                       f"loop {m['loop_insns']:>4} x{ej.iterations} -> {m['loop']} /elem, kernel {m['kernel_insns']} "
-                      f"-> {m['kernel']} /elem, regs {m['regs']}, spill {m['spill']}, smem {row.shared}", flush=True)
+                      f"-> {m['kernel']} /elem, to last mma {m['mainloop']} /elem, regs {m['regs']}, "
+                      f"spill {m['spill']}, smem {row.shared}", flush=True)
             out.append((ej, row))
     return out
 
@@ -723,6 +728,7 @@ def sass_profile(sass: str, ttgir: str = "") -> dict[str, Any]:
     (``HGMMA``: Hopper warpgroup MMA, operands from shared memory or registers; ``HMMA``:
     warp-level mma.sync). Keys: ``mma`` (the matrix instruction shapes, "+"-joined, or "none"),
     ``mma_per_iter``, ``kernel_insns`` (the kernel's static instruction count, NOPs left out),
+    ``to_last_mma`` (those up to the last matrix instruction: all but the epilogue),
     ``loop_insns`` (instructions in one iteration of one thread),
     ``insns_per_mma``, ``loop_bar`` (CTA barriers per iteration), ``loop_wgmma_drain``
     (``WARPGROUP.DEPBAR.LE gsb0, 0x0``: waits until no wgmma is in flight), ``loop_sts``
@@ -772,8 +778,10 @@ def sass_profile(sass: str, ttgir: str = "") -> dict[str, Any]:
 
     shapes = sorted({".".join(op.split(".")[:2]) for _, op, _ in insns if op.startswith(_MMA_OPS)})
     mmas = sum(op.startswith(_MMA_OPS) for _, op, _ in body)
+    last_mma = max((pc for pc, op, _ in insns if op.startswith(_MMA_OPS)), default=-1)
     return {
         "kernel_insns": sum(op != "NOP" for _, op, _ in insns),
+        "to_last_mma": sum(op != "NOP" and pc <= last_mma for pc, op, _ in insns),
         "mma": "+".join(shapes) or "none",
         "mma_per_iter": mmas,
         "loop_insns": len(body),
