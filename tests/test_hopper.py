@@ -100,6 +100,32 @@ def test_fprop(poison, device, dtype, ksize, stride, pad, prologue, residual, sh
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("ksize,pad", [(1, 0), (3, 1)], ids=["1x1", "3x3"])
+@pytest.mark.parametrize("k", [16, 8])
+def test_fprop_narrow_cout_epilogue(poison, device, dtype, ksize, pad, k):
+    """Cout 16 and 8 on the 64-row tile: the epilogue takes the accumulator's first 16 rows
+    (EPI_N = 16, two halvings; test_fprop's Cout 24 takes 32); output and statistics of every
+    stored channel, all fusions on."""
+    x64, w64, scale, shift, res64, oshift, d = _inputs(dtype, device, ksize, 1, pad, k=k)
+    assert hopper._epilogue_rows(k, hopper.hopper_fprop_config(C, k, ksize, 1, dtype).block_n) == 16
+    ref = _reference(x64, w64, scale, shift, res64, oshift, 1, pad, True, True, True)
+    with launched("hopper_fprop_kernel"):
+        out, partials = hopper.conv_fprop(d["x"], d["w"], stride=1, padding=pad, scale=d["scale"],
+                                          shift=d["shift"], residual=d["res"], stats=True,
+                                          out_shift=d["oshift"], out_relu=True)
+    eager = _reference(x64.to(dtype), w64.to(dtype), scale, shift, res64.to(dtype), oshift, 1, pad, True, True,
+                       True, dtype)
+    assert_matches(out, ref, eager, dtype, "hopper fprop output")
+    mean, invstd, _, _ = bn_ops.bn_finalize(
+        partials, out.numel() // k, None, None, None, None,
+        training=True, momentum=0.1, eps=0.0, channels=k, device=out.device,
+    )
+    o64 = out.double().cpu()
+    assert_close64(mean, o64.mean((0, 2, 3)), 1e-5, "epilogue mean")
+    assert_close64(invstd.double().pow(-2), o64.var((0, 2, 3), unbiased=False), 1e-5, "epilogue var")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_fprop_one_image_one_rectangle_wide_channels(poison, device, dtype):
     """N=1; a 7x7 image in one rectangle (its partials are the image's, no merge); 96 channels in
     and out: several channel slices per tap and two weight tiles of 64 rows (the second half empty)."""

@@ -99,6 +99,18 @@ def test_dgrad(poison, device, dtype, ksize, pad, bn_bwd, add, reduce_sums):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("ksize,pad", [(1, 0), (3, 1)], ids=["1x1", "3x3"])
+@pytest.mark.parametrize("c", [16, 8])
+def test_dgrad_narrow_cin_epilogue(poison, device, dtype, ksize, pad, c):
+    """Cin 16 and 8 on the 64-row tile: the epilogue takes the accumulator's first 16 rows
+    (EPI_N = 16, two halvings; test_dgrad's Cin 24 takes 32), every fusion on, the sums reduced
+    in the launch; the default tile (16x16 pixels in 16 bits, 8x16 in fp32)."""
+    block_n = hopper.hopper_dgrad_config(c, K, ksize, 1, dtype).block_n
+    assert hopper._epilogue_rows(c, block_n) == 16
+    _check(device, dtype, ksize, pad, True, True, True, c=c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_dgrad_one_image_wide_channels(poison, device, dtype):
     """N=1, a 7x7 image in one 8x8 rectangle, 96 channels each way: two column blocks of 64 (the
     second one half empty) and three 32-channel slices per tap, the sums reduced in the launch."""

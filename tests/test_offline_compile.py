@@ -202,6 +202,8 @@ def test_sass_profile_reads_the_main_loop() -> None:
     ttgir = "%a = ttg.local_alloc : () -> !ttg.memdesc<3x128x64xbf16, #shared, #smem, mutable>"
     p = sass_profile(sass, ttgir)
     assert p == {
+        "kernel_insns": 11,
+        "to_last_mma": 5,
         "mma": "HGMMA.64x64x16",
         "mma_per_iter": 1,
         "loop_insns": 6,

@@ -170,19 +170,20 @@ def hopper_dgrad_config(cin: int, cout: int, ksize: int, stride: int, dtype: tor
     """Input channels (wgmma's M, rows past Cin zero-filled) x a rectangle of input pixels,
     reduced over taps x Cout: the stride-1 dgrad is the fprop of dy (Cout channels in) with the
     flipped weight (Cin channels out), so it takes :func:`hopper_fprop_config`'s tile for that
-    convolution (``block_k`` from Cout), but never its 16x16 rectangle for Cin <= 32: with the
-    BatchNorm-backward epilogue (x, dz, add and the sums on the transposed 64x256 fp32 tile) that
-    tile held 255 registers at 4 warps and spilled 704-1004 bytes per thread (sm_90, bf16; 154
-    registers without the epilogue), so it takes the 8x16 rectangle of Cin = 64 (191, no spill).
-    Nor the fprop's 256-row tile for Cin >= 512: that one amortizes the activation transform of
+    convolution (``block_k`` from Cout), the 16x16 rectangle for Cin <= 32 included: its
+    BatchNorm-backward epilogue runs on the accumulator's 16 or 32 real rows (``EPI_N``), 162-236
+    registers and no spill (sm_90, bf16, Triton 3.8 / 3.6; on all 64 rows that tile held 255 and
+    spilled 704-1004 bytes per thread). That rectangle with 64-channel slices (Cout >= 64) takes two
+    stages: three buffers of 16x16 x 64 dy and 64 x 64 weights are 120 KB, one CTA per SM.
+    Not the fprop's 256-row tile for Cin >= 512: that one amortizes the activation transform of
     the fprop's prologue, which the dgrad does not have (its loop at 128 rows is already 24-25
     instructions per HGMMA.64x64), so it keeps 128 rows in three stages. Nor the fprop's register
     cap: the BatchNorm-backward epilogue holds 186-209 registers (sm_90, 3.8)."""
     cfg = dataclasses.replace(hopper_fprop_config(cout, cin, ksize, stride, dtype), max_regs=0)
-    if cfg.block_h * cfg.block_w > 128:
-        return HopperConfig(8, 16, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)
     if cfg.block_n > 128:
         return HopperConfig(cfg.block_h, cfg.block_w, 128, cfg.block_k, cfg.num_warps, 3)
+    if cfg.block_h * cfg.block_w * cfg.block_k > 16 * 16 * 32:
+        return HopperConfig(cfg.block_h, cfg.block_w, cfg.block_n, cfg.block_k, cfg.num_warps, 2)
     return cfg
 
 

@@ -90,6 +90,13 @@ def _inside(ohs, ows, dh, dw, H, W):
 
 
 @triton.jit
+def _top_half(t):
+    """Rows [0, R/2) of an R x M tile."""
+    top, _ = tl.split(t.reshape(2, t.shape[0] // 2, t.shape[1]).permute(1, 2, 0))
+    return top
+
+
+@triton.jit
 def hopper_fprop_kernel(
     x_desc, w_desc, out_ptr, res_ptr, scale_ptr, shift_ptr, oshift_ptr, pmean_ptr, pm2_ptr,
     H, W, OH, OW, K, TILES_H, TILES_W,
@@ -103,6 +110,7 @@ def hopper_fprop_kernel(
     TICKET: tl.constexpr, UPDATE_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EPI_N: tl.constexpr,
 ):
     """out[n, oh, ow, k] = sum_{r,s,c} act(x)[n, oh + r - PAD, ow + s - PAD, c] * w[k, r, s, c] (+ epilogue).
 
@@ -121,6 +129,11 @@ def hopper_fprop_kernel(
     over the images into ``stats`` and the running statistics. Counters: (channel blocks,
     images) for the images, then one per channel block (:func:`fusedres.ops.bn._last_ticket`
     says why each last program sees the rows it merges).
+
+
+    EPI_N < BLOCK_N (16 or 32, when Cout is at most that and the tile has a single column block):
+    the epilogue runs on the accumulator's first EPI_N rows only, the others being the weight
+    rows past Cout that the copy engine zero-filled.
     """
     pid = tl.program_id(0)
     per_image = TILES_H * TILES_W
@@ -199,7 +212,15 @@ def hopper_fprop_kernel(
         # memory to wgmma untouched.
         acc = tl.dot(w_desc.load([k0, rs * C + c0]), tl.trans(a), acc, input_precision=INPUT_PRECISION)
 
-    offs_n = k0 + tl.arange(0, BLOCK_N)
+    # Cout <= 32 on the 64-row tile: the residual load, the store and the statistics would run on
+    # 64 rows of which 16 or 32 are real, four or two times the epilogue's instructions per
+    # stored element; one exchange through shared memory gives each thread the real rows' values
+    # alone.
+    if EPI_N < BLOCK_N:
+        acc = _top_half(acc)
+    if EPI_N * 2 < BLOCK_N:
+        acc = _top_half(acc)
+    offs_n = k0 + tl.arange(0, EPI_N)
     n_ok = offs_n < K
     pix_ok = (ohs < OH) & (ows < OW)
     mask = n_ok[:, None] & pix_ok[None, :]
@@ -257,9 +278,11 @@ def hopper_dgrad_kernel(
     BN_BWD: tl.constexpr, HAS_ADD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     TICKET: tl.constexpr, TWO_LEVEL: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EPI_N: tl.constexpr,
 ):
     """da[n, ih, iw, c] = sum_{r',s',k} dy[n, ih + r' - PAD_H, iw + s' - PAD_W, k] * wf[c, r', s', k]
-    (the flipped weight, PAD_H = R-1-padding), then :func:`fusedres.ops.conv.dgrad_epilogue`.
+    (the flipped weight, PAD_H = R-1-padding), then :func:`fusedres.ops.conv.dgrad_epilogue`
+    on the accumulator's first EPI_N rows (16 or 32 when Cin fits in them: the fprop's EPI_N).
 
     Program (t, j) computes input channels [j*BLOCK_N, (j+1)*BLOCK_N) of the BLOCK_H x BLOCK_W
     input-pixel rectangle t (row-major over the images' tile grids, TILES_H x TILES_W per image),
@@ -286,11 +309,16 @@ def hopper_dgrad_kernel(
         a = dy_desc.load([n, ih0 + r - PAD_H, iw0 + s - PAD_W, k0]).reshape(BLOCK_M, BLOCK_K)
         acc = tl.dot(w_desc.load([c0, rs * K + k0]), tl.trans(a), acc, input_precision=INPUT_PRECISION)
 
-    # The pointer kernel's epilogue on the (pixels x channels) tile.
+    # The pointer kernel's epilogue on the (pixels x channels) tile, without the weight rows past
+    # Cin <= 32 (as the fprop's).
+    if EPI_N < BLOCK_N:
+        acc = _top_half(acc)
+    if EPI_N * 2 < BLOCK_N:
+        acc = _top_half(acc)
     rows = tl.arange(0, BLOCK_M)
     ihs = ih0 + rows // BLOCK_W
     iws = iw0 + rows % BLOCK_W
-    offs_n = c0 + tl.arange(0, BLOCK_N)
+    offs_n = c0 + tl.arange(0, EPI_N)
     n_ok = offs_n < C
     mask = ((ihs < H) & (iws < W))[:, None] & n_ok[None, :]
     dgrad_epilogue(tl.trans(acc), n.to(tl.int64), ihs.to(tl.int64), iws.to(tl.int64), offs_n, n_ok, mask, pid, C,
@@ -608,6 +636,15 @@ def unsupported(x: torch.Tensor, weight: torch.Tensor, *, stride: int, padding: 
     return None
 
 
+def _epilogue_rows(cout: int, block_n: int) -> int:
+    """The fprop epilogue's rows (``EPI_N``): 16 or 32 when ``cout`` fits in them and the tile has
+    more (64 rows, the least a warpgroup's wgmma has), else the tile's ``block_n``."""
+    for rows in (16, 32):
+        if cout <= rows < block_n:
+            return rows
+    return block_n
+
+
 def conv_fprop(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -701,6 +738,7 @@ def conv_fprop(
         # 16x16-pixel, 64-channel tile's 128 spilled next to its 128-register accumulator).
         PAD_BRANCH=cfg.block_h * cfg.block_w * cfg.block_k <= 64 * 32 * cfg.num_warps,
         BLOCK_H=cfg.block_h, BLOCK_W=cfg.block_w, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        EPI_N=_epilogue_rows(K, cfg.block_n),
         **_launch_options(cfg),
     )
     if not stats:
@@ -800,6 +838,7 @@ def conv_dgrad(
         NUM_K=K // cfg.block_k, PAD_H=R - 1 - padding, PAD_W=S - 1 - padding, R=R, S=S,
         BN_BWD=bn is not None, HAS_ADD=add is not None, INPUT_PRECISION=input_precision(dy.dtype), **t_flags,
         BLOCK_H=cfg.block_h, BLOCK_W=cfg.block_w, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        EPI_N=_epilogue_rows(C, cfg.block_n),
         **_launch_options(cfg),
     )
     return dz, sums

@@ -106,10 +106,13 @@ from .configs import (
     HopperWgradConfig,
     all_conv_configs,
     all_hopper_configs,
+    dgrad_config,
+    fprop_config,
     hopper_block_k,
     hopper_dgrad_config,
     hopper_fprop_config,
     hopper_wgrad_config,
+    wgrad_config,
 )
 
 #: Largest shared memory one block may use (the opt-in maximum), in bytes.
@@ -303,6 +306,133 @@ def _hopper_wgrad_launcher(
     # over rectangles would vanish from the build, and what the SASS profile reads with it.
     return cfg, lambda: hopper.conv_wgrad(dy, x, w, stride=1, padding=ksize // 2, scale=vec(), shift=vec(),
                                           splits=1, config=cfg)
+
+
+#: The 16- and 32-channel convolutions of the CIFAR bottlenecks, (Cin, Cout, ksize): the layers of
+#: issue #12's criterion "main-loop instructions per output element at most half of today's".
+NARROW_SHAPES = ((64, 16, 1), (16, 16, 3), (16, 64, 1), (128, 32, 1), (32, 32, 3), (32, 128, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class ElementJob:
+    """One build of :func:`element_jobs`: a conv role of one layer on one engine, and what one
+    program's main loop covers. ``elements`` output elements per program over ``iterations``
+    loop iterations (fprop: output pixels x real Cout; dgrad: input pixels x real Cin; wgrad:
+    output pixels x real Cout in units of Cin*R*S multiply-adds, per loop iteration:
+    ``iterations`` is 1 and the pixel loop's length, a split's, is left out)."""
+
+    shape: tuple[int, int, int]
+    role: str  # "fprop", "dgrad", "wgrad"
+    engine: str  # "pointer" (fusedres.ops.conv) or "hopper"
+    elements: float
+    iterations: int
+    threads: int
+    job: Job
+
+
+def _element_call(role: str, engine: str, cin: int, cout: int, k: int) -> tuple[Any, Callable[[], object]]:
+    """A launch of ``role`` on ``engine`` for a (cin -> cout, k x k) convolution, stride 1, bf16, the
+    default tile, with the fusions a training step runs (fprop: BN-ReLU prologue, residual,
+    statistics, out_shift, ReLU; dgrad: BN-ReLU backward and the added gradient, its partial sums
+    not reduced in the launch, whose last-program reduction would swamp a static count; wgrad:
+    BN-ReLU recomputed, splits merged by the ticket)."""
+    dtype, pad = torch.bfloat16, k // 2
+    x, out = _act(cin, _HW, dtype), _act(cout, _HW, dtype)
+    w = torch.empty((cout, cin, k, k), dtype=dtype).to(memory_format=torch.channels_last)
+
+    def vec(c: int) -> torch.Tensor:
+        return torch.empty(c, dtype=torch.float32)
+
+    mod = hopper if engine == "hopper" else conv
+    if role == "fprop":
+        cfg = (hopper_fprop_config if engine == "hopper" else fprop_config)(cin, cout, k, 1, dtype)
+        return cfg, lambda: mod.conv_fprop(x, w, stride=1, padding=pad, scale=vec(cin), shift=vec(cin), residual=out,
+                                           stats=True, out_shift=vec(cout), out_relu=True, config=cfg)
+    if role == "dgrad":
+        cfg = (hopper_dgrad_config if engine == "hopper" else dgrad_config)(cin, cout, k, 1, dtype)
+        bn_args = (x, vec(cin), vec(cin), vec(cin), vec(cin))
+        return cfg, lambda: mod.conv_dgrad(out, w, tuple(x.shape), stride=1, padding=pad, bn=bn_args,
+                                           add=_act(cin, _HW, dtype), config=cfg)
+    if engine == "hopper":
+        return _hopper_wgrad_launcher(dtype, cin, cout, k)
+    cfg = wgrad_config(cin, cout, k, 1, dtype)
+    return cfg, lambda: conv.conv_wgrad(out, x, w, stride=1, padding=pad, scale=vec(cin), shift=vec(cin),
+                                        splits=_SPLITS, config=cfg)
+
+
+def _element_counts(role: str, cfg: Any, cin: int, cout: int, k: int) -> tuple[float, int]:
+    """(output elements, loop iterations) of one program of ``cfg`` (see :class:`ElementJob`)."""
+    if isinstance(cfg, HopperWgradConfig):
+        macs = cfg.block_h * cfg.block_w * cfg.taps * min(cfg.block_m, cout) * min(cfg.block_n, cin)
+        return macs / (cin * k * k), 1
+    if isinstance(cfg, HopperConfig):
+        pixels_, rows = cfg.block_h * cfg.block_w, cfg.block_n
+    else:
+        pixels_, rows = cfg.block_m, cfg.block_n
+    if role == "wgrad":  # the pointer wgrad: Cout (block_m) x Cin (block_n) of one tap over block_k pixels
+        return cfg.block_k * min(cfg.block_m, cout) * min(cfg.block_n, cin) / (cin * k * k), 1
+    real, reduced = (cout, cin) if role == "fprop" else (cin, cout)
+    return pixels_ * min(rows, real), k * k * -(-reduced // cfg.block_k)
+
+
+def element_jobs(shapes: tuple[tuple[int, int, int], ...] = NARROW_SHAPES,
+                 roles: tuple[str, ...] = ("fprop", "dgrad", "wgrad")) -> list[ElementJob]:
+    """The sm_90 builds behind ``--per-element``: each role of each layer of ``shapes`` on both
+    engines (the pointer kernels of :mod:`fusedres.ops.conv` and the TMA + wgmma engine)."""
+    out = []
+    for (cin, cout, k), role, engine in itertools.product(shapes, roles, ("pointer", "hopper")):
+        cfg, call = _element_call(role, engine, cin, cout, k)
+        with _recorded_launches() as calls:
+            call()
+        kernel, args, kwargs = calls[0]
+        sig, constexprs, attrs, options = _specialize(kernel, args, kwargs, _target("sm_90"))
+        job = Job(kernel=f"{kernel.fn.__module__}:{kernel.fn.__name__}", role=f"{role}-{engine}", dtype="bfloat16",
+                  config=dataclasses.asdict(cfg), stride=1, tile=_tile(constexprs, options), arch="sm_90",
+                  signature=sig, constexprs=constexprs, attrs=attrs, options=options)
+        elements, iterations = _element_counts(role, cfg, cin, cout, k)
+        out.append(ElementJob((cin, cout, k), role, engine, elements, iterations, 32 * options["num_warps"], job))
+    return out
+
+
+def per_element(ej: ElementJob, row: Row) -> dict[str, Any]:
+    """Instructions per output element of one build: ``loop`` = the main loop's (static count per
+    iteration x threads x iterations / elements; None without a loop), ``kernel`` = the whole
+    kernel's, the loop counted ``iterations`` times and everything else once (static: branches
+    not taken count too; None for wgrad, whose loop length is a split's), ``mainloop`` = the same up
+    to the last matrix instruction (the kernel without its epilogue: what stands for the main loop
+    of a kernel with one K step and no loop)."""
+    p = row.sass or {}
+    loop = p.get("loop_insns", 0) if p.get("mma_per_iter") else 0
+    scale = ej.threads / ej.elements
+    kernel = mainloop = None
+    if ej.role != "wgrad":
+        kernel = round((p["kernel_insns"] + (ej.iterations - 1) * loop) * scale, 1)
+        mainloop = round((p["to_last_mma"] + (ej.iterations - 1) * loop) * scale, 1)
+    return {"mma": p.get("mma"), "loop": round(loop * ej.iterations * scale, 1) if loop else None, "kernel": kernel,
+            "mainloop": mainloop, "loop_insns": loop, "kernel_insns": p.get("kernel_insns"), "regs": row.regs,
+            "spill": row.spill_stores}
+
+
+def run_per_element(jobs: int, only: str | None = None) -> list[tuple[ElementJob, Row]]:
+    """Build :func:`element_jobs` (those whose "role-engine CinxCout kxk" label matches ``only``) and
+    print one line per build: the matrix instruction and instructions per output element."""
+    planned = [ej for ej in element_jobs()
+               if only is None or re.search(only, f"{ej.role}-{ej.engine} {ej.shape[0]}x{ej.shape[1]} "
+                                                  f"{ej.shape[2]}x{ej.shape[2]}")]
+    out = []
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for ej, row in zip(planned, pool.map(functools.partial(compile_job, sass=True), [e.job for e in planned])):
+            cin, cout, k = ej.shape
+            if row.status != "ok":
+                print(f"{k}x{k} {cin}->{cout} {ej.role}-{ej.engine}: {row.status} {row.error or ''}", flush=True)
+            else:
+                m = per_element(ej, row)
+                print(f"{k}x{k} {cin}->{cout:<4} {ej.role:<5} {ej.engine:<7} {row.tile:<28} {m['mma']:<26} "
+                      f"loop {m['loop_insns']:>4} x{ej.iterations} -> {m['loop']} /elem, kernel {m['kernel_insns']} "
+                      f"-> {m['kernel']} /elem, to last mma {m['mainloop']} /elem, regs {m['regs']}, "
+                      f"spill {m['spill']}, smem {row.shared}", flush=True)
+            out.append((ej, row))
+    return out
 
 
 _TWO_LEVEL_ROWS = 128 * (TWO_LEVEL_TILES + 1)
@@ -620,7 +750,9 @@ def sass_profile(sass: str, ttgir: str = "") -> dict[str, Any]:
     The main loop is the backward branch whose body holds the most matrix instructions
     (``HGMMA``: Hopper warpgroup MMA, operands from shared memory or registers; ``HMMA``:
     warp-level mma.sync). Keys: ``mma`` (the matrix instruction shapes, "+"-joined, or "none"),
-    ``mma_per_iter``, ``loop_insns`` (instructions in one iteration of one thread),
+    ``mma_per_iter``, ``kernel_insns`` (the kernel's static instruction count, NOPs left out),
+    ``to_last_mma`` (those up to the last matrix instruction: all but the epilogue),
+    ``loop_insns`` (instructions in one iteration of one thread),
     ``insns_per_mma``, ``loop_bar`` (CTA barriers per iteration), ``loop_wgmma_drain``
     (``WARPGROUP.DEPBAR.LE gsb0, 0x0``: waits until no wgmma is in flight), ``loop_sts``
     (shared-memory stores from registers, STS/STSM: operands staged by the threads rather than
@@ -669,7 +801,10 @@ def sass_profile(sass: str, ttgir: str = "") -> dict[str, Any]:
 
     shapes = sorted({".".join(op.split(".")[:2]) for _, op, _ in insns if op.startswith(_MMA_OPS)})
     mmas = sum(op.startswith(_MMA_OPS) for _, op, _ in body)
+    last_mma = max((pc for pc, op, _ in insns if op.startswith(_MMA_OPS)), default=-1)
     return {
+        "kernel_insns": sum(op != "NOP" for _, op, _ in insns),
+        "to_last_mma": sum(op != "NOP" and pc <= last_mma for pc, op, _ in insns),
         "mma": "+".join(shapes) or "none",
         "mma_per_iter": mmas,
         "loop_insns": len(body),
@@ -906,6 +1041,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plain", action="store_true", help="also build the conv roles without fusion")
     parser.add_argument("--ksize", type=int, choices=(1, 3), default=3, help="conv kernel size (default: 3)")
     parser.add_argument("--only", metavar="REGEX", help='keep builds whose "role dtype tile" label matches')
+    parser.add_argument("--per-element", action="store_true",
+                        help="sm_90 only: instructions per output element of each role of NARROW_SHAPES on both "
+                             "engines (--only filters 'role-engine CinxCout kxk')")
     parser.add_argument("--lean", action="store_true",
                         help="the CI set: sm_86/89 in bf16 only, gfx942 without fp16 (see LEAN_DTYPES)")
     parser.add_argument("--layer", type=_parse_layer, metavar="CIN,COUT,HW",
@@ -914,6 +1052,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     archs = args.arch + ([AMD_ARCH] if args.amd else [])
     start = time.perf_counter()
+    if args.per_element:
+        built = run_per_element(max(1, args.jobs), args.only)
+        print(f"wall time {time.perf_counter() - start:.1f} s with {args.jobs} processes")
+        return 1 if any(row.status != "ok" for _, row in built) else 0
     try:
         rows = run(archs, max(1, args.jobs), sass=args.sass, plain=args.plain, ksize=args.ksize, only=args.only,
                    lean=args.lean, layer=args.layer)
