@@ -118,6 +118,15 @@ def test_dgrad_one_image_wide_channels(poison, device, dtype):
     _check(device, dtype, 3, 1, True, True, True, n=1, c=96, h=7, w=7, k=96, config=cfg)
 
 
+def test_dgrad_two_warpgroups(poison, device):
+    """The 128-row tile on 8 warps (what Cin >= 512 takes, on 8x8 rectangles; Cin 128-511 takes 64
+    rows on 4 warps) with 136 input channels: a full and a mostly empty Cin block."""
+    cfg = HopperConfig(block_h=8, block_w=8, block_n=128, block_k=32, num_warps=8, num_stages=3)
+    assert hopper.hopper_dgrad_config(512, 512, 3, 1, torch.bfloat16).num_warps == 8
+    assert hopper.hopper_dgrad_config(128, 128, 3, 1, torch.bfloat16).num_warps == 4
+    _check(device, torch.bfloat16, 3, 1, True, True, True, n=1, c=136, h=7, w=7, k=32, config=cfg)
+
+
 def test_dgrad_sums_two_levels(poison, device, monkeypatch):
     """The ticket's two-level reduction (chunks of rectangles, then the chunks), at a size the
     interpreter runs quickly: the thresholds lowered to 16 tiles and chunks of 8, so that the 30

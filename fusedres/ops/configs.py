@@ -178,10 +178,15 @@ def hopper_dgrad_config(cin: int, cout: int, ksize: int, stride: int, dtype: tor
     Not the fprop's 256-row tile for Cin >= 512: that one amortizes the activation transform of
     the fprop's prologue, which the dgrad does not have (its loop at 128 rows is already 24-25
     instructions per HGMMA.64x64), so it keeps 128 rows in three stages. Nor the fprop's register
-    cap: the BatchNorm-backward epilogue holds 186-209 registers (sm_90, 3.8)."""
+    cap: the BatchNorm-backward epilogue holds 186-209 registers (sm_90, 3.8); for the same reason
+    the 8x16 rectangle takes 64 rows on 4 warps where the fprop takes 128 on 8 (two CTAs per SM)."""
     cfg = dataclasses.replace(hopper_fprop_config(cout, cin, ksize, stride, dtype), max_regs=0)
     if cfg.block_n > 128:
         return HopperConfig(cfg.block_h, cfg.block_w, 128, cfg.block_k, cfg.num_warps, 3)
+    if cfg.block_n == 128 and cfg.block_h * cfg.block_w == 128:
+        # 8 warps x 186 / 253 registers (3.8 / 3.6) at 128 rows: one CTA per SM; 64 rows on 4 warps
+        # hold the same loop at two (each dy box then read once per 64 input channels, from L2)
+        return HopperConfig(cfg.block_h, cfg.block_w, 64, cfg.block_k, 4, cfg.num_stages)
     if cfg.block_h * cfg.block_w * cfg.block_k > 16 * 16 * 32:
         return HopperConfig(cfg.block_h, cfg.block_w, cfg.block_n, cfg.block_k, cfg.num_warps, 2)
     return cfg
