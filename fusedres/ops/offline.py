@@ -43,14 +43,17 @@ and the bulk tensor copies (``UTMALDG``). ``--plain`` also builds each conv role
 (padding 0) instead of 3x3, and ``--only`` keeps the builds whose label ("role dtype tile",
 e.g. "fprop bfloat16 M128 N64 K64 w8 s3") matches a regular expression.
 
-``--lean`` is the set CI builds (:data:`LEAN_DTYPES`, about two thirds of the builds): sm_86 and
-sm_89 only in bf16, gfx942 without fp16. sm_80, sm_86 and sm_89 take the same TritonGPU IR (the
-mma.sync path, cp.async pipelining), so a config's shared memory is the same on all three — equal
-in all 158 builds of each on 2026-12-01 (Triton 3.8), and ``tests/test_offline_compile.py`` checks
-it again on every bf16 build — and sm_80's rows answer for the other dtypes against the smaller
-sm_86/89 limit; fp16 and bf16 have the same configs and element size (shared memory), and fp16
-differs from bf16 only in the conversions and the MMA's type. What the lean set does not see:
-ptxas registers and spills of fp32/fp16 on sm_86/89, and gfx942's fp16 builds.
+``--lean`` is the set CI builds (:data:`LEAN_DTYPES`): sm_86 and sm_89 only in bf16, sm_90's
+pointer kernels without fp16 (the Hopper engine's kernels in every dtype), gfx942 without fp16;
+CI also leaves sm_89 out (``--arch 80,86,90``). sm_80, sm_86 and sm_89 take the same TritonGPU IR
+(the mma.sync path, cp.async pipelining), so a config's shared memory is the same on all three —
+equal in all 158 builds of each on 2026-12-01 (Triton 3.8), and ``tests/test_offline_compile.py``
+checks it again on every sm_86 bf16 build — and sm_80's rows answer for the other dtypes against
+the smaller sm_86/89 limit (the same number for both); fp16 and bf16 have the same configs and
+element size (shared memory), and fp16 differs from bf16 only in the conversions and the MMA's
+type (the test checks that sm_80's fp16 and bf16 builds of each config take the same shared
+memory). What the lean set does not see: ptxas registers and spills of fp32/fp16 on sm_86/89 and
+of fp16 in sm_90's pointer kernels, sm_89's own builds, and gfx942's fp16 builds.
 
 For sm_90 the Hopper engine (:mod:`fusedres.ops.hopper`) is built too: "fprop-hopper" for every
 config of :func:`fusedres.ops.configs.all_hopper_configs`, and "dgrad-hopper" (the stride-1
@@ -126,8 +129,10 @@ SMEM_LIMITS: dict[str, int] = {
 CUDA_ARCHS = (80, 86, 89, 90)
 AMD_ARCH = "gfx942"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# --lean: the dtypes built per architecture (others: all of DTYPES); see the module docstring
-LEAN_DTYPES = {"sm_86": ("bfloat16",), "sm_89": ("bfloat16",), AMD_ARCH: ("float32", "bfloat16")}
+# --lean: the dtypes built per architecture (others: all of DTYPES; the sm_90 engine's own kernels
+# in all of them); see the module docstring
+LEAN_DTYPES = {"sm_86": ("bfloat16",), "sm_89": ("bfloat16",), "sm_90": ("float32", "bfloat16"),
+               AMD_ARCH: ("float32", "bfloat16")}
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32"}
 _CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
@@ -697,7 +702,7 @@ def plan_jobs(
                 label = f"{job.role} {job.dtype} {job.tile}"
                 if only is not None and not re.search(only, label):
                     continue
-                if lean and job.dtype not in LEAN_DTYPES.get(arch, (job.dtype,)):
+                if lean and job.dtype not in LEAN_DTYPES.get(arch, (job.dtype,)) and not sm90_kernel:
                     continue
                 if key not in seen:
                     seen.add(key)
@@ -1045,7 +1050,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="sm_90 only: instructions per output element of each role of NARROW_SHAPES on both "
                              "engines (--only filters 'role-engine CinxCout kxk')")
     parser.add_argument("--lean", action="store_true",
-                        help="the CI set: sm_86/89 in bf16 only, gfx942 without fp16 (see LEAN_DTYPES)")
+                        help="the CI set: sm_86/89 in bf16 only, sm_90's pointer kernels and gfx942 without fp16 "
+                             "(see LEAN_DTYPES)")
     parser.add_argument("--layer", type=_parse_layer, metavar="CIN,COUT,HW",
                         help="build the sm_90 fprop engine at this convolution (HW x HW images) with its default "
                              "tiles, instead of every Hopper config")
