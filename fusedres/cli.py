@@ -52,10 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fusedres", description="Triton-fused pre-activation ResNet blocks: self-check, benchmark, training.",
         epilog="Without a command: check, then bench when a CUDA GPU is present.")
     sub = parser.add_subparsers(dest="command", metavar="{check,bench,train,inspect}")
-    sub.add_parser("check", help="the fused op and blocks against float64 PyTorch (errors per block and dtype)",
-                   description="Run the fused op and blocks against float64 PyTorch on this machine (CUDA, or "
-                               "the Triton interpreter on the CPU) and print their errors next to eager "
-                               "PyTorch's own. Exit status 1 when any row fails.")
+    cp = sub.add_parser("check", help="the fused op and blocks against float64 PyTorch (errors per block and dtype)",
+                        description="Run the fused op and blocks against float64 PyTorch on this machine (CUDA, "
+                                    "or the Triton interpreter on the CPU) and print their errors next to eager "
+                                    "PyTorch's own. Exit status 1 when any row fails.")
+    cp.add_argument("--quick", action="store_true",
+                    help="one op case and one block of each kind (identity shortcut), every dtype (about a "
+                         "third of the time)")
     sub.add_parser("bench", help="fused vs eager vs torch.compile block training steps on the current GPU",
                    description="Time block training steps (bf16, channels_last), fused vs eager vs "
                                "torch.compile, with peak memory. Without a CUDA GPU: says so, exits 0.")
@@ -134,7 +137,7 @@ def _run(argv: list[str]) -> int:
         return quickbench.run()
     from . import selfcheck
 
-    status = selfcheck.run(_check_device(argv))
+    status = selfcheck.run(_check_device(argv), quick=getattr(args, "quick", False))
     if args.command is None and torch.cuda.is_available():
         from . import quickbench
 

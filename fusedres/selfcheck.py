@@ -86,12 +86,13 @@ def _op_row(device: torch.device, dtype: torch.dtype, case: tuple, training: boo
     return f"{r.fused[worst]:>16.2e} {r.eager[worst]:>10.2e}  {verdict}", ok
 
 
-def op_table(device: torch.device) -> int:
-    """Print the table of :func:`fusedres.bn_relu_conv2d` cases; return the number of failed rows."""
+def op_table(device: torch.device, quick: bool = False) -> int:
+    """Print the table of :func:`fusedres.bn_relu_conv2d` cases (``quick``: the first only); return
+    the number of failed rows."""
     print(f"{'bn_relu_conv2d case':<34} {'dtype':<9} {'mode':<6} {'worst fused err':>16} {'eager err':>10}  result")
     failed = 0
     for dtype in DTYPES:
-        for case in OP_CASES:
+        for case in OP_CASES[:1] if quick else OP_CASES:
             for training in (True, False):
                 try:
                     text, ok = _op_row(device, dtype, case, training)
@@ -134,8 +135,9 @@ def _block_row(block: nn.Module, shape: tuple[int, ...], device: torch.device, d
     return f"{''.join(cells)}  {verdict}", not bad and not missing
 
 
-def block_table(device: torch.device) -> int:
-    """Print the table of block cases (two training steps, then eval); return the number of failed rows.
+def block_table(device: torch.device, quick: bool = False) -> int:
+    """Print the table of block cases (two training steps, then eval; ``quick``: the identity-shortcut
+    case of each block); return the number of failed rows.
 
     Gradients are judged in float32 only. At bf16/fp16 a pre-activation within a rounding of
     zero flips its ReLU mask against the float64 reference, and one flip moves every gradient of
@@ -145,6 +147,8 @@ def block_table(device: torch.device) -> int:
     """
     cuda = device.type == "cuda"
     cases = BLOCK_CASES_CUDA if cuda else BLOCK_CASES_CPU
+    if quick:
+        cases = [case for case in cases if case[3] == 1 and case[1] == case[2] * case[0].expansion]
     batch, size = (BLOCK_BATCH_CUDA, BLOCK_SIZE_CUDA) if cuda else (BLOCK_BATCH_CPU, BLOCK_SIZE_CPU)
     header = "".join(f"{g + ' f/e':>{_CELL}}" for g in _GROUPS)
     print(f"{'block, input':<40} {'dtype':<9}{header}  result")
@@ -167,16 +171,17 @@ def block_table(device: torch.device) -> int:
     return failed
 
 
-def run(device: torch.device) -> int:
-    """``fusedres check`` on ``device``: print both tables; 0 when every row passed, else 1."""
+def run(device: torch.device, quick: bool = False) -> int:
+    """``fusedres check`` on ``device`` (``--quick``: ``quick``): print both tables; 0 when every row
+    passed, else 1."""
     start = time.perf_counter()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, Triton interpreter"
     print(f"fusedres self-check on {where} (torch {torch.__version__}), convolutions on the Triton kernels")
     with route.force("triton"):
-        failed = op_table(device)
+        failed = op_table(device, quick)
         middle = time.perf_counter()
         print()
-        failed += block_table(device)
+        failed += block_table(device, quick)
     end = time.perf_counter()
     took = f"op {middle - start:.0f} s, blocks {end - middle:.0f} s"
     print(f"all checks passed ({took})" if not failed else f"{failed} checks FAILED ({took})")

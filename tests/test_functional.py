@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import CONV_KERNELS, DTYPE_IDS, DTYPES, launched
+from _helpers import CONV_KERNELS, DTYPE_IDS, DTYPES, kernel_matrix, launched
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,11 +33,13 @@ def _assert_ok(result, dtype):
     assert not bad, "; ".join(bad)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("ksize,stride,pad", [(1, 1, 0), (1, 2, 0), (3, 1, 1), (3, 2, 1)],
-                         ids=["1x1s1", "1x1s2", "3x3s1", "3x3s2"])
-@pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+# a covering array under the interpreter (every combination of any three axes), the whole product on CUDA
+@pytest.mark.parametrize(*kernel_matrix({
+    "training": ([True, False], ["train", "eval"]),
+    "residual": ([False, True], ["nores", "res"]),
+    "ksize,stride,pad": ([(1, 1, 0), (1, 2, 0), (3, 1, 1), (3, 2, 1)], ["1x1s1", "1x1s2", "3x3s1", "3x3s2"]),
+    "dtype": (DTYPES, DTYPE_IDS),
+}))
 def test_matches_pytorch(poison, device, dtype, ksize, stride, pad, residual, training):
     # C=19, Cout=21 (no multiple of any block), odd 9x7 image, three steps of running statistics.
     kernels = ALL_KERNELS if training else EVAL_KERNELS
