@@ -44,7 +44,7 @@ LONG = os.environ.get("FUSEDRES_FUZZ", "") == "long"
 _ON_CUDA = torch.cuda.is_available()
 # CI: per block type. On a GPU fewer, because nearly every example there compiles new Triton
 # specializations (ints equal to 1 or divisible by 16, strides, dtypes) at about a second each.
-_CI_EXAMPLES = 4 if _ON_CUDA else 12
+_CI_EXAMPLES = 4 if _ON_CUDA else 8
 FUZZ = settings(
     max_examples=int(os.environ.get("FUSEDRES_FUZZ_EXAMPLES", "500")) if LONG else _CI_EXAMPLES,
     derandomize=not LONG,
