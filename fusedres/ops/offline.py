@@ -43,17 +43,19 @@ and the bulk tensor copies (``UTMALDG``). ``--plain`` also builds each conv role
 (padding 0) instead of 3x3, and ``--only`` keeps the builds whose label ("role dtype tile",
 e.g. "fprop bfloat16 M128 N64 K64 w8 s3") matches a regular expression.
 
-``--lean`` is the set CI builds (:data:`LEAN_DTYPES`): sm_86 and sm_89 only in bf16, sm_90's
-pointer kernels without fp16 (the Hopper engine's kernels in every dtype), gfx942 without fp16;
-CI also leaves sm_89 out (``--arch 80,86,90``). sm_80, sm_86 and sm_89 take the same TritonGPU IR
-(the mma.sync path, cp.async pipelining), so a config's shared memory is the same on all three —
-equal in all 158 builds of each on 2026-12-01 (Triton 3.8), and ``tests/test_offline_compile.py``
-checks it again on every sm_86 bf16 build — and sm_80's rows answer for the other dtypes against
-the smaller sm_86/89 limit (the same number for both); fp16 and bf16 have the same configs and
-element size (shared memory), and fp16 differs from bf16 only in the conversions and the MMA's
-type (the test checks that sm_80's fp16 and bf16 builds of each config take the same shared
-memory). What the lean set does not see: ptxas registers and spills of fp32/fp16 on sm_86/89 and
-of fp16 in sm_90's pointer kernels, sm_89's own builds, and gfx942's fp16 builds.
+``--lean`` is the set CI builds (:data:`LEAN_DTYPES`, :data:`LEAN_LARGEST_ONLY`): sm_86 and sm_89
+only in bf16 and each pointer conv role in its largest config only, sm_80's fp16 conv roles in
+their largest config only, sm_90's pointer kernels without fp16 (the Hopper engine's kernels in
+every dtype), gfx942 without fp16; CI also leaves sm_89 out (``--arch 80,86,90``). sm_80, sm_86
+and sm_89 take the same TritonGPU IR (the mma.sync path, cp.async pipelining), so a config's
+shared memory is the same on all three — equal in all 158 builds of each on 2026-12-01 (Triton
+3.8), and ``tests/test_offline_compile.py`` checks it again on every sm_86 build — and sm_80's rows
+of every config and dtype answer for sm_86/89 against their smaller limit (the same number for
+both); fp16 and bf16 have the same configs and element size (shared memory), and fp16 differs
+from bf16 only in the conversions and the MMA's type (the test checks that sm_80's fp16 and bf16
+builds of a config take the same shared memory). What the lean set does not see: ptxas registers
+and spills of fp32/fp16 on sm_86/89, of sm_86's smaller bf16 configs, of sm_80's smaller fp16
+configs and of fp16 in sm_90's pointer kernels, sm_89's own builds, and gfx942's fp16 builds.
 
 For sm_90 the Hopper engine (:mod:`fusedres.ops.hopper`) is built too: "fprop-hopper" for every
 config of :func:`fusedres.ops.configs.all_hopper_configs`, and "dgrad-hopper" (the stride-1
@@ -133,6 +135,32 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # in all of them); see the module docstring
 LEAN_DTYPES = {"sm_86": ("bfloat16",), "sm_89": ("bfloat16",), "sm_90": ("float32", "bfloat16"),
                AMD_ARCH: ("float32", "bfloat16")}
+# --lean: where (architecture, dtype) is listed here, each pointer conv role (fprop, dgrad, wgrad,
+# per stride) is built in one config, the one with the largest operand tiles
+# (:func:`largest_conv_config`). These builds only check a premise against sm_80's bf16 builds of
+# the same configs (sm_86/89: the same shared memory as sm_80; sm_80 fp16: the same as bf16),
+# whose limits sm_80's own rows of every config are checked against. None: every dtype.
+LEAN_LARGEST_ONLY: dict[str, tuple[str, ...] | None] = {"sm_86": None, "sm_89": None, "sm_80": ("float16",)}
+
+
+def largest_conv_config(role: str, dtype: torch.dtype) -> ConvConfig:
+    """Of the configs :func:`fusedres.ops.configs.all_conv_configs` gives ``role`` in ``dtype``, the
+    one with the most operand tile per stage times stages (stages x (BM*BK + BK*BN))."""
+    configs = [cfg for cfg, dt in all_conv_configs()[role] if dt == dtype]
+    return max(configs, key=lambda c: (c.num_stages * (c.block_m * c.block_k + c.block_k * c.block_n),
+                                       dataclasses.astuple(c)))
+
+
+def in_lean_set(role: str, cfg: ConvConfig, dtype: torch.dtype, arch: str) -> bool:
+    """Whether ``--lean`` builds pointer conv ``role`` in ``cfg`` and ``dtype`` for ``arch``."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in LEAN_DTYPES.get(arch, (name,)):
+        return False
+    if arch in LEAN_LARGEST_ONLY:
+        only = LEAN_LARGEST_ONLY[arch]
+        if only is None or name in only:
+            return cfg == largest_conv_config(role, dtype)
+    return True
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32"}
 _CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
@@ -703,6 +731,8 @@ def plan_jobs(
                 if only is not None and not re.search(only, label):
                     continue
                 if lean and job.dtype not in LEAN_DTYPES.get(arch, (job.dtype,)) and not sm90_kernel:
+                    continue
+                if lean and own and role in ("fprop", "dgrad", "wgrad") and not in_lean_set(role, cfg, dtype, arch):
                     continue
                 if key not in seen:
                     seen.add(key)
