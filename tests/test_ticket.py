@@ -20,6 +20,27 @@ from fusedres.ops.configs import TWO_LEVEL_TILES, ConvConfig
 cl = torch.channels_last
 
 
+#: The convolution tests' two-level merges with chunks of 4 tiles above 16 (production: 64 above
+#: 256): the same kernels and code paths, several chunks and a partial last one, from grids of ~20
+#: tiles instead of ~270 (whose serial chunk loops the interpreter runs op by op). The stats test
+#: below keeps the production constants; the CUDA stress test runs them at scale.
+SMALL_BLOCK_T = 4
+SMALL_TWO_LEVEL_TILES = 4 * SMALL_BLOCK_T
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    from fusedres.ops import hopper
+
+    for mod in (bn_ops, conv_ops, hopper):
+        monkeypatch.setattr(mod, "FINALIZE_BLOCK_T", SMALL_BLOCK_T)
+    for mod in (bn_ops, hopper):
+        monkeypatch.setattr(mod, "TWO_LEVEL_TILES", SMALL_TWO_LEVEL_TILES)
+    bn_ops.clear_plans()  # a cached launch plan holds the constants it was built with
+    yield
+    bn_ops.clear_plans()
+
+
 def _counters_rearmed() -> None:
     assert all(int(c.abs().sum()) == 0 for c in bn_ops._COUNTERS.values()), "a ticket counter was left armed"
 
@@ -69,13 +90,13 @@ def test_bn_stats_ticket_bitwise(poison, device, pixels, affine, running):
 
 
 @pytest.mark.parametrize("tiles", ["one-level", "two-level"])
-def test_conv_fprop_ticket_bitwise(poison, device, tiles):
+def test_conv_fprop_ticket_bitwise(poison, device, tiles, small_chunks):
     """Several column blocks (Cout 40 over tiles of 16 channels) each finalized by their last tile."""
-    N, C, H, W, K = (2, 3, 6, 5, 40) if tiles == "one-level" else (2, 3, 48, 45, 6)
+    N, C, H, W, K = (2, 3, 6, 5, 40) if tiles == "one-level" else (2, 3, 12, 13, 6)
     cfg = ConvConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2)
     x = torch.randn(N, C, H, W, device=device).contiguous(memory_format=cl)
     wt = torch.randn(K, C, 3, 3, device=device).contiguous(memory_format=cl)
-    assert ((N * H * W + 15) // 16 > TWO_LEVEL_TILES) == (tiles == "two-level")
+    assert ((N * H * W + 15) // 16 > SMALL_TWO_LEVEL_TILES) == (tiles == "two-level")
     outs = []
 
     def produce(fin):
@@ -95,10 +116,10 @@ def test_conv_fprop_ticket_bitwise(poison, device, tiles):
     ("one-level", 1, 1, 0), ("two-level", 1, 1, 0), ("one-level", 3, 2, 1), ("two-level", 3, 2, 1),
     ("one-level", 1, 2, 0),
 ], ids=["1x1s1-one-level", "1x1s1-two-level", "3x3s2-one-level", "3x3s2-two-level", "1x1s2-one-level"])
-def test_conv_dgrad_sums_ticket_bitwise(poison, device, tiles, ksize, stride, pad):
+def test_conv_dgrad_sums_ticket_bitwise(poison, device, tiles, ksize, stride, pad, small_chunks):
     """At stride 2 the tiles of the four parity classes (of different sizes: odd sides; at 1x1,
     three without taps) are the T tiles of the ticket, each once."""
-    N, C, H, W, K = (2, 40, 5, 6, 8) if tiles == "one-level" else (2, 6, 48, 45, 4)
+    N, C, H, W, K = (2, 40, 5, 6, 8) if tiles == "one-level" else (2, 6, 12, 13, 4)
     cfg = ConvConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2)
     g = torch.Generator().manual_seed(3)
     OH, OW = (conv_ops.conv_out_size(n, ksize, stride, pad) for n in (H, W))
@@ -115,7 +136,7 @@ def test_conv_dgrad_sums_ticket_bitwise(poison, device, tiles, ksize, stride, pa
             if ticket:
                 assert isinstance(sums, bn_ops.Sums)
             else:
-                assert sums[0].shape[0] > TWO_LEVEL_TILES or tiles == "one-level"
+                assert (sums[0].shape[0] > SMALL_TWO_LEVEL_TILES) == (tiles == "two-level")
                 sums = bn_ops.bn_bwd_reduce(*sums)
         res.append((dz, *sums))
     for u, v in zip(*res):
@@ -124,7 +145,7 @@ def test_conv_dgrad_sums_ticket_bitwise(poison, device, tiles, ksize, stride, pa
     _counters_rearmed()
 
 
-def test_conv_wgrad_ticket_bitwise(poison, device):
+def test_conv_wgrad_ticket_bitwise(poison, device, small_chunks):
     """Several tiles (Cout 40, Cin 19 over 16x16 tiles, 9 taps), each reduced by its last split."""
     N, C, H, W, K = 2, 19, 7, 6, 40
     cfg = ConvConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2)
