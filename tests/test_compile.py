@@ -88,8 +88,10 @@ def _momentum_none(model: nn.Module) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("name", list(_tiny_models()))
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+# momentum=None changes only the running statistics' update, which eval does not make
+@pytest.mark.parametrize(("name", "training"), [(name, training) for training in (True, False)
+                                                for name in _tiny_models() if training or name != "momentum=None"],
+                         ids=lambda v: v if isinstance(v, str) else ("train" if v else "eval"))
 def test_fullgraph_compile_matches_eager(name: str, training: bool, device: torch.device, no_tf32: None) -> None:
     torch.manual_seed(0)
     eager = _tiny_models()[name]().to(device)
@@ -106,8 +108,10 @@ def test_fullgraph_compile_matches_eager(name: str, training: bool, device: torc
     backend, ops = _graph_recorder()
     torch._dynamo.reset()
     compiled = torch.compile(compiled_model, fullgraph=True, backend=backend)
-    # in training the second step sees updated running statistics; eval has none to update
-    for _ in range(2 if training else 1):
+    # With momentum=None the second training step's update weighs the batch by 1/2 (the first's by
+    # 1): a factor baked into the graph at the first step would show there. The other models' buffer
+    # updates over several steps: test_compiled_running_stats_and_counter.
+    for _ in range(2 if name == "momentum=None" else 1):
         with launched(*_KERNELS[name]):  # the reference is the fused path run eagerly
             want = _run(eager, x)
         with launched(*_KERNELS[name]):

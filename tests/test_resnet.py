@@ -295,14 +295,15 @@ def test_convert_timm_resnetv2(poison, device, no_tf32, basic):
     timm_resnetv2 = pytest.importorskip("timm.models.resnetv2")
     from timm.layers import BatchNormAct2d, create_conv2d
 
-    model = randomize_bn(timm_resnetv2.ResNetV2(layers=[1, 1], channels=(16, 32), num_classes=5, stem_chs=8,
+    # [2, 1]: stage 0 holds an identity block (no downsample), the kind convert used to leave
+    model = randomize_bn(timm_resnetv2.ResNetV2(layers=[2, 1], channels=(16, 32), num_classes=5, stem_chs=8,
                                                 conv_layer=create_conv2d, norm_layer=BatchNormAct2d, basic=basic))
     keys = list(model.state_dict())
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # everything convertible is converted
         converted = convert(model)
     blocks = [b for s in converted.stages for b in s.blocks]
-    assert [type(b).__name__ for b in blocks] == ["TimmPreActBlock", "TimmPreActBlock"]
+    assert [type(b).__name__ for b in blocks] == ["TimmPreActBlock"] * 3 and blocks[1].downsample is None
     assert list(converted.state_dict()) == keys
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(set_fused(copy.deepcopy(converted), False).eval()(x), model.eval()(x))
