@@ -199,7 +199,11 @@ def hopper_dgrad_config(cin: int, cout: int, ksize: int, stride: int, dtype: tor
     the fprop's prologue, which the dgrad does not have (its loop at 128 rows is already 24-25
     instructions per HGMMA.64x64), so it keeps 128 rows in three stages. Nor the fprop's register
     cap: the BatchNorm-backward epilogue holds 186-209 registers (sm_90, 3.8); for the same reason
-    the 8x16 rectangle takes 64 rows on 4 warps where the fprop takes 128 on 8 (two CTAs per SM)."""
+    the 8x16 rectangle takes 64 rows on 4 warps where the fprop takes 128 on 8 (two CTAs per SM).
+    Those counts are with :func:`fusedres.ops.conv.dgrad_epilogue`; the 16-bit layers whose Cin
+    fills the tile now take :func:`fusedres.ops.hopper._dgrad_bn_bwd_pairs`, at 156-172 registers
+    for the CIFAR shapes and 158 / 163 for 3x3 64->64 (sm_90, bf16, 3.8 / 3.6): whether 128 rows on
+    8 warps now fit two CTAs per SM was not measured."""
     cfg = dataclasses.replace(_hopper_tile(cout, cin, ksize, dtype), max_regs=0)
     if cfg.block_n > 128:
         return HopperConfig(cfg.block_h, cfg.block_w, 128, cfg.block_k, cfg.num_warps, 3)
