@@ -38,7 +38,9 @@ multiple of 16; Cin may be anything (weight rows past it are zero-filled, dz sto
 ``x``/``add`` of the epilogue are read through their strides. The epilogue is the pointer
 kernel's (:func:`fusedres.ops.conv.dgrad_epilogue`) on the transposed accumulator, with the
 per-rectangle partial sums of the BatchNorm backward reduced by the launch's last program
-(``sums_ticket``) exactly as there: the same contract, ``(psum, psumx)`` or a ``Sums``.
+(``sums_ticket``) exactly as there: the same contract, ``(psum, psumx)`` or a ``Sums``; with the
+BatchNorm backward on 16-bit ``x``/``add`` laid out as dz and every channel of the tile real, a
+lighter one with that contract (:func:`_dgrad_bn_bwd_pairs`, ``PAIRS``).
 
 :func:`conv_wgrad` (stride 1, or a 1x1 without padding at any stride; up to 3x3;
 :func:`unsupported_wgrad`) reads R + S boxes per pixel rectangle for its R*S taps: a program holds
@@ -282,7 +284,9 @@ def hopper_dgrad_kernel(
 ):
     """da[n, ih, iw, c] = sum_{r',s',k} dy[n, ih + r' - PAD_H, iw + s' - PAD_W, k] * wf[c, r', s', k]
     (the flipped weight, PAD_H = R-1-padding), then :func:`fusedres.ops.conv.dgrad_epilogue`
-    on the accumulator's first EPI_N rows (16 or 32 when Cin fits in them: the fprop's EPI_N).
+    on the accumulator's first EPI_N rows (16 or 32 when Cin fits in them: the fprop's EPI_N), or
+    with PAIRS :func:`_dgrad_bn_bwd_pairs` (``x_ptr``/``add_ptr`` then point to uint32 channel
+    pairs, with dz's strides: ``sx*``/``sa*`` unused).
 
     Program (t, j) computes input channels [j*BLOCK_N, (j+1)*BLOCK_N) of the BLOCK_H x BLOCK_W
     input-pixel rectangle t (row-major over the images' tile grids, TILES_H x TILES_W per image),
