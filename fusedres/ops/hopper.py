@@ -391,7 +391,9 @@ def _dgrad_bn_bwd_pairs(
     clamped to it), ``x_ptr``/``add_ptr`` point to the uint32 channel pairs of their tensors.
 
     Same contract and results but for the rounding of the sums of dz * xhat, taken as
-    invstd * sum(dz * (x - mean)): one multiply per channel instead of one per element. What makes
+    invstd * sum(dz * (x - mean)): one multiply per channel instead of one per element. (With an
+    infinite invstd, eps = 0 over a zero variance, which only eval mode accepts, eager's sum is NaN
+    as soon as one term is 0 * inf; this one is not.) What makes
     it lighter (sm_90 SASS, benchmarks/NOTES.md section 3): x and add unpacked from channel pairs,
     pixel offsets computed once for the three tensors, unpredicated loads, the two sums in one
     reduction (one exchange between warps)."""
