@@ -178,6 +178,34 @@ def test_fprop_256_channel_tile(poison, device, dtype, n, h, w):
     assert_close64(stats_b[0], out.double().cpu().mean((0, 2, 3)), 1e-5, "finalized mean")
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_fprop_one_k_step_1x1_rectangle(poison, device, dtype):
+    """The tile the chooser gives a 16-bit 1x1 of Cin <= 32 and Cout >= 128 (the CIFAR
+    bottleneck's 32->128): a 16x16 rectangle on one warpgroup, one K step, Cout / 64 programs
+    per rectangle. Here 32->136 (a third column block with 8 real rows of 64) on 2 images of
+    9x19 (two rectangles per image, both hanging over the edge: the per-image merge), every
+    fusion on, output and statistics against float64."""
+    k = 136
+    cfg = hopper_fprop_config(32, 128, 1, 1, dtype)
+    assert cfg == hopper_fprop_config(32, k, 1, 1, dtype)
+    assert (cfg.block_h, cfg.block_w, cfg.block_n, cfg.num_warps) == (16, 16, 64, 4), cfg
+    x64, w64, scale, shift, res64, oshift, d = _inputs(dtype, device, 1, 1, 0, c=32, k=k)
+    ref = _reference(x64, w64, scale, shift, res64, oshift, 1, 0, True, True, True)
+    with launched("hopper_fprop_kernel", "hopper_stats_merge_kernel"):
+        out, partials = hopper.conv_fprop(d["x"], d["w"], stride=1, padding=0, scale=d["scale"], shift=d["shift"],
+                                          residual=d["res"], stats=True, out_shift=d["oshift"], out_relu=True)
+    eager = _reference(x64.to(dtype), w64.to(dtype), scale, shift, res64.to(dtype), oshift, 1, 0, True, True, True,
+                       dtype)
+    assert_matches(out, ref, eager, dtype, "hopper fprop output (one-K-step 1x1 rectangle)")
+    mean, invstd, _, _ = bn_ops.bn_finalize(
+        partials, out.numel() // k, None, None, None, None,
+        training=True, momentum=0.1, eps=0.0, channels=k, device=out.device,
+    )
+    o64 = out.double().cpu()
+    assert_close64(mean, o64.mean((0, 2, 3)), 1e-5, "epilogue mean")
+    assert_close64(invstd.double().pow(-2), o64.var((0, 2, 3), unbiased=False), 1e-5, "epilogue var")
+
 def test_register_cap_reaches_the_launch(device, monkeypatch):
     """A tile's ``max_regs`` is passed to Triton as ``maxnreg`` (what keeps the 256- and 128-channel
     tiles at 128 registers, two CTAs per SM on sm_90); a tile without one leaves ptxas its own choice."""

@@ -38,7 +38,7 @@ CASES = [
 
 
 def _check(device, dtype, ksize, pad, bn_bwd, add, reduce_sums, *, n=N, c=C, h=H, w=W, k=K, config=None,
-           via_route=False):
+           via_route=False, x_format=CL):
     """dz (or da) against float64 by the 2x rule, and with bn_bwd the sums of the stored dz."""
     g = torch.Generator().manual_seed(3)
     x64 = rounded(torch.randn(n, c, h, w, generator=g, dtype=torch.float64) + 0.2, dtype)
@@ -62,7 +62,7 @@ def _check(device, dtype, ksize, pad, bn_bwd, add, reduce_sums, *, n=N, c=C, h=H
 
     dy = dy64.to(device, dtype).contiguous(memory_format=CL)
     wt = w64.to(device, dtype).contiguous(memory_format=CL)
-    x = x64.to(device, dtype).contiguous(memory_format=CL)
+    x = x64.to(device, dtype).contiguous(memory_format=x_format)
     f32 = {"device": device, "dtype": torch.float32}
     bn = (x, scale.to(**f32), shift.to(**f32), mean.to(**f32), invstd.to(**f32)) if bn_bwd else None
     args = dict(stride=1, padding=pad, bn=bn, reduce_sums=reduce_sums,
@@ -108,6 +108,50 @@ def test_dgrad_narrow_cin_epilogue(poison, device, dtype, ksize, pad, c):
     block_n = hopper.hopper_dgrad_config(c, K, ksize, 1, dtype).block_n
     assert hopper._epilogue_rows(c, block_n) == 16
     _check(device, dtype, ksize, pad, True, True, True, c=c)
+
+
+def _pairs_flags(monkeypatch):
+    """The PAIRS flag of every Hopper dgrad launch from now on (the launches still run)."""
+    flags = []
+    real = hopper.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        flags.append(kwargs.get("PAIRS"))
+        return real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(hopper, "launch", spy)
+    return flags
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("ksize,pad", [(1, 0), (3, 1)], ids=["1x1", "3x3"])
+@pytest.mark.parametrize("c", [32, 64])
+def test_dgrad_pair_epilogue(poison, device, monkeypatch, dtype, ksize, pad, c):
+    """Cin 32 (EPI_N 32) and 64 (the 64-row block): every channel of the tile real, x and add
+    with dz's strides, so the BatchNorm-backward epilogue reads them as uint32 channel pairs
+    (_dgrad_bn_bwd_pairs); the 9x19 images leave rectangles hanging over the edge (their pixels
+    past the image read the last row / column, masked). Every fusion on, the sums reduced in the
+    launch."""
+    flags = _pairs_flags(monkeypatch)
+    _check(device, dtype, ksize, pad, True, True, True, c=c)
+    assert flags == [True]
+
+
+def test_dgrad_pair_epilogue_partial_sums(poison, device, monkeypatch):
+    """The pair epilogue without the added gradient and with the per-rectangle partial sums
+    returned (no ticket)."""
+    flags = _pairs_flags(monkeypatch)
+    _check(device, torch.bfloat16, 1, 0, True, False, False, c=32)
+    assert flags == [True]
+
+
+def test_dgrad_pair_epilogue_falls_back(poison, device, monkeypatch):
+    """x in NCHW (strides other than dz's), or Cin 24 (a column block with rows past Cin): the
+    pointer engine's epilogue, PAIRS off."""
+    flags = _pairs_flags(monkeypatch)
+    _check(device, torch.bfloat16, 1, 0, True, True, True, c=32, x_format=torch.contiguous_format)
+    _check(device, torch.bfloat16, 1, 0, True, True, True, c=24)
+    assert flags == [False, False]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

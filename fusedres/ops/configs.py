@@ -153,7 +153,25 @@ def hopper_fprop_config(cin: int, cout: int, ksize: int, stride: int, dtype: tor
     capped at 128 registers too (3.8: 142, 163 with the statistics ticket, at 28x28: one CTA per
     SM; capped: no spill, the same loop, the ticket's 293 -> 301 instructions per iteration); not
     fp32, whose 8x16 tile then spills 316 bytes per thread, nor a 1x1 (4-8 bytes of spill at
-    stride 2 and with the ticket)."""
+    stride 2 and with the ticket).
+    A 16-bit 1x1 with at most 32 input channels and Cout >= 128 (the CIFAR bottleneck's 1x1
+    32->128) has one K step and no loop: the ~500 instructions of address arithmetic, barriers and
+    copy setup before its HGMMA are paid per tile, so it takes a 16x16 rectangle on one
+    warpgroup (64 rows, Cout / 64 programs per rectangle; HGMMA.64x256): 128 output elements per
+    thread instead of the 8x16 x 128 tile's 64. sm_90 SASS, 1x1 32->128 bf16 with every fusion,
+    Triton 3.8 / 3.6: 17.0 / 16.8 instructions per output element (the 8x16 x 128 tile: 19.6 /
+    19.8), 225 / 221 registers x 128 threads: two CTAs per SM, no spill, 22 KB. On two
+    warpgroups (128 rows) that rectangle takes 225 / 221 registers x 256 threads (one CTA per SM);
+    capped at 168 it spills 528 bytes, at 128 ptxas refuses it (154 needed)."""
+    block_k = hopper_block_k(cin, dtype)
+    wide = dtype == torch.float32
+    if ksize == 1 and cin <= 32 and cout >= 128 and not wide:
+        return HopperConfig(16, 16, 64, block_k, 4, 2)
+    return _hopper_tile(cin, cout, ksize, dtype)
+
+
+def _hopper_tile(cin: int, cout: int, ksize: int, dtype: torch.dtype) -> HopperConfig:
+    """:func:`hopper_fprop_config` but for its one-K-step 1x1 rule (the dgrad's tiles start here)."""
     block_k = hopper_block_k(cin, dtype)
     wide = dtype == torch.float32
     if cout <= 32 and not wide:
@@ -170,7 +188,9 @@ def hopper_dgrad_config(cin: int, cout: int, ksize: int, stride: int, dtype: tor
     """Input channels (wgmma's M, rows past Cin zero-filled) x a rectangle of input pixels,
     reduced over taps x Cout: the stride-1 dgrad is the fprop of dy (Cout channels in) with the
     flipped weight (Cin channels out), so it takes :func:`hopper_fprop_config`'s tile for that
-    convolution (``block_k`` from Cout), the 16x16 rectangle for Cin <= 32 included: its
+    convolution (``block_k`` from Cout; not its one-K-step 1x1 rule for Cin >= 128: the 1x1
+    128->32 dgrad's BatchNorm-backward epilogue on that 16x16 x 64 tile held 255 registers and
+    spilled 732 bytes per thread, sm_90, bf16, 3.8), the 16x16 rectangle for Cin <= 32 included: its
     BatchNorm-backward epilogue runs on the accumulator's 16 or 32 real rows (``EPI_N``), 162-236
     registers and no spill (sm_90, bf16, Triton 3.8 / 3.6; on all 64 rows that tile held 255 and
     spilled 704-1004 bytes per thread). That rectangle with 64-channel slices (Cout >= 64) takes two
@@ -179,8 +199,12 @@ def hopper_dgrad_config(cin: int, cout: int, ksize: int, stride: int, dtype: tor
     the fprop's prologue, which the dgrad does not have (its loop at 128 rows is already 24-25
     instructions per HGMMA.64x64), so it keeps 128 rows in three stages. Nor the fprop's register
     cap: the BatchNorm-backward epilogue holds 186-209 registers (sm_90, 3.8); for the same reason
-    the 8x16 rectangle takes 64 rows on 4 warps where the fprop takes 128 on 8 (two CTAs per SM)."""
-    cfg = dataclasses.replace(hopper_fprop_config(cout, cin, ksize, stride, dtype), max_regs=0)
+    the 8x16 rectangle takes 64 rows on 4 warps where the fprop takes 128 on 8 (two CTAs per SM).
+    Those counts are with :func:`fusedres.ops.conv.dgrad_epilogue`; the 16-bit layers whose Cin
+    fills the tile now take :func:`fusedres.ops.hopper._dgrad_bn_bwd_pairs`, at 156-172 registers
+    for the CIFAR shapes and 158 / 163 for 3x3 64->64 (sm_90, bf16, 3.8 / 3.6): whether 128 rows on
+    8 warps now fit two CTAs per SM was not measured."""
+    cfg = dataclasses.replace(_hopper_tile(cout, cin, ksize, dtype), max_regs=0)
     if cfg.block_n > 128:
         return HopperConfig(cfg.block_h, cfg.block_w, 128, cfg.block_k, cfg.num_warps, 3)
     if cfg.block_n == 128 and cfg.block_h * cfg.block_w == 128:

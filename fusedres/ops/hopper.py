@@ -38,7 +38,9 @@ multiple of 16; Cin may be anything (weight rows past it are zero-filled, dz sto
 ``x``/``add`` of the epilogue are read through their strides. The epilogue is the pointer
 kernel's (:func:`fusedres.ops.conv.dgrad_epilogue`) on the transposed accumulator, with the
 per-rectangle partial sums of the BatchNorm backward reduced by the launch's last program
-(``sums_ticket``) exactly as there: the same contract, ``(psum, psumx)`` or a ``Sums``.
+(``sums_ticket``) exactly as there: the same contract, ``(psum, psumx)`` or a ``Sums``; with the
+BatchNorm backward on 16-bit ``x``/``add`` laid out as dz and every channel of the tile real, a
+lighter one with that contract (:func:`_dgrad_bn_bwd_pairs`, ``PAIRS``).
 
 :func:`conv_wgrad` (stride 1, or a 1x1 without padding at any stride; up to 3x3;
 :func:`unsupported_wgrad`) reads R + S boxes per pixel rectangle for its R*S taps: a program holds
@@ -64,7 +66,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._runtime import cdiv, launch, sm_count
 from . import bn as bn_ops
-from .bn import _last_ticket, chan_merge, finalize_channels, pixels, relu
+from .bn import _last_ticket, chan_merge, finalize_channels, pixels, relu, relu_passes, sums_ticket
 from .configs import (
     FINALIZE_BLOCK_C,
     FINALIZE_BLOCK_T,
@@ -278,11 +280,13 @@ def hopper_dgrad_kernel(
     BN_BWD: tl.constexpr, HAS_ADD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     TICKET: tl.constexpr, TWO_LEVEL: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EPI_N: tl.constexpr,
+    EPI_N: tl.constexpr, PAIRS: tl.constexpr,
 ):
     """da[n, ih, iw, c] = sum_{r',s',k} dy[n, ih + r' - PAD_H, iw + s' - PAD_W, k] * wf[c, r', s', k]
     (the flipped weight, PAD_H = R-1-padding), then :func:`fusedres.ops.conv.dgrad_epilogue`
-    on the accumulator's first EPI_N rows (16 or 32 when Cin fits in them: the fprop's EPI_N).
+    on the accumulator's first EPI_N rows (16 or 32 when Cin fits in them: the fprop's EPI_N), or
+    with PAIRS :func:`_dgrad_bn_bwd_pairs` (``x_ptr``/``add_ptr`` then point to uint32 channel
+    pairs, with dz's strides: ``sx*``/``sa*`` unused).
 
     Program (t, j) computes input channels [j*BLOCK_N, (j+1)*BLOCK_N) of the BLOCK_H x BLOCK_W
     input-pixel rectangle t (row-major over the images' tile grids, TILES_H x TILES_W per image),
@@ -320,12 +324,102 @@ def hopper_dgrad_kernel(
     iws = iw0 + rows % BLOCK_W
     offs_n = c0 + tl.arange(0, EPI_N)
     n_ok = offs_n < C
-    mask = ((ihs < H) & (iws < W))[:, None] & n_ok[None, :]
-    dgrad_epilogue(tl.trans(acc), n.to(tl.int64), ihs.to(tl.int64), iws.to(tl.int64), offs_n, n_ok, mask, pid, C,
-                   dz_ptr, x_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, psum_ptr, psumx_ptr,
-                   szn, szc, szh, szw, sxn, sxc, sxh, sxw, san, sac, sah, saw,
-                   counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr,
-                   BN_BWD, HAS_ADD, TICKET, TWO_LEVEL, BLOCK_T)
+    row_ok = (ihs < H) & (iws < W)
+    if PAIRS:
+        # The pixels past the image read the image's last row / column: every use of those values
+        # is masked, and the loads go unpredicated (no zero fill of the registers first).
+        off = (n.to(tl.int64) * szn + tl.minimum(ihs, H - 1).to(tl.int64) * szh
+               + tl.minimum(iws, W - 1).to(tl.int64) * szw)
+        _dgrad_bn_bwd_pairs(tl.trans(acc), off, row_ok, c0, offs_n, n_ok, pid, C,
+                            dz_ptr, x_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, psum_ptr, psumx_ptr,
+                            counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr,
+                            HAS_ADD, TICKET, TWO_LEVEL, BLOCK_T)
+    else:
+        dgrad_epilogue(tl.trans(acc), n.to(tl.int64), ihs.to(tl.int64), iws.to(tl.int64), offs_n, n_ok,
+                       row_ok[:, None] & n_ok[None, :], pid, C,
+                       dz_ptr, x_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, psum_ptr, psumx_ptr,
+                       szn, szc, szh, szw, sxn, sxc, sxh, sxw, san, sac, sah, saw,
+                       counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr,
+                       BN_BWD, HAS_ADD, TICKET, TWO_LEVEL, BLOCK_T)
+
+
+@triton.jit
+def _unpack_pairs(u, dtype: tl.constexpr):
+    """The two 16-bit values of each uint32 of ``u`` as fp32: (even channels, odd channels). A bf16
+    is the top half of its fp32, so each is one shift or one AND (a 16-bit load widened element by
+    element takes PRMT + IMAD for every odd channel)."""
+    if dtype == tl.bfloat16:
+        lo = (u << 16).to(tl.float32, bitcast=True)
+        hi = (u & 0xFFFF0000).to(tl.float32, bitcast=True)
+    else:
+        lo = u.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (u >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _split_pairs(v):
+    """(even, odd) channels of the last dimension of ``v``."""
+    return tl.split(v.reshape(v.shape[:-1] + [v.shape[-1] // 2, 2]))
+
+
+@triton.jit
+def _bn_bwd_half(da, xv, sc, sh, mu, row_ok, dtype: tl.constexpr):
+    """The BatchNorm-ReLU backward of one parity of channels: dz rounded to ``dtype`` (0 where the
+    ReLU blocks and in the rows past the image), and the terms of the sums of dz and of
+    dz * (x - mean), taken from the rounded dz as :func:`fusedres.ops.bn.relu_bn_bwd_tile` does."""
+    dz = tl.where(row_ok[:, None] & relu_passes(xv * sc[None, :] + sh[None, :]), da, 0.0).to(dtype)
+    dzf = dz.to(tl.float32)
+    return dz, dzf, dzf * tl.where(row_ok[:, None], xv - mu[None, :], 0.0)
+
+
+@triton.jit
+def _add_pairs(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _dgrad_bn_bwd_pairs(
+    acc, off, row_ok, c0, offs_n, n_ok, tile, C,
+    dz_ptr, x_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, psum_ptr, psumx_ptr,
+    counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr,
+    HAS_ADD: tl.constexpr, TICKET: tl.constexpr, TWO_LEVEL: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """:func:`fusedres.ops.conv.dgrad_epilogue` with BN_BWD (and HAS_ADD) on the (pixels x channels)
+    tile ``acc`` when every one of its channels is real and ``x``, ``add`` and ``dz`` are 16-bit
+    with the same strides: ``off`` is each pixel's offset (in elements; the pixels past the image
+    clamped to it), ``x_ptr``/``add_ptr`` point to the uint32 channel pairs of their tensors.
+
+    Same contract and results but for the rounding of the sums of dz * xhat, taken as
+    invstd * sum(dz * (x - mean)): one multiply per channel instead of one per element. (With an
+    infinite invstd, eps = 0 over a zero variance, which only eval mode accepts, eager's sum is NaN
+    as soon as one term is 0 * inf; this one is not.) What makes
+    it lighter (sm_90 SASS, benchmarks/NOTES.md section 3): x and add unpacked from channel pairs,
+    pixel offsets computed once for the three tensors, unpredicated loads, the two sums in one
+    reduction (one exchange between warps)."""
+    P: tl.constexpr = acc.shape[1] // 2
+    dtype: tl.constexpr = dz_ptr.dtype.element_ty
+    offs_p = tl.multiple_of(c0 // 2, P) + tl.arange(0, P)
+    pair_off = (off // 2)[:, None] + offs_p[None, :]
+    da_lo, da_hi = _split_pairs(acc)
+    if HAS_ADD:
+        a_lo, a_hi = _unpack_pairs(tl.load(add_ptr + pair_off).to(tl.uint32, bitcast=True), dtype)
+        da_lo += a_lo
+        da_hi += a_hi
+    x_lo, x_hi = _unpack_pairs(tl.load(x_ptr + pair_off).to(tl.uint32, bitcast=True), dtype)
+    sc_lo, sc_hi = _split_pairs(tl.load(scale_ptr + offs_n))
+    sh_lo, sh_hi = _split_pairs(tl.load(shift_ptr + offs_n))
+    mu_lo, mu_hi = _split_pairs(tl.load(mean_ptr + offs_n))
+    dz_lo, d_lo, dx_lo = _bn_bwd_half(da_lo, x_lo, sc_lo, sh_lo, mu_lo, row_ok, dtype)
+    dz_hi, d_hi, dx_hi = _bn_bwd_half(da_hi, x_hi, sc_hi, sh_hi, mu_hi, row_ok, dtype)
+    tl.store(dz_ptr + off[:, None] + offs_n[None, :], tl.join(dz_lo, dz_hi).reshape(acc.shape), mask=row_ok[:, None])
+    s, sx = tl.reduce((tl.join(d_lo, d_hi).reshape(acc.shape), tl.join(dx_lo, dx_hi).reshape(acc.shape)), 0,
+                      _add_pairs)
+    tl.store(psum_ptr + tile * C + offs_n, s)
+    tl.store(psumx_ptr + tile * C + offs_n, sx * tl.load(invstd_ptr + offs_n))
+    if TICKET:
+        sums_ticket(psum_ptr, psumx_ptr, tile, tl.program_id(1), tl.num_programs(1), tl.num_programs(0), C,
+                    offs_n, n_ok, counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr, TWO_LEVEL, BLOCK_T)
 
 
 @triton.jit
@@ -827,18 +921,26 @@ def conv_dgrad(
         x = dz
         scale = shift = mean = invstd = psum = psumx = dz
     a = add if add is not None else dz
+    epi_n = _epilogue_rows(C, cfg.block_n)
+    # The lighter BatchNorm-backward epilogue (_dgrad_bn_bwd_pairs): every channel of every column
+    # block real, x and add 16-bit with dz's strides (channels_last dense) at 4-byte aligned addresses.
+    pairs = (bn is not None and dy.element_size() == 2 and C % epi_n == 0
+             and all(t.dtype == dz.dtype and t.stride() == dz.stride() and t.data_ptr() % 4 == 0 for t in (x, a)))
+    x_strides, a_strides = x.stride(), a.stride()
+    if pairs:
+        x, a = (t.permute(0, 2, 3, 1).view(torch.int32) for t in (x, a))
     launch(
         hopper_dgrad_kernel, grid,
         dy_desc, w_desc, dz, x, a, scale, shift, mean, invstd, psum, psumx,
         H, W, C, tiles_h, tiles_w,
         *dz.stride(),
-        *x.stride(),
-        *a.stride(),
+        *x_strides,
+        *a_strides,
         *t_args,
         NUM_K=K // cfg.block_k, PAD_H=R - 1 - padding, PAD_W=S - 1 - padding, R=R, S=S,
         BN_BWD=bn is not None, HAS_ADD=add is not None, INPUT_PRECISION=input_precision(dy.dtype), **t_flags,
         BLOCK_H=cfg.block_h, BLOCK_W=cfg.block_w, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        EPI_N=_epilogue_rows(C, cfg.block_n),
+        EPI_N=epi_n, PAIRS=pairs,
         **_launch_options(cfg),
     )
     return dz, sums
