@@ -15,7 +15,8 @@ implementation whose first call (the compilation) runs past S seconds, with a no
 Without CUDA the suite runs in *interpreter smoke* mode: the same code paths at tiny shapes
 with the Triton interpreter on the CPU, one call per implementation, whose wall time is the row's
 figure (a second call would only double CI's time: the steady-state paths it would take — cached
-weights and launch plans, the next input copy — are the unit tests' to check). Such rows carry ``"mode": "interpreter-smoke"`` and a note that they say nothing about speed.
+weights and launch plans, the next input copy — are the unit tests' to check). Such rows carry
+``"mode": "interpreter-smoke"`` and a note that they say nothing about speed.
 
 Each measured case becomes one row (fused, eager and torch.compile timings side by side, with
 achieved TFLOP/s and GB/s against the card's measured ceilings); a :class:`BenchSession`

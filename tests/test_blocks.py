@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import CHAIN_KERNELS, CONV_KERNELS, HEAD_KERNELS, assert_low_precision_block, launched
+from _helpers import CHAIN_KERNELS, HEAD_KERNELS, assert_low_precision_block, launched
 from torch import nn
 
 from fusedres import PreActBasicBlock, PreActBottleneck

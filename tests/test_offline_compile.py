@@ -121,6 +121,16 @@ def test_every_kernel_compiles_within_shared_memory(tmp_path: Path) -> None:
     }
     missing = [(cfg, dtype) for cfg, dtype in all_hopper_configs() if (cfg, dtype, "sm_90") not in hopper_built]
     assert not missing, f"{len(missing)} Hopper fprop builds missing, e.g. {missing[:3]}"
+    # ... and the tiles only a 1x1 takes, at their own kernel size (no spill: checked below)
+    from fusedres.ops.configs import hopper_fprop_config
+    from fusedres.ops.offline import HOPPER_FPROP_1X1_SHAPES
+
+    for cin, cout, k in HOPPER_FPROP_1X1_SHAPES:
+        for role, dtype in (("fprop-hopper", torch.float16), ("fprop-hopper", torch.bfloat16),
+                            ("fprop-hopper-ticket", torch.bfloat16)):
+            cfg = hopper_fprop_config(cin, cout, k, 1, dtype)
+            assert any(r["role"] == role and r["dtype"] == str(dtype).removeprefix("torch.")
+                       and HopperConfig(**r["config"]) == cfg for r in rows), f"{role} {cin}->{cout} {k}x{k} not built"
     # ... and each bf16 config with its statistics finalized by the launch (ticket checked below)
     hopper_tickets = {HopperConfig(**r["config"]) for r in rows if r["role"] == "fprop-hopper-ticket" and r["ticket"]}
     missing = [cfg for cfg, dtype in all_hopper_configs() if dtype == torch.bfloat16 and cfg not in hopper_tickets]

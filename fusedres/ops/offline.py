@@ -306,6 +306,11 @@ def _hopper_launchers(
 #: (:func:`fusedres.ops.configs.hopper_dgrad_config`).
 HOPPER_DGRAD_SHAPES = ((64, 64, 3), (128, 128, 3), (512, 512, 3), (64, 16, 1), (16, 16, 3), (16, 64, 1))
 
+#: sm_90 fprop layers whose default tile only a 1x1 takes (``hopper_fprop_config``'s one-K-step
+#: rule), which :func:`fusedres.ops.configs.all_hopper_configs` (3x3) does not list: built at
+#: their own kernel size in fp16 and bf16, and bf16 with the statistics ticket.
+HOPPER_FPROP_1X1_SHAPES = ((32, 128, 1),)
+
 
 def _hopper_dgrad_launcher(
     dtype: torch.dtype, cin: int, cout: int, ksize: int, fused: bool = True
@@ -688,6 +693,14 @@ def plan_jobs(
             if dtype == torch.bfloat16:  # with the statistics finalized by the launch (one dtype)
                 call = _hopper_launchers(dtype, cfg, 1, ksize, True, 1, ticket=True)["fprop-hopper"]
                 launches.append(("fprop-hopper-ticket", dtype, cfg, 1, call))
+        for cin, cout, k in HOPPER_FPROP_1X1_SHAPES:
+            for dtype in (torch.float16, torch.bfloat16):
+                cfg = hopper_fprop_config(cin, cout, k, 1, dtype)
+                launches.append(("fprop-hopper", dtype, cfg, 1,
+                                 _hopper_launchers(dtype, cfg, 1, k, True, layer=(cin, cout, _HW))["fprop-hopper"]))
+            cfg = hopper_fprop_config(cin, cout, k, 1, torch.bfloat16)
+            launches.append(("fprop-hopper-ticket", torch.bfloat16, cfg, 1, _hopper_launchers(
+                torch.bfloat16, cfg, 1, k, True, ticket=True, layer=(cin, cout, _HW))["fprop-hopper"]))
         for cin, cout, k in HOPPER_DGRAD_SHAPES:
             for fused in (True, False) if plain else (True,):
                 cfg, call = _hopper_dgrad_launcher(torch.bfloat16, cin, cout, k, fused)
