@@ -34,6 +34,10 @@ SHAPES = [  # (label, N, Cin, Cout, H, ksize, residual)
     ("1x1 64->16 32^2", 128, 64, 16, 32, 1, False),
     ("3x3 16->16 32^2", 128, 16, 16, 32, 3, False),
     ("1x1 16->64 32^2", 128, 16, 64, 32, 1, True),
+    # the second CIFAR stage: the 1x1 32->128 fprop's one-warpgroup 16x16 tile, the pair epilogue
+    ("1x1 128->32 16^2", 128, 128, 32, 16, 1, False),
+    ("3x3 32->32 16^2", 128, 32, 32, 16, 3, False),
+    ("1x1 32->128 16^2", 128, 32, 128, 16, 1, True),
 ]
 
 
