@@ -107,10 +107,10 @@ class Chain(Impl):
             st = spec.stages[i]
             _, g, b, rm, rv = ChainInputs.stage(t, i)
             run = take(st.batch_stats and rm is not None)
-            return run, producer_finalize(channels, x, st, (g, b, rm, rv), run)
+            return run, (lambda: producer_finalize(channels, x, st, (g, b, rm, rv), run))
 
-        run, fin = producer_fin(0, x.shape[1])
-        partials = input_stats(x, fin) if spec.stages[0].batch_stats else None
+        run, make_fin = producer_fin(0, x.shape[1])
+        partials = input_stats(x, make_fin) if spec.stages[0].batch_stats else None
         shortcut = None
         for i, st in enumerate(spec.stages):
             w, g, b, rm, rv = ChainInputs.stage(t, i)
@@ -133,7 +133,8 @@ class Chain(Impl):
             # known here); an inner stage's are finalized by the convolution that produces them
             fin = None
             if not last:
-                run, fin = producer_fin(i + 1, w.shape[0])
+                run, make_fin = producer_fin(i + 1, w.shape[0])
+                fin = make_fin()
             h, partials = route.conv_fprop(
                 h, kernel_weight(w), stride=st.stride, padding=st.padding, scale=scale, shift=shift,
                 residual=shortcut if last else None, stats=next_batch_stats, finalize=fin,
@@ -245,7 +246,7 @@ class Pool(Impl):
     def forward(spec: StageSpec, t: Tensors, running_out: list[torch.Tensor] | None) -> tuple[torch.Tensor, list]:
         x, g, b, rm, rv = t
         run = running_pairs(running_out)(spec.batch_stats and rm is not None)
-        partials = input_stats(x, producer_finalize(x.shape[1], x, spec, (g, b, rm, rv), run)) \
+        partials = input_stats(x, lambda: producer_finalize(x.shape[1], x, spec, (g, b, rm, rv), run)) \
             if spec.batch_stats else None
         stats, (_, _, scale, shift) = finalize(partials, x, spec, (g, b, rm, rv), run)
         return bn_ops.bn_relu_pool(x, scale, shift), [stats]

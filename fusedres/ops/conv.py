@@ -429,6 +429,11 @@ def _wgrad_reduce_block(pid, ws_ptr, dw_ptr, SPLITS, K, C, RS_C, swk, swc, swr, 
     tl.store(dw_ptr + k * swk + c * swc + r * swr + s * sws, acc.to(dw_ptr.dtype.element_ty), mask=ok)
 
 
+#: ``torch.backends.cudnn.allow_tf32``'s getter, called without the property's Python layer (the
+#: launchers put it in their plan keys, every call).
+_tf32 = torch._C._get_cudnn_allow_tf32
+
+
 def input_precision(dtype: torch.dtype) -> str:
     """The tl.dot precision PyTorch's own convolution would use for ``dtype``."""
     if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
@@ -536,7 +541,7 @@ def conv_fprop(
     if out is None and config is None:
         key = ("fprop", x.shape, x.stride(), weight.shape, weight.stride(), x.dtype, x.device, stride, padding,
                prologue, residual.stride() if residual is not None else None, stats, out_shift is not None,
-               out_relu, finalize.key() if ticket else None, bn_ops.TICKETS, torch.backends.cudnn.allow_tf32)
+               out_relu, finalize.key() if ticket else None, bn_ops.TICKETS, _tf32())
         plan = bn_ops.plan_for(key, lambda: _fprop_plan(x, weight, *args))
     else:
         plan = _fprop_plan(x, weight, *args)
@@ -639,7 +644,7 @@ def conv_dgrad(
     if config is None:
         key = ("dgrad", dy.shape, dy.stride(), weight.shape, weight.stride(), input_shape, dy.dtype, dy.device,
                stride, padding, x.stride() if x is not None else None, add.stride() if add is not None else None,
-               ticket, torch.backends.cudnn.allow_tf32)
+               ticket, _tf32())
         plan = bn_ops.plan_for(key, lambda: _dgrad_plan(dy, weight, input_shape, stride, padding, x, add, ticket,
                                                         None))
     else:
@@ -730,7 +735,7 @@ def conv_wgrad(
     ticket = bn_ops.TICKETS
     if config is None:
         key = ("wgrad", dy.shape, dy.stride(), x.shape, x.stride(), weight_like.shape, x.dtype, x.device, stride,
-               padding, prologue, splits, ticket, torch.backends.cudnn.allow_tf32)
+               padding, prologue, splits, ticket, _tf32())
         plan = bn_ops.plan_for(key, lambda: _wgrad_plan(dy, x, weight_like, stride, padding, prologue, splits,
                                                         ticket, None))
     else:
