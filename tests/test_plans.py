@@ -312,3 +312,92 @@ def test_block_plan_is_reused() -> None:
     plan = block.__dict__["_fused_plan"]
     _chain_call(block, x, planned=True)
     assert block.__dict__["_fused_plan"] is plan
+
+
+# --------------------------------------------------------------------------------------------
+# The launch memos of a chain call (fusedres._fused.preact._launches): a training step of a
+# block launches, from a memo filled by other calls, what it launches with nothing cached —
+# whatever route, engine, environment, ticket mode, TF32 mode or layout the calls ran under.
+
+
+def _step_launches(kind: str, x_contiguous: bool, dout_contiguous: bool) -> list:
+    """The launches of one training step of a block (forward and backward), recorded."""
+    import fusedres
+    from fusedres.ops import hopper as hopper_ops
+
+    torch.manual_seed(0)
+    if kind == "bottleneck":
+        block = fusedres.PreActBottleneck(8, 2)
+    else:
+        block = fusedres.PreActBasicBlock(8, 4, stride=2)
+    block = block.to(memory_format=CL)
+    x = torch.randn(2, 8, 6, 6)
+    x = (x.contiguous() if x_contiguous else x.contiguous(memory_format=CL)).requires_grad_(True)
+    with recorded() as calls, mock.patch.object(hopper_ops, "launch",
+                                                 lambda kernel, grid, *a, **k: calls.append(
+                                                     (kernel.fn.__name__, grid, a, k))):
+        out = block(x)
+        dout = torch.randn(out.shape)
+        out.backward(dout.contiguous() if dout_contiguous else dout.contiguous(memory_format=CL))
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def layout(a):  # noqa: ANN001, ANN202 - the Hopper engine's descriptors by their geometry
+        if isinstance(a, TensorDescriptor):
+            return ("descriptor", _shape(a.base), list(a.shape), list(a.strides), list(a.block_shape))
+        return _shape(a)
+
+    return [(name, grid, [layout(a) for a in args], kwargs) for name, grid, args, kwargs in calls]
+
+
+def _route_modes():  # noqa: ANN202
+    """The global state a chain call's launches depend on."""
+    from fusedres.ops import route
+
+    @contextlib.contextmanager
+    def env(value: str) -> Iterator[None]:
+        # (without the test suite's engine("pointer"), which takes precedence over the variable)
+        with mock.patch.dict("os.environ", {"FUSEDRES_CONV_ENGINE": value}), \
+                mock.patch.object(route, "_ENGINE_OVERRIDES", []):
+            yield
+
+    return [
+        ("default", contextlib.nullcontext),
+        ("cudnn", lambda: route.force("cudnn")),
+        ("hopper engine", lambda: route.engine("hopper")),
+        ("hopper by the environment", lambda: env("hopper")),
+        ("two launches", lambda: bn_ops.producer_reductions(False)),
+        ("ieee", lambda: _tf32(False)),
+    ]
+
+
+@contextlib.contextmanager
+def _tf32(on: bool) -> Iterator[None]:
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+
+
+def test_chain_launch_memo_launches_as_fresh() -> None:
+    """Every (block, layout, mode) after every other launches as with nothing cached."""
+    cases = [(kind, xc, dc) for kind in ("bottleneck", "basic projection") for xc, dc in
+             ((False, False), (True, False), (False, True))]
+    fresh = {}
+    for mode, enter in _route_modes():
+        for case in cases:
+            bn_ops.clear_plans()
+            with enter():
+                fresh[mode, case] = _step_launches(*case)
+    bn_ops.clear_plans()
+    for _ in range(2):  # the second round runs from the memos alone
+        for mode, enter in _route_modes():
+            for case in cases:
+                with enter():
+                    assert _step_launches(*case) == fresh[mode, case], (mode, case)
+    # the modes and layouts really launch differently (the projection block's weight gradients
+    # meet the Hopper engine's layout rules at these sizes)
+    base = fresh["default", cases[3]]
+    assert [mode for mode, _ in _route_modes()[1:] if fresh[mode, cases[3]] == base] == []
+    assert fresh["default", cases[4]] != base and fresh["default", cases[5]] != base
