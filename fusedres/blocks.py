@@ -177,9 +177,11 @@ class _PreActBlock(nn.Module):
 
     def _plan_key(self, x: torch.Tensor) -> tuple | None:
         """Everything a :class:`_BlockPlan` depends on, or None where no plan is used. Tensors
-        enter by (dtype, device, shape, strides), never by identity: a parameter may be swapped
-        for another of the same kind (``load_state_dict(assign=True)``, ``.data =``) and the plan
-        stays right, while ``.to()`` changing a parameter's dtype or device in place changes the key."""
+        enter by what the checks and the output layout read — every parameter's and buffer's
+        (dtype, device), the convolution weights' shapes and strides — never by identity: a
+        parameter may be swapped for another of the same kind (``load_state_dict(assign=True)``,
+        ``.data =``) and the plan stays right, while ``.to()`` changing a parameter's dtype or
+        device in place changes the key."""
         parts: list = [x.shape, x.stride(), x.dtype, x.device, self.in_channels]
         m = self._modules
         for bn_name, conv_name in self._stage_names:
@@ -188,14 +190,16 @@ class _PreActBlock(nn.Module):
                 return None
             parts += (bn.training, bn.track_running_stats, bn.momentum, bn.eps, conv.kernel_size, conv.stride,
                       conv.padding, conv.groups, conv.dilation, conv.padding_mode)
-            parts += [None if t is None else (t.dtype, t.device, t.shape, t.stride())
+            w = conv._parameters["weight"]
+            parts += (w.shape, w.stride())  # (the output's layout follows the weights')
+            parts += [None if t is None else (t.dtype, t.device)
                       for d in (conv._parameters, bn._parameters, bn._buffers) for t in d.values()]
         proj = self._projection()
         if proj is not None:
             if type(proj) is not nn.Conv2d:
                 return None
             parts += (proj.kernel_size, proj.stride, proj.padding, proj.groups, proj.dilation, proj.padding_mode)
-            parts += [None if t is None else (t.dtype, t.device, t.shape, t.stride())
+            parts += [None if t is None else (t.dtype, t.device)
                       for d in (proj._parameters, proj._buffers) for t in d.values()]
         else:
             parts.append(None)
