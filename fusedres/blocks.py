@@ -115,8 +115,8 @@ class _PreActBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         amp = _autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
-        if amp is None and self.fused and isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[0] != 0 \
-                and not torch.compiler.is_compiling() and _runtime.triton_enabled(x.device):
+        if amp is None and not torch.compiler.is_compiling() and self.fused and isinstance(x, torch.Tensor) \
+                and x.dim() == 4 and x.shape[0] != 0 and _runtime.triton_enabled(x.device):
             key = self._plan_key(x)
             if key is not None:
                 plan = self.__dict__.get("_fused_plan")
