@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _runtime
-from ._fused import BnMode, ChainSpec, with_bn_modes
+from ._fused import BnMode, ChainSpec, bn_mode, with_bn_modes
 from ._fused import autocast_dtype as _autocast_dtype
+from ._fused.batchnorm import _counter
 from .functional import (
     _check_block_convs,
     _check_block_devices,
@@ -114,6 +115,14 @@ class _PreActBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         amp = _autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
+        if amp is None and not torch.compiler.is_compiling() and self.fused and isinstance(x, torch.Tensor) \
+                and x.dim() == 4 and x.shape[0] != 0 and _runtime.triton_enabled(x.device):
+            key = self._plan_key(x)
+            if key is not None:
+                plan = self.__dict__.get("_fused_plan")
+                if plan is None or plan.key != key:
+                    plan = self._build_plan(x, key)
+                return self._forward_planned(x, plan)
         stages = self._stages()
         self._check(x, amp, stages)
         # an empty batch: eager PyTorch's result and buffer updates (nothing to compute)
@@ -157,6 +166,95 @@ class _PreActBlock(nn.Module):
         if out is None:  # SyncBatchNorm under torch.compile: the modules' own forward
             return self.forward_eager(x)
         return out + x if add_outside else out
+
+
+    # ----------------------------------------------------------------------------------------
+    # The planned path: what forward derives from the modules' configuration and the input's layout
+    # (the checks passed, the spec, the output layout), kept between calls in a _BlockPlan under a
+    # key that holds everything it was derived from. Taken outside autocast and torch.compile, and
+    # only for plain nn.BatchNorm2d (no SyncBatchNorm: its process group is read per call) with a
+    # float momentum (momentum=None averages with a per-call factor) and plain nn.Conv2d.
+
+    def _plan_key(self, x: torch.Tensor) -> tuple | None:
+        """Everything a :class:`_BlockPlan` depends on, or None where no plan is used. Tensors
+        enter by what the checks and the output layout read — every parameter's and buffer's
+        (dtype, device), the convolution weights' shapes and strides — never by identity: a
+        parameter may be swapped for another of the same kind (``load_state_dict(assign=True)``,
+        ``.data =``) and the plan stays right, while ``.to()`` changing a parameter's dtype or
+        device in place changes the key."""
+        parts: list = [x.shape, x.stride(), x.dtype, x.device, self.in_channels]
+        m = self._modules
+        for bn_name, conv_name in self._stage_names:
+            bn, conv = m[bn_name], m[conv_name]
+            if type(bn) is not nn.BatchNorm2d or type(conv) is not nn.Conv2d or bn.momentum is None:
+                return None
+            parts += (bn.training, bn.track_running_stats, bn.momentum, bn.eps, conv.kernel_size, conv.stride,
+                      conv.padding, conv.groups, conv.dilation, conv.padding_mode)
+            w = conv._parameters["weight"]
+            parts += (w.shape, w.stride())  # (the output's layout follows the weights')
+            parts += [None if t is None else (t.dtype, t.device)
+                      for d in (conv._parameters, bn._parameters, bn._buffers) for t in d.values()]
+        proj = self._projection()
+        if proj is not None:
+            if type(proj) is not nn.Conv2d:
+                return None
+            parts += (proj.kernel_size, proj.stride, proj.padding, proj.groups, proj.dilation, proj.padding_mode)
+            parts += [None if t is None else (t.dtype, t.device)
+                      for d in (proj._parameters, proj._buffers) for t in d.values()]
+        else:
+            parts.append(None)
+        return tuple(parts)
+
+    def _build_plan(self, x: torch.Tensor, key: tuple) -> _BlockPlan:
+        """Run the checks of the full path (raising what it raises) and keep what they derived."""
+        stages = self._stages()
+        self._check(x, None, stages)
+        if x.dtype not in _FUSED_DTYPES:
+            raise TypeError(f"{type(self).__name__}: the fused kernels compute in float32, float16 or bfloat16, "
+                            f"got {x.dtype} (fused=False runs the block in eager PyTorch)")
+        self._check_fused(x, stages)
+        proj = self._projection()
+        modes = [bn_mode(bn) for bn, _ in stages]  # (read-only: the counters are not touched here)
+        plan = _BlockPlan(
+            key,
+            ChainSpec(
+                tuple(m.stage(bn, conv.stride[0], conv.padding[0]) for m, (bn, conv) in zip(modes, stages)),
+                shortcut="projection" if proj is not None else "identity",
+                proj_stride=proj.stride[0] if proj is not None else 1,
+                out_channels_last=_wants_channels_last(x, *[conv._parameters["weight"] for _, conv in stages]),
+            ),
+            tuple(_counter(bn) is not None for bn, _ in stages),
+            tuple(m.running_mean is not None for m in modes),
+        )
+        self.__dict__["_fused_plan"] = plan  # (not nn.Module.__setattr__: a plain attribute, no state)
+        return plan
+
+    def _forward_planned(self, x: torch.Tensor, plan: _BlockPlan) -> torch.Tensor:
+        """The full path's computation with the plan's checks and spec (see :meth:`forward`)."""
+        m = self._modules
+        names = self._stage_names
+        counters = [m[b]._buffers.get("num_batches_tracked") for (b, _), counts in zip(names, plan.counts) if counts]
+        if counters:  # as the modules do in training (bn_modes)
+            torch._foreach_add_(counters, 1)
+        tensors: list[torch.Tensor | None] = []
+        for (b, c), running in zip(names, plan.running):
+            p, buf = m[b]._parameters, m[b]._buffers
+            tensors += [m[c]._parameters["weight"], p.get("weight"), p.get("bias"),
+                        buf.get("running_mean") if running else None, buf.get("running_var") if running else None]
+        proj = self._projection()
+        return bn_relu_conv_chain(plan.spec, x, tensors,
+                                  proj_weight=proj._parameters["weight"] if proj is not None else None)
+
+
+class _BlockPlan:
+    """What a block's forward derived from its configuration and its input's layout (see
+    :meth:`_PreActBlock._plan_key`): the chain's spec, which BatchNorms count batches, and which
+    pass their running statistics to the chain."""
+
+    __slots__ = ("key", "spec", "counts", "running")
+
+    def __init__(self, key: tuple, spec: ChainSpec, counts: tuple[bool, ...], running: tuple[bool, ...]) -> None:
+        self.key, self.spec, self.counts, self.running = key, spec, counts, running
 
 
 class PreActBasicBlock(_PreActBlock):

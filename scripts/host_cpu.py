@@ -7,6 +7,7 @@ about the GPU; they are what ``benchmarks/NOTES.md`` reports as "our Python per 
 
     python scripts/host_cpu.py [--block bottleneck|basic] [--steps 200] [--repeats 5]
     python scripts/host_cpu.py --against /path/to/other/checkout    # interleaved A/B
+    python scripts/host_cpu.py --against /path/to/other/checkout --pairs 15    # + per-pair ratios
 
 The block is a 64/16 ``PreActBottleneck`` (or a 64-channel ``PreActBasicBlock``) in fp32 on a
 small CPU input, channels_last, on the Triton route, its input the output of a previous fused
@@ -15,7 +16,10 @@ training steps (gradients set to None first) and forwards alone; the best repeat
 With ``--against``, the same measurement runs in a subprocess on the other checkout, the two
 alternating repeat by repeat, so that a loaded machine slows both alike. Times are the thread's
 CPU time (``time.thread_time``), not wall time: time spent waiting for a core on a shared machine
-is not counted (what sharing still costs — caches — the interleaving evens out).
+is not counted (what sharing still costs — caches — the interleaving evens out). ``--pairs N``
+keeps one worker process per checkout and alternates N more measurements between them, then
+prints the median of the per-pair ratios (this/other): on a loaded machine the best-of-5 figures
+of two runs can disagree by more than the effect, the median ratio of many adjacent pairs less so.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -114,12 +119,39 @@ def _child(checkout: str, kind: str, steps: int) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _pairs(checkouts: list[str], kind: str, steps: int, pairs: int) -> list[tuple[dict, dict]]:
+    """``pairs`` measurements alternated between one long-lived worker per checkout."""
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import host_cpu\n"
+            f"for line in sys.stdin:\n    print(json.dumps(host_cpu.measure({kind!r}, {steps})), flush=True)\n")
+    workers = []
+    for checkout in checkouts:
+        env = dict(os.environ, PYTHONPATH=checkout)
+        env.pop("TRITON_INTERPRET", None)
+        workers.append(subprocess.Popen([sys.executable, "-c", code], cwd=checkout, env=env, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+
+    def ask(worker: subprocess.Popen) -> dict:
+        worker.stdin.write("\n")
+        worker.stdin.flush()
+        return json.loads(worker.stdout.readline())
+
+    try:
+        rows = [(ask(a), ask(b)) for a, b in [workers] * pairs]
+    finally:
+        for worker in workers:
+            worker.stdin.close()
+            worker.wait()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--block", choices=("bottleneck", "basic"), default="bottleneck")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--against", metavar="CHECKOUT", help="another checkout, measured interleaved")
+    parser.add_argument("--pairs", type=int, default=0,
+                        help="with --against: then this many pairs from one worker per checkout, per-pair ratios")
     args = parser.parse_args()
     here = str(Path(__file__).resolve().parents[1])
     runs: dict[str, list[dict[str, float]]] = {"this": [], "other": []}
@@ -133,6 +165,13 @@ def main() -> None:
             where = here if label == "this" else args.against
             print(f"{where}: {args.block} training step {best['step']:.0f} µs, forward {best['forward']:.0f} µs "
                   f"(best of {len(rows)} x {args.steps})")
+    if args.against and args.pairs:
+        rows = _pairs([here, args.against], args.block, args.steps, args.pairs)
+        for k in ("step", "forward"):
+            ratios = sorted(a[k] / b[k] for a, b in rows)
+            print(f"{args.block} {k}, {len(rows)} pairs: this/other median {statistics.median(ratios):.2f} "
+                  f"(range {ratios[0]:.2f}-{ratios[-1]:.2f}); medians {statistics.median(a[k] for a, _ in rows):.0f} "
+                  f"vs {statistics.median(b[k] for _, b in rows):.0f} µs")
 
 
 if __name__ == "__main__":

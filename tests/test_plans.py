@@ -189,3 +189,215 @@ def test_large_scratch_is_not_held(monkeypatch: pytest.MonkeyPatch) -> None:
             conv_ops.conv_fprop(x, w, stride=1, padding=1, stats=True, finalize=fin)
         held.append(calls[0][2][7])
     assert len({t.data_ptr() for t in held}) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# The block plan (fusedres.blocks._BlockPlan): a planned forward calls the fused chain exactly as
+# the full path does — same spec, same tensors, same batch counting, same errors — after any
+# change to the module or its input. The chain call is recorded, not run.
+
+
+def _chain_call(block: torch.nn.Module, x: torch.Tensor, *, planned: bool) -> tuple:
+    """What ``block(x)`` does on the fused path: ("raises", type, message) or ("chain", spec,
+    tensors by identity, proj weight, batches counted)."""
+    import fusedres.blocks as blocks_mod
+
+    calls = []
+
+    def chain(spec, x_in, tensors, *, residual=None, proj_weight=None):  # noqa: ANN001, ANN202
+        calls.append((spec, x_in, list(tensors), proj_weight))
+        return x_in
+
+    counts = [b.num_batches_tracked.item() if b.num_batches_tracked is not None else None
+              for b in block.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(blocks_mod, "bn_relu_conv_chain", chain))
+        if not planned:
+            stack.enter_context(mock.patch.object(blocks_mod._PreActBlock, "_plan_key", lambda self, x: None))
+        try:
+            block(x)
+        except (TypeError, ValueError) as e:
+            return ("raises", type(e), str(e))
+    after = [b.num_batches_tracked.item() if b.num_batches_tracked is not None else None
+             for b in block.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+    (spec, x_in, tensors, proj_weight), = calls
+    return ("chain", spec, id(x_in), [id(t) if t is not None else None for t in tensors],
+            id(proj_weight) if proj_weight is not None else None, [b - a if a is not None else None
+                                                                     for a, b in zip(counts, after)])
+
+
+def _set_param(module: torch.nn.Module, name: str, value: torch.Tensor | None) -> None:
+    setattr(module, name, torch.nn.Parameter(value) if value is not None else None)
+
+
+def _contiguous_weights(block: torch.nn.Module) -> None:
+    for m in block.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.weight.data = m.weight.data.contiguous()
+
+
+def _block_mutations():  # noqa: ANN202
+    """(name, change of the module, change of the input[, set-up before the first call]): each key
+    component of a block plan."""
+    half = lambda t: t.half()  # noqa: E731
+    return [
+        ("nothing", lambda b: None, lambda x: x),
+        ("eval", lambda b: b.eval(), lambda x: x),
+        ("one BatchNorm in eval", lambda b: b.bn2.eval(), lambda x: x),
+        ("momentum", lambda b: setattr(b.bn1, "momentum", 0.3), lambda x: x),
+        ("eps", lambda b: setattr(b.bn2, "eps", 1e-3), lambda x: x),
+        ("track_running_stats off", lambda b: setattr(b.bn1, "track_running_stats", False), lambda x: x),
+        ("running stats dropped, eval", lambda b: (b.eval(), setattr(b.bn1, "running_mean", None),
+                                                   setattr(b.bn1, "running_var", None)), lambda x: x),
+        ("batch counter dropped", lambda b: setattr(b.bn2, "num_batches_tracked", None), lambda x: x),
+        ("affine weight dropped", lambda b: _set_param(b.bn2, "weight", None), lambda x: x),
+        ("BatchNorm weight fp16", lambda b: setattr(b.bn1.weight, "data", half(b.bn1.weight.data)), lambda x: x),
+        ("conv weight fp16", lambda b: setattr(b.conv1.weight, "data", half(b.conv1.weight.data)), lambda x: x),
+        ("conv weight contiguous", lambda b: setattr(b.conv2.weight, "data", b.conv2.weight.data.contiguous()),
+         lambda x: x.contiguous()),
+        ("buffer on meta", lambda b: setattr(b.bn2, "running_var", b.bn2.running_var.to("meta")), lambda x: x),
+        ("conv bias", lambda b: _set_param(b.conv2, "bias", torch.zeros(b.conv2.out_channels)), lambda x: x),
+        ("conv groups", lambda b: setattr(b.conv1, "groups", 2), lambda x: x),
+        ("conv padding mode", lambda b: setattr(b.conv2, "padding_mode", "reflect"), lambda x: x),
+        ("conv padding", lambda b: setattr(b.conv2, "padding", (0, 0)), lambda x: x),
+        ("conv stride", lambda b: setattr(b.conv2, "stride", (2, 2)), lambda x: x),
+        ("in_channels", lambda b: setattr(b, "in_channels", 16), lambda x: x),
+        ("input contiguous", lambda b: None, lambda x: x.contiguous()),
+        # (weights contiguous from the start: the input's layout alone then decides the output's)
+        ("input contiguous, weights contiguous", lambda b: None, lambda x: x.contiguous(), _contiguous_weights),
+        ("input bigger", lambda b: None, lambda x: torch.randn(3, 8, 6, 6).contiguous(memory_format=CL)),
+        ("input one value", lambda b: None, lambda x: x[:1, :, :1, :1].contiguous(memory_format=CL)),
+        ("input fp16", lambda b: None, half),
+        ("input fp64", lambda b: None, lambda x: x.double()),
+        ("input 3-D", lambda b: None, lambda x: x[0]),
+        ("input channels", lambda b: None, lambda x: torch.randn(2, 4, 5, 5).contiguous(memory_format=CL)),
+        ("whole block fp16", lambda b: b.half(), half),
+    ]
+
+
+@pytest.mark.parametrize("kind", ["basic projection", "bottleneck"])
+@pytest.mark.parametrize("mutation", [m[0] for m in _block_mutations()])
+def test_block_plan_follows_every_change(kind: str, mutation: str) -> None:
+    """After a planned call, change one thing the plan was derived from: the next call (planned)
+    does what the full path does on the changed block."""
+    import fusedres
+
+    _, change_block, change_input, *setup = next(m for m in _block_mutations() if m[0] == mutation)
+    if kind == "bottleneck":
+        block = fusedres.PreActBottleneck(8, 2)
+    else:
+        block = fusedres.PreActBasicBlock(8, 4)
+    block = block.to(memory_format=CL)
+    for prepare in setup:
+        prepare(block)
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=CL)
+    first = _chain_call(block, x, planned=True)
+    assert first[0] == "chain" and "_fused_plan" in block.__dict__
+    change_block(block)
+    x = change_input(x)
+    got = _chain_call(block, x, planned=True)
+    want = _chain_call(block, x, planned=False)
+    assert got == want
+    if mutation != "nothing":  # each change matters to the full path: the test compares something
+        assert got != first
+
+
+def test_block_plan_is_reused() -> None:
+    """A second call with nothing changed takes the plan the first one built."""
+    import fusedres
+
+    block = fusedres.PreActBottleneck(8, 2).to(memory_format=CL)
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=CL)
+    _chain_call(block, x, planned=True)
+    plan = block.__dict__["_fused_plan"]
+    _chain_call(block, x, planned=True)
+    assert block.__dict__["_fused_plan"] is plan
+
+
+# --------------------------------------------------------------------------------------------
+# The launch memos of a chain call (fusedres._fused.preact._launches): a training step of a
+# block launches, from a memo filled by other calls, what it launches with nothing cached —
+# whatever route, engine, environment, ticket mode, TF32 mode or layout the calls ran under.
+
+
+def _step_launches(kind: str, x_contiguous: bool, dout_contiguous: bool) -> list:
+    """The launches of one training step of a block (forward and backward), recorded."""
+    import fusedres
+    from fusedres.ops import hopper as hopper_ops
+
+    torch.manual_seed(0)
+    if kind == "bottleneck":
+        block = fusedres.PreActBottleneck(8, 2)
+    else:
+        block = fusedres.PreActBasicBlock(8, 4, stride=2)
+    block = block.to(memory_format=CL)
+    x = torch.randn(2, 8, 6, 6)
+    x = (x.contiguous() if x_contiguous else x.contiguous(memory_format=CL)).requires_grad_(True)
+    with recorded() as calls, mock.patch.object(hopper_ops, "launch",
+                                                 lambda kernel, grid, *a, **k: calls.append(
+                                                     (kernel.fn.__name__, grid, a, k))):
+        out = block(x)
+        dout = torch.randn(out.shape)
+        out.backward(dout.contiguous() if dout_contiguous else dout.contiguous(memory_format=CL))
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def layout(a):  # noqa: ANN001, ANN202 - the Hopper engine's descriptors by their geometry
+        if isinstance(a, TensorDescriptor):
+            return ("descriptor", _shape(a.base), list(a.shape), list(a.strides), list(a.block_shape))
+        return _shape(a)
+
+    return [(name, grid, [layout(a) for a in args], kwargs) for name, grid, args, kwargs in calls]
+
+
+def _route_modes():  # noqa: ANN202
+    """The global state a chain call's launches depend on."""
+    from fusedres.ops import route
+
+    @contextlib.contextmanager
+    def env(value: str) -> Iterator[None]:
+        # (without the test suite's engine("pointer"), which takes precedence over the variable)
+        with mock.patch.dict("os.environ", {"FUSEDRES_CONV_ENGINE": value}), \
+                mock.patch.object(route, "_ENGINE_OVERRIDES", []):
+            yield
+
+    return [
+        ("default", contextlib.nullcontext),
+        ("cudnn", lambda: route.force("cudnn")),
+        ("hopper engine", lambda: route.engine("hopper")),
+        ("hopper by the environment", lambda: env("hopper")),
+        ("two launches", lambda: bn_ops.producer_reductions(False)),
+        ("ieee", lambda: _tf32(False)),
+    ]
+
+
+@contextlib.contextmanager
+def _tf32(on: bool) -> Iterator[None]:
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+
+
+def test_chain_launch_memo_launches_as_fresh() -> None:
+    """Every (block, layout, mode) after every other launches as with nothing cached."""
+    cases = [(kind, xc, dc) for kind in ("bottleneck", "basic projection") for xc, dc in
+             ((False, False), (True, False), (False, True))]
+    fresh = {}
+    for mode, enter in _route_modes():
+        for case in cases:
+            bn_ops.clear_plans()
+            with enter():
+                fresh[mode, case] = _step_launches(*case)
+    bn_ops.clear_plans()
+    for _ in range(2):  # the second round runs from the memos alone
+        for mode, enter in _route_modes():
+            for case in cases:
+                with enter():
+                    assert _step_launches(*case) == fresh[mode, case], (mode, case)
+    # the modes and layouts really launch differently (the projection block's weight gradients
+    # meet the Hopper engine's layout rules at these sizes)
+    base = fresh["default", cases[3]]
+    assert [mode for mode, _ in _route_modes()[1:] if fresh[mode, cases[3]] == base] == []
+    assert fresh["default", cases[4]] != base and fresh["default", cases[5]] != base

@@ -158,18 +158,19 @@ def hand_off(out: torch.Tensor, partials: tuple[torch.Tensor, torch.Tensor, int]
 
 
 def input_stats(
-    x: torch.Tensor, fin: bn_ops.Finalize | None = None,
+    x: torch.Tensor, make_fin: Callable[[], bn_ops.Finalize | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int] | bn_ops.Finalize:
     """Tile statistics partials of ``x``: those handed off with it when ``x`` is, unmodified, the
     output of the previous fused block; else from a statistics pass over ``x``, which carries out
-    ``fin`` when given (see :func:`producer_finalize`)."""
+    ``make_fin()`` when given (see :func:`producer_finalize`; called only then, so that a hand-off
+    allocates no stats buffer that nothing fills)."""
     try:
         ref, version, partials = _HANDOFF.pop()  # (another thread may have emptied the slot)
     except IndexError:
-        return bn_ops.bn_stats(x, finalize=fin)
-    if ref() is x and x._version == version:
+        ref = None
+    if ref is not None and ref() is x and x._version == version:
         return partials
-    return bn_ops.bn_stats(x, finalize=fin)
+    return bn_ops.bn_stats(x, finalize=make_fin() if make_fin is not None else None)
 
 
 # --------------------------------------------------------------------------------------------

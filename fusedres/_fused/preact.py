@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -29,6 +30,59 @@ from .specs import (
     stage_from,
     stage_ints,
 )
+
+# --------------------------------------------------------------------------------------------
+# Launch memos: what a chain call decides per convolution launch — the route, and on the pointer
+# kernels their plan — kept per (spec, tensor layouts, route state, TICKETS, TF32), so that a
+# repeated call neither routes nor builds the launchers' plan keys again. Where the route is not
+# the pointer kernels by route.state() and the shapes alone (cuDNN, or the Hopper engine, whose
+# layout rules read the tensors), the site stays False and is routed per call.
+
+
+def _launches(key: tuple) -> dict:
+    """The memo of ``key`` (launch site -> plan or False), held with the launchers' plans
+    (:data:`fusedres.ops.bn.PLANS`: forgotten with them)."""
+    return bn_ops.plan_for(key, dict)
+
+
+def _fprop(memo: dict, site: object, x: torch.Tensor, weight: torch.Tensor, **kw: Any) -> Any:
+    plan = memo.get(site)
+    if plan is None:
+        plan = memo[site] = route.fprop_plan(x, weight, **kw) or False
+    if plan is False:
+        return route.conv_fprop(x, weight, **kw)
+    return conv_ops.conv_fprop(x, weight, plan=plan, **kw)
+
+
+def _dgrad(memo: dict, site: object, dy: torch.Tensor, weight: torch.Tensor, input_shape: tuple,
+           **kw: Any) -> Any:
+    plan = memo.get(site)
+    if plan is None:
+        plan = memo[site] = route.dgrad_plan(dy, weight, input_shape, **kw) or False
+    if plan is False:
+        return route.conv_dgrad(dy, weight, input_shape, **kw)
+    return conv_ops.conv_dgrad(dy, weight, input_shape, plan=plan, **kw)
+
+
+def _wgrad(memo: dict, site: object, dy: torch.Tensor, x: torch.Tensor, weight_like: torch.Tensor,
+           **kw: Any) -> Any:
+    plan = memo.get(site)
+    if plan is None:
+        plan = memo[site] = route.wgrad_plan(dy, x, weight_like, **kw) or False
+    if plan is False:
+        return route.conv_wgrad(dy, x, weight_like, **kw)
+    return conv_ops.conv_wgrad(dy, x, weight_like, plan=plan, **kw)
+
+
+def _weights_layout(t: Tensors, n_stages: int) -> list:
+    """The memo key's part from the weights: the convolutions' shapes and strides (the projection's
+    first), and which BatchNorm tensors are given."""
+    proj = t[ChainInputs.PROJ_WEIGHT]
+    parts: list = [None if proj is None else (proj.shape, proj.stride())]
+    for i in range(n_stages):
+        w, g, b, rm, _ = ChainInputs.stage(t, i)
+        parts += (w.shape, w.stride(), g is None, b is None, rm is None)
+    return parts
 
 
 class Chain(Impl):
@@ -94,6 +148,9 @@ class Chain(Impl):
         x, residual, proj_weight = t[ChainInputs.X], t[ChainInputs.RESIDUAL], t[ChainInputs.PROJ_WEIGHT]
         n_stages = len(spec.stages)
         take = running_pairs(running_out)
+        memo = _launches(("chain forward", spec, x.shape, x.stride(), x.dtype, x.device,
+                          None if residual is None else residual.stride(), running_out is None, bn_ops.TICKETS,
+                          conv_ops.tf32_enabled(), route.state(), *_weights_layout(t, n_stages)))
         h = x
         inner: list[torch.Tensor] = []
         all_stats: list[torch.Tensor] = []
@@ -107,10 +164,10 @@ class Chain(Impl):
             st = spec.stages[i]
             _, g, b, rm, rv = ChainInputs.stage(t, i)
             run = take(st.batch_stats and rm is not None)
-            return run, producer_finalize(channels, x, st, (g, b, rm, rv), run)
+            return run, (lambda: producer_finalize(channels, x, st, (g, b, rm, rv), run))
 
-        run, fin = producer_fin(0, x.shape[1])
-        partials = input_stats(x, fin) if spec.stages[0].batch_stats else None
+        run, make_fin = producer_fin(0, x.shape[1])
+        partials = input_stats(x, make_fin) if spec.stages[0].batch_stats else None
         shortcut = None
         for i, st in enumerate(spec.stages):
             w, g, b, rm, rv = ChainInputs.stage(t, i)
@@ -118,8 +175,9 @@ class Chain(Impl):
             all_stats.append(stats)
             if i == 0:
                 if spec.shortcut == "projection":
-                    shortcut, _ = route.conv_fprop(
-                        x, kernel_weight(proj_weight), stride=spec.proj_stride, padding=0, scale=scale, shift=shift,
+                    shortcut, _ = _fprop(
+                        memo, -1, x, kernel_weight(proj_weight), stride=spec.proj_stride, padding=0, scale=scale,
+                        shift=shift,
                     )
                 elif spec.shortcut == "identity":
                     shortcut = x
@@ -133,9 +191,10 @@ class Chain(Impl):
             # known here); an inner stage's are finalized by the convolution that produces them
             fin = None
             if not last:
-                run, fin = producer_fin(i + 1, w.shape[0])
-            h, partials = route.conv_fprop(
-                h, kernel_weight(w), stride=st.stride, padding=st.padding, scale=scale, shift=shift,
+                run, make_fin = producer_fin(i + 1, w.shape[0])
+                fin = make_fin()
+            h, partials = _fprop(
+                memo, i, h, kernel_weight(w), stride=st.stride, padding=st.padding, scale=scale, shift=shift,
                 residual=shortcut if last else None, stats=next_batch_stats, finalize=fin,
             )
         if passes_stats and partials is not None:
@@ -167,6 +226,9 @@ class Chain(Impl):
         inputs = [x, *saved[: n_stages - 1]]
         all_stats = saved[n_stages - 1 :]
         need_x = needs[ChainInputs.X]
+        memo = _launches(("chain backward", spec, x.shape, x.stride(), x.dtype, x.device, dout.shape, dout.stride(),
+                          dout.dtype, bn_ops.TICKETS, conv_ops.tf32_enabled(), route.state(),
+                          *_weights_layout(t, n_stages)))
         grads: list[torch.Tensor | None] = [None] * len(t)
         stage_needs = [ChainInputs.stage(needs, i) for i in range(n_stages)]
         dh = dout
@@ -179,15 +241,16 @@ class Chain(Impl):
             need_w, need_g, need_b = stage_needs[i][:3]
             pending = None  # a weight gradient whose split sums the backward-sum launch reduces
             if need_w:
-                dw = route.conv_wgrad(
-                    dh, h, w, stride=st.stride, padding=st.padding, scale=scale, shift=shift, defer_reduce=True,
+                dw = _wgrad(
+                    memo, (0, i), dh, h, w, stride=st.stride, padding=st.padding, scale=scale, shift=shift,
+                    defer_reduce=True,
                 )
                 if isinstance(dw, conv_ops.PendingWgrad):
                     pending, dw = dw, dw.dw
                 grads[ChainInputs.weight(i)] = dw
             if i == 0 and spec.shortcut == "projection" and needs[ChainInputs.PROJ_WEIGHT]:
-                grads[ChainInputs.PROJ_WEIGHT] = route.conv_wgrad(
-                    dout, h, proj_weight, stride=spec.proj_stride, padding=0, scale=scale, shift=shift,
+                grads[ChainInputs.PROJ_WEIGHT] = _wgrad(
+                    memo, (1, 0), dout, h, proj_weight, stride=spec.proj_stride, padding=0, scale=scale, shift=shift,
                 )
             below = need_x or need_g or need_b or any(any(n[:3]) for n in stage_needs[:i])
             if not below:
@@ -196,10 +259,10 @@ class Chain(Impl):
                 break
             add = None
             if i == 0 and spec.shortcut == "projection":
-                add, _ = route.conv_dgrad(dout, kernel_weight(proj_weight), tuple(h.shape),
-                                             stride=spec.proj_stride, padding=0)
-            dz, partials = route.conv_dgrad(
-                dh, kernel_weight(w), tuple(h.shape), stride=st.stride, padding=st.padding,
+                add, _ = _dgrad(memo, (2, 0), dout, kernel_weight(proj_weight), tuple(h.shape),
+                                stride=spec.proj_stride, padding=0)
+            dz, partials = _dgrad(
+                memo, (3, i), dh, kernel_weight(w), tuple(h.shape), stride=st.stride, padding=st.padding,
                 bn=(h, scale, shift, mean, invstd), add=add, reduce_sums=True,
             )
             dh = add = None  # used up: their memory can hold the next gradient
@@ -245,7 +308,7 @@ class Pool(Impl):
     def forward(spec: StageSpec, t: Tensors, running_out: list[torch.Tensor] | None) -> tuple[torch.Tensor, list]:
         x, g, b, rm, rv = t
         run = running_pairs(running_out)(spec.batch_stats and rm is not None)
-        partials = input_stats(x, producer_finalize(x.shape[1], x, spec, (g, b, rm, rv), run)) \
+        partials = input_stats(x, lambda: producer_finalize(x.shape[1], x, spec, (g, b, rm, rv), run)) \
             if spec.batch_stats else None
         stats, (_, _, scale, shift) = finalize(partials, x, spec, (g, b, rm, rv), run)
         return bn_ops.bn_relu_pool(x, scale, shift), [stats]

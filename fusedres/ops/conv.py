@@ -429,6 +429,11 @@ def _wgrad_reduce_block(pid, ws_ptr, dw_ptr, SPLITS, K, C, RS_C, swk, swc, swr, 
     tl.store(dw_ptr + k * swk + c * swc + r * swr + s * sws, acc.to(dw_ptr.dtype.element_ty), mask=ok)
 
 
+#: ``torch.backends.cudnn.allow_tf32``'s getter, called without the property's Python layer (the
+#: launchers put it in their plan keys, every call).
+tf32_enabled = torch._C._get_cudnn_allow_tf32
+
+
 def input_precision(dtype: torch.dtype) -> str:
     """The tl.dot precision PyTorch's own convolution would use for ``dtype``."""
     if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
@@ -500,6 +505,31 @@ def _fprop_plan(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int
     return _Plan(grid, mid, kwargs, (N, K, OH, OW), make, extra=cfg.block_m)
 
 
+def fprop_plan(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    stride: int,
+    padding: int,
+    scale: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    stats: bool = False,
+    out_shift: torch.Tensor | None = None,
+    out_relu: bool = False,
+    finalize: Finalize | None = None,
+) -> _Plan:
+    """The cached plan :func:`conv_fprop` launches these arguments with (no ``out``, no
+    ``config``); a caller that knows its next calls have the same key passes it back as ``plan``."""
+    prologue = scale is not None
+    ticket = stats and finalize is not None and bn_ops.TICKETS
+    key = ("fprop", x.shape, x.stride(), weight.shape, weight.stride(), x.dtype, x.device, stride, padding,
+           prologue, residual.stride() if residual is not None else None, stats, out_shift is not None,
+           out_relu, finalize.key() if ticket else None, bn_ops.TICKETS, tf32_enabled())
+    return bn_ops.plan_for(key, lambda: _fprop_plan(x, weight, stride, padding, prologue, residual, None, stats,
+                                                    out_shift is not None, out_relu, finalize if ticket else None,
+                                                    None))
+
+
 def conv_fprop(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -515,6 +545,7 @@ def conv_fprop(
     out_relu: bool = False,
     finalize: Finalize | None = None,
     config: ConvConfig | None = None,
+    plan: _Plan | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, int] | Finalize | None]:
     """Convolution of ``relu(x*scale + shift)`` (or of ``x`` when scale is None) with ``weight``,
     then ``+ residual``, ``+ out_shift`` (fp32, per output channel) and ``relu`` when asked.
@@ -526,20 +557,18 @@ def conv_fprop(
     whose stats buffer the launch filled as bn_finalize would.
 
     Everything but the tensors comes from a plan cached per shapes, strides, dtype, device and
-    mode (:class:`_Plan`); with a ticket, the partials (consumed in the launch) are the plan's
-    per-stream scratch.
+    mode (:class:`_Plan`, :func:`fprop_plan`; ``plan``: that plan, looked up by the caller); with
+    a ticket, the partials (consumed in the launch) are the plan's per-stream scratch.
     """
     prologue = scale is not None
     ticket = stats and finalize is not None and bn_ops.TICKETS
-    args = (stride, padding, prologue, residual, out, stats, out_shift is not None, out_relu,
-            finalize if ticket else None, config)
-    if out is None and config is None:
-        key = ("fprop", x.shape, x.stride(), weight.shape, weight.stride(), x.dtype, x.device, stride, padding,
-               prologue, residual.stride() if residual is not None else None, stats, out_shift is not None,
-               out_relu, finalize.key() if ticket else None, bn_ops.TICKETS, torch.backends.cudnn.allow_tf32)
-        plan = bn_ops.plan_for(key, lambda: _fprop_plan(x, weight, *args))
-    else:
-        plan = _fprop_plan(x, weight, *args)
+    if plan is None:
+        if out is None and config is None:
+            plan = fprop_plan(x, weight, stride=stride, padding=padding, scale=scale, residual=residual, stats=stats,
+                              out_shift=out_shift, out_relu=out_relu, finalize=finalize)
+        else:
+            plan = _fprop_plan(x, weight, stride, padding, prologue, residual, out, stats, out_shift is not None,
+                               out_relu, finalize if ticket else None, config)
     if out is None:
         out = torch.empty(plan.out_shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     partials = None
@@ -611,6 +640,28 @@ def _dgrad_plan(dy: torch.Tensor, weight: torch.Tensor, input_shape: tuple[int, 
     return _Plan(grid, mid, kwargs, (N, C, H, W), make)
 
 
+def dgrad_plan(
+    dy: torch.Tensor,
+    weight: torch.Tensor,
+    input_shape: tuple[int, int, int, int],
+    *,
+    stride: int,
+    padding: int,
+    bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    add: torch.Tensor | None = None,
+    reduce_sums: bool = False,
+) -> _Plan:
+    """The cached plan :func:`conv_dgrad` launches these arguments with (no ``config``), as
+    :func:`fprop_plan`."""
+    x = bn[0] if bn is not None else None
+    ticket = bn is not None and reduce_sums and bn_ops.TICKETS
+    input_shape = tuple(input_shape)
+    key = ("dgrad", dy.shape, dy.stride(), weight.shape, weight.stride(), input_shape, dy.dtype, dy.device,
+           stride, padding, x.stride() if x is not None else None, add.stride() if add is not None else None,
+           ticket, tf32_enabled())
+    return bn_ops.plan_for(key, lambda: _dgrad_plan(dy, weight, input_shape, stride, padding, x, add, ticket, None))
+
+
 def conv_dgrad(
     dy: torch.Tensor,
     weight: torch.Tensor,
@@ -622,6 +673,7 @@ def conv_dgrad(
     add: torch.Tensor | None = None,
     reduce_sums: bool = False,
     config: ConvConfig | None = None,
+    plan: _Plan | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | bn_ops.Sums | None]:
     """Gradient of the convolution with respect to its (activated) input.
 
@@ -630,20 +682,17 @@ def conv_dgrad(
     per-tile partial sums (sum dz, sum dz*xhat), each (tiles, Cin) fp32 — or, with
     ``reduce_sums`` (and :data:`fusedres.ops.bn.TICKETS` on), those sums reduced by the launch's
     last programs, as a :class:`fusedres.ops.bn.Sums`. ``add`` (shaped like the input) is added to the gradient
-    before the epilogue. Everything but the tensors comes from a cached plan (as :func:`conv_fprop`);
-    with the ticket, the partials are the plan's per-stream scratch.
+    before the epilogue. Everything but the tensors comes from a cached plan (as :func:`conv_fprop`,
+    :func:`dgrad_plan`); with the ticket, the partials are the plan's per-stream scratch.
     """
-    x = bn[0] if bn is not None else None
     ticket = bn is not None and reduce_sums and bn_ops.TICKETS
-    input_shape = tuple(input_shape)
-    if config is None:
-        key = ("dgrad", dy.shape, dy.stride(), weight.shape, weight.stride(), input_shape, dy.dtype, dy.device,
-               stride, padding, x.stride() if x is not None else None, add.stride() if add is not None else None,
-               ticket, torch.backends.cudnn.allow_tf32)
-        plan = bn_ops.plan_for(key, lambda: _dgrad_plan(dy, weight, input_shape, stride, padding, x, add, ticket,
-                                                        None))
-    else:
-        plan = _dgrad_plan(dy, weight, input_shape, stride, padding, x, add, ticket, config)
+    if plan is None:
+        if config is None:
+            plan = dgrad_plan(dy, weight, input_shape, stride=stride, padding=padding, bn=bn, add=add,
+                              reduce_sums=reduce_sums)
+        else:
+            plan = _dgrad_plan(dy, weight, tuple(input_shape), stride, padding, bn[0] if bn is not None else None,
+                               add, ticket, config)
     dz = torch.empty(plan.out_shape, device=dy.device, dtype=dy.dtype, memory_format=torch.channels_last)
     sums = None
     t_args = (dz,) * 5
@@ -703,6 +752,26 @@ def _wgrad_plan(dy: torch.Tensor, x: torch.Tensor, weight_like: torch.Tensor, st
     return _Plan(grid, mid, kwargs, ws_shape, make, extra=(splits, S))
 
 
+def wgrad_plan(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight_like: torch.Tensor,
+    *,
+    stride: int,
+    padding: int,
+    scale: torch.Tensor | None = None,
+    splits: int | None = None,
+) -> _Plan:
+    """The cached plan :func:`conv_wgrad` launches these arguments with (no ``config``), as
+    :func:`fprop_plan`."""
+    prologue = scale is not None
+    ticket = bn_ops.TICKETS
+    key = ("wgrad", dy.shape, dy.stride(), x.shape, x.stride(), weight_like.shape, x.dtype, x.device, stride,
+           padding, prologue, splits, ticket, tf32_enabled())
+    return bn_ops.plan_for(key, lambda: _wgrad_plan(dy, x, weight_like, stride, padding, prologue, splits, ticket,
+                                                    None))
+
+
 def conv_wgrad(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -715,6 +784,7 @@ def conv_wgrad(
     splits: int | None = None,
     config: ConvConfig | None = None,
     defer_reduce: bool = False,
+    plan: _Plan | None = None,
 ) -> torch.Tensor | PendingWgrad:
     """Gradient of the convolution with respect to its weight, shaped and strided like ``weight_like``.
 
@@ -724,17 +794,16 @@ def conv_wgrad(
     last split of each tile when :data:`fusedres.ops.bn.TICKETS` is on (one launch; the gradient
     comes back done; the split workspace is then the plan's per-stream scratch), else by a launch
     of its own, or with ``defer_reduce`` by the caller: a :class:`PendingWgrad` comes back, for
-    :func:`reduce_wgrad_and_bn_sums` (or :meth:`PendingWgrad.finish`).
+    :func:`reduce_wgrad_and_bn_sums` (or :meth:`PendingWgrad.finish`). The plan comes from
+    :func:`wgrad_plan` (or is ``plan``, as :func:`conv_fprop`).
     """
     prologue = scale is not None
     ticket = bn_ops.TICKETS
-    if config is None:
-        key = ("wgrad", dy.shape, dy.stride(), x.shape, x.stride(), weight_like.shape, x.dtype, x.device, stride,
-               padding, prologue, splits, ticket, torch.backends.cudnn.allow_tf32)
-        plan = bn_ops.plan_for(key, lambda: _wgrad_plan(dy, x, weight_like, stride, padding, prologue, splits,
-                                                        ticket, None))
-    else:
-        plan = _wgrad_plan(dy, x, weight_like, stride, padding, prologue, splits, ticket, config)
+    if plan is None:
+        if config is None:
+            plan = wgrad_plan(dy, x, weight_like, stride=stride, padding=padding, scale=scale, splits=splits)
+        else:
+            plan = _wgrad_plan(dy, x, weight_like, stride, padding, prologue, splits, ticket, config)
     dw = torch.empty_like(weight_like)
     if ticket:
         ws, counters = bn_ops.cached_scratch(plan.scratch, x.device, plan.make)

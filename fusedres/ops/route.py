@@ -193,6 +193,63 @@ def choose(role: str, device: torch.device, cin: int, cout: int, ksize: int, str
     return min(rows, key=distance)["backend"]
 
 
+def state() -> tuple:
+    """Everything a routing decision reads besides the convolution and its device: the overrides
+    in effect and the two environment variables (a caller that keeps decisions between calls keys
+    them on it, with the tensors' layouts and devices)."""
+    env = os.environ
+    return (tuple(_OVERRIDES), tuple(_ENGINE_OVERRIDES), env.get("FUSEDRES_CONV_BACKEND"),
+            env.get("FUSEDRES_CONV_ENGINE"))
+
+
+def _pointer(role: str, device: torch.device, cin: int, cout: int, ksize: int, stride: int, pixels: int) -> bool:
+    """Whether the convolution runs on the pointer kernels whatever its tensors' addresses: Triton
+    chosen and the pointer engine asked for (the Hopper engine's layout rules are not consulted:
+    where it is wanted, the decision is made per call)."""
+    return choose(role, device, cin, cout, ksize, stride, pixels) == "triton" and _wanted_engine(device)[0] == "pointer"
+
+
+def fprop_plan(x: torch.Tensor, weight: torch.Tensor, *, stride: int, padding: int,
+               scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+               residual: torch.Tensor | None = None, stats: bool = False, out_shift: torch.Tensor | None = None,
+               out_relu: bool = False, finalize: bn_ops.Finalize | None = None) -> conv_ops._Plan | None:
+    """For :func:`conv_fprop`'s arguments: the pointer launcher's plan where the route is the
+    pointer kernels by :func:`state` and the shapes alone (pass it to
+    :func:`fusedres.ops.conv.conv_fprop` as ``plan``), else None (call :func:`conv_fprop`)."""
+    N, C, H, W = x.shape
+    K, _, R, _ = weight.shape
+    OH = conv_ops.conv_out_size(H, R, stride, padding)
+    OW = conv_ops.conv_out_size(W, R, stride, padding)
+    if not _pointer("fprop", x.device, C, K, R, stride, N * OH * OW):
+        return None
+    return conv_ops.fprop_plan(x, weight, stride=stride, padding=padding, scale=scale, residual=residual,
+                               stats=stats, out_shift=out_shift, out_relu=out_relu, finalize=finalize)
+
+
+def dgrad_plan(dy: torch.Tensor, weight: torch.Tensor, input_shape: tuple[int, int, int, int], *, stride: int,
+               padding: int, bn: tuple[torch.Tensor, ...] | None = None, add: torch.Tensor | None = None,
+               reduce_sums: bool = False) -> conv_ops._Plan | None:
+    """:func:`fprop_plan` for :func:`conv_dgrad`."""
+    N, C, H, W = input_shape
+    K, _, R, _ = weight.shape
+    if not _pointer("dgrad", dy.device, C, K, R, stride, N * H * W):
+        return None
+    return conv_ops.dgrad_plan(dy, weight, input_shape, stride=stride, padding=padding, bn=bn, add=add,
+                               reduce_sums=reduce_sums)
+
+
+def wgrad_plan(dy: torch.Tensor, x: torch.Tensor, weight_like: torch.Tensor, *, stride: int, padding: int,
+               scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+               defer_reduce: bool = False) -> conv_ops._Plan | None:
+    """:func:`fprop_plan` for :func:`conv_wgrad`."""
+    N, C, H, W = x.shape
+    K, _, R, _ = weight_like.shape
+    _, _, OH, OW = dy.shape
+    if not _pointer("wgrad", x.device, C, K, R, stride, N * OH * OW):
+        return None
+    return conv_ops.wgrad_plan(dy, x, weight_like, stride=stride, padding=padding, scale=scale)
+
+
 def _cl(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
