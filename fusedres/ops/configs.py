@@ -153,7 +153,24 @@ def hopper_fprop_config(cin: int, cout: int, ksize: int, stride: int, dtype: tor
     capped at 128 registers too (3.8: 142, 163 with the statistics ticket, at 28x28: one CTA per
     SM; capped: no spill, the same loop, the ticket's 293 -> 301 instructions per iteration); not
     fp32, whose 8x16 tile then spills 316 bytes per thread, nor a 1x1 (4-8 bytes of spill at
-    stride 2 and with the ticket)."""
+    stride 2 and with the ticket).
+    A 16-bit 3x3 with 33-64 output channels and at most 64 input ones takes an 8x32 rectangle
+    (HGMMA.64x256, two stages: 80 KB, 255 registers, two CTAs per SM): a program with one m64
+    warpgroup spends 4 tensor cycles per activation element it transforms whatever the
+    rectangle, so only a wider one spreads the per-iteration copies, barriers and bookkeeping
+    (~110 instructions per thread) over more of them. With the padding mask by a pad value
+    (``hopper._pad_value``) a tap that needs it takes at best 344 instructions for 4 HGMMA.64x128
+    at 8x16 (74%), 562 / 564 for 4 HGMMA.64x256 at 8x32 (91%; Triton 3.8 / 3.6). Its overhang at images
+    narrower than 32 (8x8: 1/4 of the pixels computed are stored, 1/2 at 8x16) is the price. Over
+    two channel slices the pad value spilled (see ``hopper.conv_fprop``): 8x16 there."""
+    if 32 < cout <= 64 and ksize == 3 and cin <= 64 and dtype != torch.float32:
+        return HopperConfig(8, 32, 64, hopper_block_k(cin, dtype), 4, 2)
+    return _hopper_tile(cin, cout, ksize, dtype)
+
+
+def _hopper_tile(cin: int, cout: int, ksize: int, dtype: torch.dtype) -> HopperConfig:
+    """:func:`hopper_fprop_config` but for its 3x3 64-channel rectangle: the dgrad's tile
+    (:func:`hopper_dgrad_config`) for the same channel counts."""
     block_k = hopper_block_k(cin, dtype)
     wide = dtype == torch.float32
     if cout <= 32 and not wide:
@@ -180,7 +197,7 @@ def hopper_dgrad_config(cin: int, cout: int, ksize: int, stride: int, dtype: tor
     instructions per HGMMA.64x64), so it keeps 128 rows in three stages. Nor the fprop's register
     cap: the BatchNorm-backward epilogue holds 186-209 registers (sm_90, 3.8); for the same reason
     the 8x16 rectangle takes 64 rows on 4 warps where the fprop takes 128 on 8 (two CTAs per SM)."""
-    cfg = dataclasses.replace(hopper_fprop_config(cout, cin, ksize, stride, dtype), max_regs=0)
+    cfg = dataclasses.replace(_hopper_tile(cout, cin, ksize, dtype), max_regs=0)
     if cfg.block_n > 128:
         return HopperConfig(cfg.block_h, cfg.block_w, 128, cfg.block_k, cfg.num_warps, 3)
     if cfg.block_n == 128 and cfg.block_h * cfg.block_w == 128:
