@@ -121,12 +121,9 @@ def _pad_value_exact(sc, sh):
 
 
 @triton.jit
-def _bn_relu(u, sc, sh, inside, dtype: tl.constexpr, PAIRS: tl.constexpr, MASK: tl.constexpr):
-    """relu(x * sc + sh) rounded to ``dtype`` from the bits ``u`` (uint32) of a box of x (PAIRS: channel
-    pairs of a 16-bit x; a bf16 is the top half of its fp32, so a shift and an AND unpack a pair).
-    With MASK, 0 in the rows where ``inside`` is false, by the unsigned min of the fp32 bits
-    with all ones (inside) or 0: one instruction per element (a select here is moved past the
-    rounding to 16 bits by the compiler: PRMT + SEL + PRMT per pair)."""
+def _bn(u, sc, sh, dtype: tl.constexpr, PAIRS: tl.constexpr):
+    """x * sc + sh in fp32 from the bits ``u`` (uint32) of a box of x (PAIRS: channel pairs of a 16-bit
+    x; a bf16 is the top half of its fp32, so a shift and an AND unpack a pair)."""
     if PAIRS:
         if dtype == tl.bfloat16:
             lo = (u << 16).to(tl.float32, bitcast=True)
@@ -140,10 +137,7 @@ def _bn_relu(u, sc, sh, inside, dtype: tl.constexpr, PAIRS: tl.constexpr, MASK: 
         y = y.reshape(u.shape[0], u.shape[1] * 2)
     else:
         y = u.to(tl.float32, bitcast=True) * sc[None, :] + sh[None, :]
-    if MASK:
-        keep = tl.where(inside, 0xFFFFFFFF, 0).to(tl.uint32)
-        y = tl.minimum(y.to(tl.uint32, bitcast=True), keep[:, None]).to(tl.float32, bitcast=True)
-    return relu(y).to(dtype)
+    return y
 
 
 @triton.jit
@@ -201,13 +195,15 @@ def _fprop_loop(acc, x_desc, w_desc, scale_ptr, shift_ptr, n, oh0, ow0, k0, ohs,
                 if masked:
                     pad = _pad_value(sc, w_desc.dtype, PAIRS)
                     u = tl.where(_inside(ohs, ows, r - PAD, s - PAD, H, W)[:, None], u, pad[None, :])
+            y = _bn(u, sc, sh, w_desc.dtype, PAIRS)
             if MASK == 2:
                 if masked:
-                    a = _bn_relu(u, sc, sh, _inside(ohs, ows, r - PAD, s - PAD, H, W), w_desc.dtype, PAIRS, True)
-                else:
-                    a = _bn_relu(u, sc, sh, ohs, w_desc.dtype, PAIRS, False)
-            else:
-                a = _bn_relu(u, sc, sh, ohs, w_desc.dtype, PAIRS, False)
+                    keep = tl.where(_inside(ohs, ows, r - PAD, s - PAD, H, W), 0xFFFFFFFF, 0).to(tl.uint32)
+                    # The unsigned min of the fp32 bits with all ones (inside) or 0 (padding): one
+                    # instruction per element (a select here is moved past the rounding to 16
+                    # bits by the compiler: PRMT + SEL + PRMT per pair).
+                    y = tl.minimum(y.to(tl.uint32, bitcast=True), keep[:, None]).to(tl.float32, bitcast=True)
+            a = relu(y).to(w_desc.dtype)
             if MASK == 3:
                 a = tl.where(_inside(ohs, ows, r - PAD, s - PAD, H, W)[:, None], a, 0.0)
         else:
