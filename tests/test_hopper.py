@@ -260,18 +260,19 @@ NONFINITE_IDS = ["shift+inf", "scale+inf", "shift-inf", "scale-nan", "scale0-shi
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("wide", [False, True], ids=["branch", "every-tap"])
+@pytest.mark.parametrize("tile", ["branch", "every-tap", "pad-value"])
 @pytest.mark.parametrize("which,value", NONFINITE, ids=NONFINITE_IDS)
-def test_fprop_nonfinite_scale_shift_padding(poison, device, dtype, wide, which, value):
+def test_fprop_nonfinite_scale_shift_padding(poison, device, dtype, tile, which, value):
     """NaN, +Inf and -Inf where eager PyTorch has them when scale or shift is non-finite (and 0 at the
     padding of a zero scale with a positive shift, which no pad value gives), with the
     taps that read the padding on both paths (taps that stay inside the image for a rectangle skip
-    the mask; the wide tile masks by the pad value where every channel has one, else every tap on
-    the rounded tile). Channel 1's weights are negative on the left filter
-    column and positive elsewhere: at the left edge eager sees only positive weights times +Inf,
-    so a padding tap that came out Inf or NaN would turn that +Inf into NaN."""
-    c = 64 if wide else C
-    x64, w64, scale, shift, _, _, d = _inputs(dtype, device, 3, 1, 1, c=c)
+    the mask; the wide tile masks every tap; the 64-channel 8x32 tile by the pad value, which +Inf
+    scale and -Inf shift keep: the others send it to the loop with the mask on every tap).
+    Channel 1's weights are negative on the left filter column and positive elsewhere: at the left
+    edge eager sees only positive weights times +Inf, so a padding tap that came out Inf or NaN
+    would turn that +Inf into NaN."""
+    c, k = (C, K) if tile == "branch" else (64, K if tile == "every-tap" else 64)
+    x64, w64, scale, shift, _, _, d = _inputs(dtype, device, 3, 1, 1, c=c, k=k)
     vecs = {"scale": scale.clone(), "shift": shift.clone()}
     vecs[which][1] = value
     if value == 0.0:  # a zero scale with a positive shift: relu(shift) inside, no pad value gives 0
@@ -279,7 +280,8 @@ def test_fprop_nonfinite_scale_shift_padding(poison, device, dtype, wide, which,
     w64[:, 1] = w64[:, 1].abs()
     w64[:, 1, :, 0] = -w64[:, 1, :, 0]
     w = w64.to(device, dtype).contiguous(memory_format=CL)
-    cfg = HopperConfig(16, 16, 64, 64, 4, 2) if wide else None
+    cfg = {"branch": None, "every-tap": HopperConfig(16, 16, 64, 64, 4, 2),
+           "pad-value": HopperConfig(8, 32, 64, 64, 4, 2)}[tile]
     with launched("hopper_fprop_kernel"):
         out, _ = hopper.conv_fprop(d["x"], w, stride=1, padding=1, scale=vecs["scale"].float().to(device),
                                    shift=vecs["shift"].float().to(device), config=cfg)

@@ -143,7 +143,7 @@ def _bn(u, sc, sh, dtype: tl.constexpr, PAIRS: tl.constexpr):
 @triton.jit
 def _fprop_loop(acc, x_desc, w_desc, scale_ptr, shift_ptr, n, oh0, ow0, k0, ohs, ows, H, W, OH, OW,
                 NUM_C: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr, PROLOGUE: tl.constexpr,
-                INPUT_PRECISION: tl.constexpr, MASK: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr, MASK: tl.constexpr, FALLBACK: tl.constexpr,
                 BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr):
     """The main loop of :func:`hopper_fprop_kernel` over taps and channel slices, ``acc`` += W . act^T.
     The padding of a tap that reaches past the image for a stored pixel comes out 0 after the
@@ -152,7 +152,9 @@ def _fprop_loop(acc, x_desc, w_desc, scale_ptr, shift_ptr, n, oh0, ow0, k0, ohs,
     fp32 bits (any scale and shift); in both, the other taps (most taps of most rectangles)
     branch around it. MASK 3: a select on the rounded tile at every tap (any scale and shift,
     the fewest registers). MASK 0: none (no prologue: the copy engine's zero is the padding; no
-    padding: a tap leaves the image only for the overhang, whose outputs are never stored)."""
+    padding: a tap leaves the image only for the overhang, whose outputs are never stored).
+    FALLBACK: the loop of a program whose BatchNorm has no pad value, in one stage (its buffers
+    then fit in the other loop's shared memory)."""
     BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
     C: tl.constexpr = NUM_C * BLOCK_K
     # With the prologue a 16-bit activation comes in through a uint32 view, two adjacent
@@ -174,7 +176,7 @@ def _fprop_loop(acc, x_desc, w_desc, scale_ptr, shift_ptr, n, oh0, ow0, k0, ohs,
         r_hi = H + PAD - tl.minimum(oh0 + BLOCK_H, OH)
         s_lo = PAD - ow0
         s_hi = W + PAD - tl.minimum(ow0 + BLOCK_W, OW)
-    for kk in tl.range(0, R * S * NUM_C, num_stages=1 if MASK == 3 else None):
+    for kk in tl.range(0, R * S * NUM_C, num_stages=1 if FALLBACK else None):
         rs = kk // NUM_C
         c0 = (kk - rs * NUM_C) * BLOCK_K
         r = rs // S
@@ -224,7 +226,7 @@ def hopper_fprop_kernel(
     stats_ptr, momentum, eps,
     NUM_C: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr,
-    OUT_SHIFT: tl.constexpr, OUT_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr, PAD_VALUE: tl.constexpr,
+    OUT_SHIFT: tl.constexpr, OUT_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr, PAD_MASK: tl.constexpr,
     TICKET: tl.constexpr, UPDATE_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -236,9 +238,9 @@ def hopper_fprop_kernel(
     pixel rectangle t (row-major over the images' tile grids, TILES_H x TILES_W per image).
     The input has NUM_C slices of BLOCK_K channels (with PROLOGUE, a 16-bit x_desc reads uint32
     channel pairs, BLOCK_K // 2 per box). With STATS it writes the mean and M2 of the
-    rectangle's pixels inside the image, row t of the partials. The prologue's zero padding:
-    :func:`_fprop_loop`, with PAD_VALUE by the pad value of :func:`_pad_value` where it is exact,
-    else by the fp32 min.
+    rectangle's pixels inside the image, row t of the partials. PAD_MASK: how the prologue keeps
+    the padding at 0, :func:`_fprop_loop`'s MASK (1: the pad value where :func:`_pad_value_exact`
+    holds, else 3).
 
     With TICKET (and STATS) the launch also finalizes the statistics, as the two launches after
     it would (:func:`hopper_stats_merge_kernel`, then :func:`fusedres.ops.bn.bn_finalize` over
@@ -267,26 +269,21 @@ def hopper_fprop_kernel(
     ows = ow0 + rows % BLOCK_W
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    if PROLOGUE and PAD > 0 and PAD_VALUE:
+    if PROLOGUE and PAD > 0 and PAD_MASK == 1:
         # A program whose BatchNorm has a pad value for every channel (:func:`_pad_value_exact`:
-        # all but a zero scale with a positive shift, or NaN / +Inf) masks by it; any other takes
-        # the select on the rounded tile in a loop of its own (one stage: its buffers fit in the
-        # other loop's shared memory).
+        # all but a zero scale with a positive shift, or NaN / +Inf; one channel slice) masks by
+        # it; any other takes the select on the rounded tile in a loop of its own.
         offs_c = tl.arange(0, BLOCK_K)
-        exact = _pad_value_exact(tl.load(scale_ptr + offs_c), tl.load(shift_ptr + offs_c))
-        for c in range(1, NUM_C):
-            exact = exact & _pad_value_exact(tl.load(scale_ptr + c * BLOCK_K + offs_c),
-                                             tl.load(shift_ptr + c * BLOCK_K + offs_c))
-        if exact:
+        if _pad_value_exact(tl.load(scale_ptr + offs_c), tl.load(shift_ptr + offs_c)):
             acc = _fprop_loop(acc, x_desc, w_desc, scale_ptr, shift_ptr, n, oh0, ow0, k0, ohs, ows, H, W, OH, OW,
-                              NUM_C, PAD, R, S, PROLOGUE, INPUT_PRECISION, 1, BLOCK_H, BLOCK_W, BLOCK_K)
+                              NUM_C, PAD, R, S, PROLOGUE, INPUT_PRECISION, 1, False, BLOCK_H, BLOCK_W, BLOCK_K)
         else:
             acc = _fprop_loop(acc, x_desc, w_desc, scale_ptr, shift_ptr, n, oh0, ow0, k0, ohs, ows, H, W, OH, OW,
-                              NUM_C, PAD, R, S, PROLOGUE, INPUT_PRECISION, 3, BLOCK_H, BLOCK_W, BLOCK_K)
+                              NUM_C, PAD, R, S, PROLOGUE, INPUT_PRECISION, 3, True, BLOCK_H, BLOCK_W, BLOCK_K)
     else:
         acc = _fprop_loop(acc, x_desc, w_desc, scale_ptr, shift_ptr, n, oh0, ow0, k0, ohs, ows, H, W, OH, OW,
-                          NUM_C, PAD, R, S, PROLOGUE, INPUT_PRECISION, 2 if PROLOGUE and PAD > 0 else 0,
-                          BLOCK_H, BLOCK_W, BLOCK_K)
+                          NUM_C, PAD, R, S, PROLOGUE, INPUT_PRECISION, PAD_MASK if PROLOGUE and PAD > 0 else 0,
+                          False, BLOCK_H, BLOCK_W, BLOCK_K)
 
     # Cout <= 32 on the 64-row tile: the residual load, the store and the statistics would run on
     # 64 rows of which 16 or 32 are real, four or two times the epilogue's instructions per
@@ -712,6 +709,20 @@ def unsupported(x: torch.Tensor, weight: torch.Tensor, *, stride: int, padding: 
     return None
 
 
+def _pad_mask(cfg: HopperConfig, cin: int, epi_n: int) -> int:
+    """The fprop's PAD_MASK for ``cfg`` (:func:`_fprop_loop`'s MASK). The fp32 min's branch keeps
+    the tile's fp32 values live across it, so it takes at most 64 per thread (the 16x16-pixel,
+    64-channel tile's 128 spilled next to its 128-register accumulator). Past that the pad
+    value, whose branch keeps only the 32-bit words of x live, where its builds were found not
+    to spill: one channel slice, two stages, the epilogue on all rows (the 64-channel 8x32 tile);
+    else the select on the rounded tile at every tap (sm_90 builds with the pad value: over two
+    slices the per-slice vectors and pad values spilled 128-152 bytes per thread on 3.8; the
+    16x16 tile at three stages 4 bytes on 3.6)."""
+    if cfg.block_h * cfg.block_w * cfg.block_k <= 64 * 32 * cfg.num_warps:
+        return 2
+    return 1 if cin == cfg.block_k and cfg.num_stages == 2 and epi_n == cfg.block_n else 3
+
+
 def _epilogue_rows(cout: int, block_n: int) -> int:
     """The fprop epilogue's rows (``EPI_N``): 16 or 32 when ``cout`` fits in them and the tile has
     more (64 rows, the least a warpgroup's wgmma has), else the tile's ``block_n``."""
@@ -810,12 +821,7 @@ def conv_fprop(
         TICKET=ticket, UPDATE_RUNNING=ticket and finalize.running_mean is not None,
         HAS_WEIGHT=ticket and finalize.weight is not None, HAS_BIAS=ticket and finalize.bias is not None,
         BLOCK_T=FINALIZE_BLOCK_T,
-        # The fp32 min's branch keeps the tile's fp32 values live across it: at most 64 per thread
-        # (the 16x16-pixel, 64-channel tile's 128 spilled next to its 128-register accumulator).
-        # Past that the pad value, whose branch keeps only the 32-bit words of x live, over one
-        # channel slice (over two, the per-slice vectors spilled 128-152 bytes: the select on the
-        # rounded tile then).
-        PAD_VALUE=cfg.block_h * cfg.block_w * cfg.block_k > 64 * 32 * cfg.num_warps and C == cfg.block_k,
+        PAD_MASK=_pad_mask(cfg, C, _epilogue_rows(K, cfg.block_n)),
         BLOCK_H=cfg.block_h, BLOCK_W=cfg.block_w, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EPI_N=_epilogue_rows(K, cfg.block_n),
         **_launch_options(cfg),
