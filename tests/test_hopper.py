@@ -248,31 +248,68 @@ def test_fprop_wide_tile_masks_every_tap(poison, device):
     assert_matches(out, ref, eager, torch.bfloat16, "hopper fprop output")
 
 
+# The 3x3 64-channel layer's tiles: the chooser's 8x32 rectangle and the 8x16 it replaced (the
+# fp32 min behind the mask's branch).
+TILES_64 = [hopper_fprop_config(64, 64, 3, 1, torch.bfloat16), HopperConfig(8, 16, 64, 64, 4, 3)]
+
+
+@pytest.mark.parametrize("cfg", TILES_64, ids=["8x32", "8x16"])
+@pytest.mark.parametrize("n,c,h,w,zero_scale", [(1, 64, 9, 37, False), (2, 64, 10, 12, True), (1, 128, 10, 12, False)],
+                         ids=["N1-9x37", "10x12-zero-scale", "128ch-10x12"])
+def test_fprop_64_channel_tiles(poison, device, cfg, n, c, h, w, zero_scale):
+    """Every fusion, 64 output channels, images that no rectangle divides (9x37: rectangles over the
+    bottom and right edges; 10x12: one narrower than either), padding taps at every edge. The
+    8x32 tile masks by the pad value behind the branch; ``zero_scale`` (channel 5: scale 0, shift
+    0.75, whose activation relu(shift) inside the image no pad value makes 0 at the padding) sends
+    the program to the loop with the select on the rounded tile, as two 64-channel slices do."""
+    assert hopper_fprop_config(64, 64, 3, 1, torch.bfloat16) == HopperConfig(8, 32, 64, 64, 4, 2)
+    x64, w64, scale, shift, res64, oshift, d = _inputs(torch.bfloat16, device, 3, 1, 1, n=n, c=c, h=h, w=w, k=64)
+    if zero_scale:
+        scale[5], shift[5] = 0.0, 0.75
+        d["scale"], d["shift"] = scale.float().to(device), shift.float().to(device)
+    merged = h > cfg.block_h or w > cfg.block_w  # several rectangles per image: the merge launch
+    with launched("hopper_fprop_kernel", *(["hopper_stats_merge_kernel"] if merged else [])):
+        out, partials = hopper.conv_fprop(d["x"], d["w"], stride=1, padding=1, scale=d["scale"], shift=d["shift"],
+                                          residual=d["res"], stats=True, out_shift=d["oshift"], out_relu=True,
+                                          config=cfg)
+    ref = _reference(x64, w64, scale, shift, res64, oshift, 1, 1, True, True, True)
+    eager = _reference(x64.bfloat16(), w64.bfloat16(), scale, shift, res64.bfloat16(), oshift, 1, 1, True, True,
+                       True, torch.bfloat16)
+    assert_matches(out, ref, eager, torch.bfloat16, f"hopper fprop output ({cfg.block_h}x{cfg.block_w})")
+    assert_close64(partials[0].double().mean(0), out.double().cpu().mean((0, 2, 3)), 1e-5, "image mean")
+
+
 NAN, INF = float("nan"), float("inf")
 # (BatchNorm vector, value) put in channel 1: a non-finite scale or shift makes the channel's
 # activation non-finite (or, -Inf shift, 0) inside the image; the zero padding must stay 0, as
 # eager pads after the activation.
-NONFINITE = [("shift", INF), ("scale", INF), ("shift", -INF), ("scale", NAN)]
-NONFINITE_IDS = ["shift+inf", "scale+inf", "shift-inf", "scale-nan"]
+NONFINITE = [("shift", INF), ("scale", INF), ("shift", -INF), ("scale", NAN), ("scale", 0.0)]
+NONFINITE_IDS = ["shift+inf", "scale+inf", "shift-inf", "scale-nan", "scale0-shift+"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("wide", [False, True], ids=["branch", "every-tap"])
+@pytest.mark.parametrize("tile", ["branch", "every-tap", "pad-value"])
 @pytest.mark.parametrize("which,value", NONFINITE, ids=NONFINITE_IDS)
-def test_fprop_nonfinite_scale_shift_padding(poison, device, dtype, wide, which, value):
-    """NaN, +Inf and -Inf where eager PyTorch has them when scale or shift is non-finite, with the
+def test_fprop_nonfinite_scale_shift_padding(poison, device, dtype, tile, which, value):
+    """NaN, +Inf and -Inf where eager PyTorch has them when scale or shift is non-finite (and 0 at the
+    padding of a zero scale with a positive shift, which no pad value gives), with the
     taps that read the padding on both paths (taps that stay inside the image for a rectangle skip
-    the mask; the wide tile masks every tap). Channel 1's weights are negative on the left filter
-    column and positive elsewhere: at the left edge eager sees only positive weights times +Inf,
-    so a padding tap that came out Inf or NaN would turn that +Inf into NaN."""
-    c = 64 if wide else C
-    x64, w64, scale, shift, _, _, d = _inputs(dtype, device, 3, 1, 1, c=c)
+    the mask; the wide tile masks every tap; the 64-channel 8x32 tile by the pad value, which +Inf
+    scale and -Inf shift keep: the others send it to the loop with the mask on every tap).
+    Channel 1's weights are negative on the left filter column and positive elsewhere: at the left
+    edge eager sees only positive weights times +Inf, so a padding tap that came out Inf or NaN
+    would turn that +Inf into NaN."""
+    c, k = (C, K) if tile == "branch" else (64, K if tile == "every-tap" else 64)
+    x64, w64, scale, shift, _, _, d = _inputs(dtype, device, 3, 1, 1, c=c, k=k)
     vecs = {"scale": scale.clone(), "shift": shift.clone()}
     vecs[which][1] = value
+    if value == 0.0:  # a zero scale with a positive shift: relu(shift) inside, no pad value gives 0
+        vecs["shift"][1] = 0.75
     w64[:, 1] = w64[:, 1].abs()
     w64[:, 1, :, 0] = -w64[:, 1, :, 0]
     w = w64.to(device, dtype).contiguous(memory_format=CL)
-    cfg = HopperConfig(16, 16, 64, 64, 4, 2) if wide else None
+    cfg = {"branch": None, "every-tap": HopperConfig(16, 16, 64, 64, 4, 2),
+           "pad-value": HopperConfig(8, 32, 64, 64, 4, 2)}[tile]
     with launched("hopper_fprop_kernel"):
         out, _ = hopper.conv_fprop(d["x"], w, stride=1, padding=1, scale=vecs["scale"].float().to(device),
                                    shift=vecs["shift"].float().to(device), config=cfg)

@@ -162,16 +162,28 @@ def hopper_fprop_config(cin: int, cout: int, ksize: int, stride: int, dtype: tor
     Triton 3.8 / 3.6: 17.0 / 16.8 instructions per output element (the 8x16 x 128 tile: 19.6 /
     19.8), 225 / 221 registers x 128 threads: two CTAs per SM, no spill, 22 KB. On two
     warpgroups (128 rows) that rectangle takes 225 / 221 registers x 256 threads (one CTA per SM);
-    capped at 168 it spills 528 bytes, at 128 ptxas refuses it (154 needed)."""
+    capped at 168 it spills 528 bytes, at 128 ptxas refuses it (154 needed).
+    A 16-bit 3x3 with 33-64 output channels and at most 64 input ones takes an 8x32 rectangle
+    (HGMMA.64x256, two stages: 80 KB, 255 registers, two CTAs per SM): a program with one m64
+    warpgroup spends 4 tensor cycles per activation element it transforms whatever the
+    rectangle, so only a wider one spreads the per-iteration copies, barriers and bookkeeping
+    (~110 instructions per thread) over more of them. With the padding mask by a pad value
+    (``hopper._pad_value``) a tap that needs it takes at best 344 instructions for 4 HGMMA.64x128
+    at 8x16 (74%), 562 / 564 for 4 HGMMA.64x256 at 8x32 (91%; Triton 3.8 / 3.6). Its overhang at images
+    narrower than 32 (8x8: 1/4 of the pixels computed are stored, 1/2 at 8x16) is the price. Over
+    two channel slices the pad value spilled (see ``hopper.conv_fprop``): 8x16 there."""
     block_k = hopper_block_k(cin, dtype)
     wide = dtype == torch.float32
     if ksize == 1 and cin <= 32 and cout >= 128 and not wide:
         return HopperConfig(16, 16, 64, block_k, 4, 2)
+    if 32 < cout <= 64 and ksize == 3 and cin <= 64 and dtype != torch.float32:
+        return HopperConfig(8, 32, 64, hopper_block_k(cin, dtype), 4, 2)
     return _hopper_tile(cin, cout, ksize, dtype)
 
 
 def _hopper_tile(cin: int, cout: int, ksize: int, dtype: torch.dtype) -> HopperConfig:
-    """:func:`hopper_fprop_config` but for its one-K-step 1x1 rule (the dgrad's tiles start here)."""
+    """:func:`hopper_fprop_config` but for its one-K-step 1x1 rule and its 3x3 64-channel rectangle:
+    the dgrad's tile (:func:`hopper_dgrad_config`) for the same channel counts."""
     block_k = hopper_block_k(cin, dtype)
     wide = dtype == torch.float32
     if cout <= 32 and not wide:

@@ -99,6 +99,126 @@ def _top_half(t):
 
 
 @triton.jit
+def _pad_value(sc, dtype: tl.constexpr, PAIRS: tl.constexpr):
+    """Per channel, the bits of an input value v whose activation relu(v * sc + sh) is 0 wherever
+    :func:`_pad_value_exact` holds: -Inf times the sign of sc (the product is -Inf, and so is
+    its sum with a shift below +Inf), 0 where sc is 0 (then the activation is relu(sh), 0 for a
+    shift of at most 0). As ``dtype`` bits, in channel pairs with PAIRS (the uint32 view)."""
+    kx = tl.where(sc > 0, float("-inf"), tl.where(sc < 0, float("inf"), 0.0))
+    if PAIRS:
+        bits = kx.to(dtype).to(tl.uint16, bitcast=True).to(tl.uint32)
+        lo, hi = tl.split(bits.reshape(bits.shape[0] // 2, 2))
+        pad = lo | (hi << 16)
+    else:
+        pad = kx.to(tl.uint32, bitcast=True)
+    return pad
+
+
+@triton.jit
+def _pad_value_exact(sc, sh):
+    """Whether :func:`_pad_value` gives activation 0 in every channel of the slice: scale not NaN,
+    and a shift of at most 0, or one below +Inf (not NaN) with a nonzero scale."""
+    ok = (sc == sc) & ((sh <= 0) | ((sc != 0) & (sh < float("inf"))))
+    return tl.min(ok.to(tl.int32), axis=0) != 0
+
+
+@triton.jit
+def _bn(u, sc, sh, dtype: tl.constexpr, PAIRS: tl.constexpr):
+    """x * sc + sh in fp32 from the bits ``u`` (uint32) of a box of x (PAIRS: channel pairs of a 16-bit
+    x; a bf16 is the top half of its fp32, so a shift and an AND unpack a pair)."""
+    if PAIRS:
+        if dtype == tl.bfloat16:
+            lo = (u << 16).to(tl.float32, bitcast=True)
+            hi = (u & 0xFFFF0000).to(tl.float32, bitcast=True)
+        else:
+            lo = u.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            hi = (u >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        sc_lo, sc_hi = tl.split(sc.reshape(sc.shape[0] // 2, 2))
+        sh_lo, sh_hi = tl.split(sh.reshape(sh.shape[0] // 2, 2))
+        y = tl.join(lo * sc_lo[None, :] + sh_lo[None, :], hi * sc_hi[None, :] + sh_hi[None, :])
+        y = y.reshape(u.shape[0], u.shape[1] * 2)
+    else:
+        y = u.to(tl.float32, bitcast=True) * sc[None, :] + sh[None, :]
+    return y
+
+
+@triton.jit
+def _fprop_loop(acc, x_desc, w_desc, scale_ptr, shift_ptr, n, oh0, ow0, k0, ohs, ows, H, W, OH, OW,
+                NUM_C: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr, PROLOGUE: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr, MASK: tl.constexpr, FALLBACK: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The main loop of :func:`hopper_fprop_kernel` over taps and channel slices, ``acc`` += W . act^T.
+    The padding of a tap that reaches past the image for a stored pixel comes out 0 after the
+    activation (not relu(shift)): MASK 1 by :func:`_pad_value` in the rows outside (one select
+    per 32-bit word of x before the transform), MASK 2 by the unsigned min of each element's
+    fp32 bits (any scale and shift); in both, the other taps (most taps of most rectangles)
+    branch around it. MASK 3: a select on the rounded tile at every tap (any scale and shift,
+    the fewest registers). MASK 0: none (no prologue: the copy engine's zero is the padding; no
+    padding: a tap leaves the image only for the overhang, whose outputs are never stored).
+    FALLBACK: the loop of a program whose BatchNorm has no pad value, in one stage (its buffers
+    then fit in the other loop's shared memory)."""
+    BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
+    C: tl.constexpr = NUM_C * BLOCK_K
+    # With the prologue a 16-bit activation comes in through a uint32 view, two adjacent
+    # channels per element: unpacking a bf16 pair is a shift and an AND (widening 16-bit loads,
+    # the compiler spends PRMT + IMAD on every odd channel).
+    PAIRS: tl.constexpr = PROLOGUE and w_desc.dtype.primitive_bitwidth == 16
+    offs_k = tl.arange(0, BLOCK_K)
+    # One channel slice (C <= 64): the prologue's vectors are loaded once, not per tap. With the
+    # pad value (one slice too) they are loaded in the loop, where LLVM hoists them all the same:
+    # so written, the 8x32 tile at 255 registers does not spill on Triton 3.6 (8 bytes otherwise).
+    HOIST: tl.constexpr = NUM_C == 1 and MASK != 1
+    if PROLOGUE and HOIST:
+        sc = tl.load(scale_ptr + offs_k)
+        sh = tl.load(shift_ptr + offs_k)
+    if MASK == 1 or MASK == 2:
+        # Filter rows r in [r_lo, r_hi] (columns s in [s_lo, s_hi]) read inside the image for
+        # every stored pixel of the rectangle.
+        r_lo = PAD - oh0
+        r_hi = H + PAD - tl.minimum(oh0 + BLOCK_H, OH)
+        s_lo = PAD - ow0
+        s_hi = W + PAD - tl.minimum(ow0 + BLOCK_W, OW)
+    for kk in tl.range(0, R * S * NUM_C, num_stages=1 if FALLBACK else None):
+        rs = kk // NUM_C
+        c0 = (kk - rs * NUM_C) * BLOCK_K
+        r = rs // S
+        s = rs - r * S
+        if PROLOGUE:
+            if not HOIST:
+                sc = tl.load(scale_ptr + c0 + offs_k)
+                sh = tl.load(shift_ptr + c0 + offs_k)
+            if PAIRS:
+                v = x_desc.load([n, oh0 + r - PAD, ow0 + s - PAD, c0 // 2]).reshape(BLOCK_M, BLOCK_K // 2)
+            else:
+                v = x_desc.load([n, oh0 + r - PAD, ow0 + s - PAD, c0]).reshape(BLOCK_M, BLOCK_K)
+            u = v.to(tl.uint32, bitcast=True)
+            masked = False
+            if MASK == 1 or MASK == 2:
+                masked = (r < r_lo) | (r > r_hi) | (s < s_lo) | (s > s_hi)
+            if MASK == 1:
+                if masked:
+                    pad = _pad_value(sc, w_desc.dtype, PAIRS)
+                    u = tl.where(_inside(ohs, ows, r - PAD, s - PAD, H, W)[:, None], u, pad[None, :])
+            y = _bn(u, sc, sh, w_desc.dtype, PAIRS)
+            if MASK == 2:
+                if masked:
+                    keep = tl.where(_inside(ohs, ows, r - PAD, s - PAD, H, W), 0xFFFFFFFF, 0).to(tl.uint32)
+                    # The unsigned min of the fp32 bits with all ones (inside) or 0 (padding): one
+                    # instruction per element (a select here is moved past the rounding to 16
+                    # bits by the compiler: PRMT + SEL + PRMT per pair).
+                    y = tl.minimum(y.to(tl.uint32, bitcast=True), keep[:, None]).to(tl.float32, bitcast=True)
+            a = relu(y).to(w_desc.dtype)
+            if MASK == 3:
+                a = tl.where(_inside(ohs, ows, r - PAD, s - PAD, H, W)[:, None], a, 0.0)
+        else:
+            a = x_desc.load([n, oh0 + r - PAD, ow0 + s - PAD, c0]).reshape(BLOCK_M, BLOCK_K)
+        # Without the prologue the padding is exact as loaded, and both operands go from shared
+        # memory to wgmma untouched.
+        acc = tl.dot(w_desc.load([k0, rs * C + c0]), tl.trans(a), acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def hopper_fprop_kernel(
     x_desc, w_desc, out_ptr, res_ptr, scale_ptr, shift_ptr, oshift_ptr, pmean_ptr, pm2_ptr,
     H, W, OH, OW, K, TILES_H, TILES_W,
@@ -108,7 +228,7 @@ def hopper_fprop_kernel(
     stats_ptr, momentum, eps,
     NUM_C: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr,
-    OUT_SHIFT: tl.constexpr, OUT_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr, PAD_BRANCH: tl.constexpr,
+    OUT_SHIFT: tl.constexpr, OUT_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr, PAD_MASK: tl.constexpr,
     TICKET: tl.constexpr, UPDATE_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -120,8 +240,9 @@ def hopper_fprop_kernel(
     pixel rectangle t (row-major over the images' tile grids, TILES_H x TILES_W per image).
     The input has NUM_C slices of BLOCK_K channels (with PROLOGUE, a 16-bit x_desc reads uint32
     channel pairs, BLOCK_K // 2 per box). With STATS it writes the mean and M2 of the
-    rectangle's pixels inside the image, row t of the partials. PAD_BRANCH: the taps that stay
-    inside the image for the rectangle's stored pixels branch around the padding mask.
+    rectangle's pixels inside the image, row t of the partials. PAD_MASK: how the prologue keeps
+    the padding at 0, :func:`_fprop_loop`'s MASK (1: the pad value where :func:`_pad_value_exact`
+    holds, else 3).
 
     With TICKET (and STATS) the launch also finalizes the statistics, as the two launches after
     it would (:func:`hopper_stats_merge_kernel`, then :func:`fusedres.ops.bn.bn_finalize` over
@@ -149,70 +270,22 @@ def hopper_fprop_kernel(
     ohs = oh0 + rows // BLOCK_W
     ows = ow0 + rows % BLOCK_W
 
-    C: tl.constexpr = NUM_C * BLOCK_K
-    # With the prologue a 16-bit activation comes in through a uint32 view, two adjacent
-    # channels per element: unpacking a bf16 pair is a shift and an AND (widening 16-bit loads,
-    # the compiler spends PRMT + IMAD on every odd channel).
-    PAIRS: tl.constexpr = PROLOGUE and w_desc.dtype.primitive_bitwidth == 16
-    offs_k = tl.arange(0, BLOCK_K)
-    if PROLOGUE and NUM_C == 1:
-        # One channel slice (C <= 64): the prologue's vectors are loaded once, not per tap.
-        sc = tl.load(scale_ptr + offs_k)
-        sh = tl.load(shift_ptr + offs_k)
-    if PROLOGUE and PAD > 0 and PAD_BRANCH:
-        # Filter rows r in [r_lo, r_hi] (columns s in [s_lo, s_hi]) read inside the image for
-        # every stored pixel of the rectangle.
-        r_lo = PAD - oh0
-        r_hi = H + PAD - tl.minimum(oh0 + BLOCK_H, OH)
-        s_lo = PAD - ow0
-        s_hi = W + PAD - tl.minimum(ow0 + BLOCK_W, OW)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for kk in range(0, R * S * NUM_C):
-        rs = kk // NUM_C
-        c0 = (kk - rs * NUM_C) * BLOCK_K
-        r = rs // S
-        s = rs - r * S
-        if PROLOGUE:
-            if NUM_C > 1:
-                sc = tl.load(scale_ptr + c0 + offs_k)
-                sh = tl.load(shift_ptr + c0 + offs_k)
-            if PAIRS:
-                v = x_desc.load([n, oh0 + r - PAD, ow0 + s - PAD, c0 // 2]).reshape(BLOCK_M, BLOCK_K // 2)
-                v = v.to(tl.uint32, bitcast=True)
-                if w_desc.dtype == tl.bfloat16:  # a bf16 is the top half of its fp32
-                    lo = (v << 16).to(tl.float32, bitcast=True)
-                    hi = (v & 0xFFFF0000).to(tl.float32, bitcast=True)
-                else:
-                    lo = v.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-                    hi = (v >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-                sc_lo, sc_hi = tl.split(sc.reshape(BLOCK_K // 2, 2))
-                sh_lo, sh_hi = tl.split(sh.reshape(BLOCK_K // 2, 2))
-                y = tl.join(lo * sc_lo[None, :] + sh_lo[None, :], hi * sc_hi[None, :] + sh_hi[None, :])
-                y = y.reshape(BLOCK_M, BLOCK_K)
-            else:
-                y = x_desc.load([n, oh0 + r - PAD, ow0 + s - PAD, c0]).reshape(BLOCK_M, BLOCK_K)
-                y = y * sc[None, :] + sh[None, :]
-            # The copy engine's zero padding is 0 before the activation and must be 0 after it too
-            # (not relu(shift)), also where scale or shift is Inf or NaN. Without padding a tap
-            # leaves the image only for the overhang, whose outputs are never stored.
-            if PAD > 0 and PAD_BRANCH:
-                # Only a tap that reaches past the image for a stored pixel needs the mask; the
-                # others (most taps of most rectangles) branch around it.
-                if (r < r_lo) | (r > r_hi) | (s < s_lo) | (s > s_hi):
-                    keep = tl.where(_inside(ohs, ows, r - PAD, s - PAD, H, W), 0xFFFFFFFF, 0).to(tl.uint32)
-                    # The unsigned min of the fp32 bits with all ones (inside) or 0 (padding): one
-                    # instruction per element (a select here is moved past the rounding to 16
-                    # bits by the compiler: PRMT + SEL + PRMT per pair).
-                    y = tl.minimum(y.to(tl.uint32, bitcast=True), keep[:, None]).to(tl.float32, bitcast=True)
-            a = relu(y).to(w_desc.dtype)
-            if PAD > 0 and not PAD_BRANCH:
-                # Every tap, on the rounded tile: the fewest registers (see PAD_BRANCH).
-                a = tl.where(_inside(ohs, ows, r - PAD, s - PAD, H, W)[:, None], a, 0.0)
+    if PROLOGUE and PAD > 0 and PAD_MASK == 1:
+        # A program whose BatchNorm has a pad value for every channel (:func:`_pad_value_exact`:
+        # all but a zero scale with a positive shift, or NaN / +Inf; one channel slice) masks by
+        # it; any other takes the select on the rounded tile in a loop of its own.
+        offs_c = tl.arange(0, BLOCK_K)
+        if _pad_value_exact(tl.load(scale_ptr + offs_c), tl.load(shift_ptr + offs_c)):
+            acc = _fprop_loop(acc, x_desc, w_desc, scale_ptr, shift_ptr, n, oh0, ow0, k0, ohs, ows, H, W, OH, OW,
+                              NUM_C, PAD, R, S, PROLOGUE, INPUT_PRECISION, 1, False, BLOCK_H, BLOCK_W, BLOCK_K)
         else:
-            a = x_desc.load([n, oh0 + r - PAD, ow0 + s - PAD, c0]).reshape(BLOCK_M, BLOCK_K)
-        # Without the prologue the padding is exact as loaded, and both operands go from shared
-        # memory to wgmma untouched.
-        acc = tl.dot(w_desc.load([k0, rs * C + c0]), tl.trans(a), acc, input_precision=INPUT_PRECISION)
+            acc = _fprop_loop(acc, x_desc, w_desc, scale_ptr, shift_ptr, n, oh0, ow0, k0, ohs, ows, H, W, OH, OW,
+                              NUM_C, PAD, R, S, PROLOGUE, INPUT_PRECISION, 3, True, BLOCK_H, BLOCK_W, BLOCK_K)
+    else:
+        acc = _fprop_loop(acc, x_desc, w_desc, scale_ptr, shift_ptr, n, oh0, ow0, k0, ohs, ows, H, W, OH, OW,
+                          NUM_C, PAD, R, S, PROLOGUE, INPUT_PRECISION, PAD_MASK if PROLOGUE and PAD > 0 else 0,
+                          False, BLOCK_H, BLOCK_W, BLOCK_K)
 
     # Cout <= 32 on the 64-row tile: the residual load, the store and the statistics would run on
     # 64 rows of which 16 or 32 are real, four or two times the epilogue's instructions per
@@ -730,6 +803,20 @@ def unsupported(x: torch.Tensor, weight: torch.Tensor, *, stride: int, padding: 
     return None
 
 
+def _pad_mask(cfg: HopperConfig, cin: int, epi_n: int) -> int:
+    """The fprop's PAD_MASK for ``cfg`` (:func:`_fprop_loop`'s MASK). The fp32 min's branch keeps
+    the tile's fp32 values live across it, so it takes at most 64 per thread (the 16x16-pixel,
+    64-channel tile's 128 spilled next to its 128-register accumulator). Past that the pad
+    value, whose branch keeps only the 32-bit words of x live, where its builds were found not
+    to spill: one channel slice, two stages, the epilogue on all rows (the 64-channel 8x32 tile);
+    else the select on the rounded tile at every tap (sm_90 builds with the pad value: over two
+    slices the per-slice vectors and pad values spilled 128-152 bytes per thread on 3.8; the
+    16x16 tile at three stages 4 bytes on 3.6)."""
+    if cfg.block_h * cfg.block_w * cfg.block_k <= 64 * 32 * cfg.num_warps:
+        return 2
+    return 1 if cin == cfg.block_k and cfg.num_stages == 2 and epi_n == cfg.block_n else 3
+
+
 def _epilogue_rows(cout: int, block_n: int) -> int:
     """The fprop epilogue's rows (``EPI_N``): 16 or 32 when ``cout`` fits in them and the tile has
     more (64 rows, the least a warpgroup's wgmma has), else the tile's ``block_n``."""
@@ -828,9 +915,7 @@ def conv_fprop(
         TICKET=ticket, UPDATE_RUNNING=ticket and finalize.running_mean is not None,
         HAS_WEIGHT=ticket and finalize.weight is not None, HAS_BIAS=ticket and finalize.bias is not None,
         BLOCK_T=FINALIZE_BLOCK_T,
-        # The branch keeps the tile's fp32 values live across it: at most 64 per thread (the
-        # 16x16-pixel, 64-channel tile's 128 spilled next to its 128-register accumulator).
-        PAD_BRANCH=cfg.block_h * cfg.block_w * cfg.block_k <= 64 * 32 * cfg.num_warps,
+        PAD_MASK=_pad_mask(cfg, C, _epilogue_rows(K, cfg.block_n)),
         BLOCK_H=cfg.block_h, BLOCK_W=cfg.block_w, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EPI_N=_epilogue_rows(K, cfg.block_n),
         **_launch_options(cfg),
