@@ -25,7 +25,7 @@ import sys
 import torch
 import triton
 
-from fusedres.ops import conv, hopper, route
+from fusedres.ops import configs, conv, hopper, route
 
 SHAPES = [  # (label, N, Cin, Cout, H, ksize, residual)
     ("3x3 64->64 56^2", 256, 64, 64, 56, 3, True),
@@ -155,9 +155,15 @@ def fprop(reps: int, dev: torch.device) -> int:
                 t_cudnn = _time(route.conv_fprop, x, w, kw, reps)
             t_h = _time(hopper.conv_fprop, x, w, kw, reps)
             t_p = _time(conv.conv_fprop, x, w, kw, reps)
+            # the tile the chooser's special rules replaced (8x32 at 64 channels, the 1x1 32->128's
+            # 16x16 on one warpgroup), timed beside it: log rows 13-14's predictions
+            alt = configs._hopper_tile(cin, cout, k, torch.bfloat16)
+            t_alt = "" if alt == configs.hopper_fprop_config(cin, cout, k, 1, torch.bfloat16) else (
+                f"  hopper {alt.block_h}x{alt.block_w}x{alt.block_n} "
+                f"{1e3 * _time(hopper.conv_fprop, x, w, dict(kw, config=alt), reps):8.1f} us")
             print(f"{label:18s} {'fused' if fused else 'plain'}  diff {diff:.1e} {'ok' if ok else 'MISMATCH'}  "
                   f"hopper {1e3 * t_h:8.1f} us  pointer {1e3 * t_p:8.1f} us  cudnn-route {1e3 * t_cudnn:8.1f} us  "
-                  f"auto picks {'pointer' if hopper.unsupported(x, w, stride=1, padding=k // 2) else 'hopper'}",
+                  f"auto picks {'pointer' if hopper.unsupported(x, w, stride=1, padding=k // 2) else 'hopper'}{t_alt}",
                   flush=True)
     return bad
 
