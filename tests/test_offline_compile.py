@@ -6,9 +6,11 @@ pointer convolutions' fp16 ones other than each role's largest config, sm_90's w
 the pointer kernels (fp16 and bf16 take the same shared memory: checked on sm_80's builds here),
 for sm_86 bf16 only and each pointer convolution in its largest config (sm_86's shared memory is
 sm_80's: same TritonGPU IR, which those builds check here; sm_89 takes the same IR again, with
-sm_86's limit, against which sm_80's rows of every config are checked), fp32 and bf16 for gfx942
-(``offline.in_lean_set``). About 500 builds, a large part of CI's time with an empty Triton
-cache (about 1.5 s of CPU each on this 2-core machine); seconds once the cache holds them. The
+sm_86's limit, against which sm_80's rows of every config are checked), fp32 and bf16 for gfx942,
+its pointer convolutions in their largest configs (``offline.LEAN_LARGEST_ONLY`` says why those
+bound the others' shared memory; ``offline.in_lean_set``). About 440 builds, a large part of
+CI's time with an empty Triton cache (about 1.5 s of CPU each on this 2-core machine); seconds
+once the cache holds them. The
 whole set: ``python -m fusedres.ops.offline --amd`` without ``--lean``.
 """
 

@@ -46,7 +46,9 @@ e.g. "fprop bfloat16 M128 N64 K64 w8 s3") matches a regular expression.
 ``--lean`` is the set CI builds (:data:`LEAN_DTYPES`, :data:`LEAN_LARGEST_ONLY`): sm_86 and sm_89
 only in bf16 and each pointer conv role in its largest config only, sm_80's fp16 conv roles in
 their largest config only, sm_90's pointer kernels without fp16 (the Hopper engine's kernels in
-every dtype), gfx942 without fp16; CI also leaves sm_89 out (``--arch 80,86,90``). sm_80, sm_86
+every dtype), gfx942 without fp16 and each pointer conv role in its largest config only (see
+:data:`LEAN_LARGEST_ONLY` for why that bounds its shared memory); CI also leaves sm_89 out
+(``--arch 80,86,90``). sm_80, sm_86
 and sm_89 take the same TritonGPU IR (the mma.sync path, cp.async pipelining), so a config's
 shared memory is the same on all three — equal in all 158 builds of each on 2026-12-01 (Triton
 3.8), and ``tests/test_offline_compile.py`` checks it again on every sm_86 build — and sm_80's rows
@@ -55,7 +57,8 @@ both); fp16 and bf16 have the same configs and element size (shared memory), and
 from bf16 only in the conversions and the MMA's type (the test checks that sm_80's fp16 and bf16
 builds of a config take the same shared memory). What the lean set does not see: ptxas registers
 and spills of fp32/fp16 on sm_86/89, of sm_86's smaller bf16 configs, of sm_80's smaller fp16
-configs and of fp16 in sm_90's pointer kernels, sm_89's own builds, and gfx942's fp16 builds.
+configs and of fp16 in sm_90's pointer kernels, sm_89's own builds, gfx942's fp16 builds and
+whether its smaller configs compile.
 
 For sm_90 the Hopper engine (:mod:`fusedres.ops.hopper`) is built too: "fprop-hopper" for every
 config of :func:`fusedres.ops.configs.all_hopper_configs`, and "dgrad-hopper" (the stride-1
@@ -136,11 +139,17 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LEAN_DTYPES = {"sm_86": ("bfloat16",), "sm_89": ("bfloat16",), "sm_90": ("float32", "bfloat16"),
                AMD_ARCH: ("float32", "bfloat16")}
 # --lean: where (architecture, dtype) is listed here, each pointer conv role (fprop, dgrad, wgrad,
-# per stride) is built in one config, the one with the largest operand tiles
-# (:func:`largest_conv_config`). These builds only check a premise against sm_80's bf16 builds of
-# the same configs (sm_86/89: the same shared memory as sm_80; sm_80 fp16: the same as bf16),
-# whose limits sm_80's own rows of every config are checked against. None: every dtype.
-LEAN_LARGEST_ONLY: dict[str, tuple[str, ...] | None] = {"sm_86": None, "sm_89": None, "sm_80": ("float16",)}
+# per stride) is built in its largest configs only (:func:`largest_conv_configs`). On sm_86/89 and
+# in sm_80's fp16 these builds only check a premise against sm_80's bf16 builds of the same
+# configs (sm_86/89: the same shared memory as sm_80; sm_80 fp16: the same as bf16), whose limits
+# sm_80's own rows of every config are checked against. gfx942's rows are checked against its 64 KB
+# only (a build that fails there is "skipped", registers are not checked): a config's shared
+# memory there is its pipelined operand buffers (stages x (BM*BK + BK*BN) elements) or the
+# epilogue's accumulator exchange (BM*BN), each growing with its measure, and the largest configs
+# maximize both — every role's largest shared memory was one of them in all 80 gfx942 builds of
+# 2026-12-02 (Triton 3.8; dgrad bf16: 65536 bytes, the limit, at 128x128x64). None: every dtype.
+LEAN_LARGEST_ONLY: dict[str, tuple[str, ...] | None] = {"sm_86": None, "sm_89": None, "sm_80": ("float16",),
+                                                        AMD_ARCH: None}
 
 
 def largest_conv_config(role: str, dtype: torch.dtype) -> ConvConfig:
@@ -151,6 +160,16 @@ def largest_conv_config(role: str, dtype: torch.dtype) -> ConvConfig:
                                        dataclasses.astuple(c)))
 
 
+def largest_conv_configs(role: str, dtype: torch.dtype) -> set[ConvConfig]:
+    """:func:`largest_conv_config` and the config with the largest accumulator tile (BM*BN; ties
+    broken by the operand measure): one config for every role today."""
+    configs = [cfg for cfg, dt in all_conv_configs()[role] if dt == dtype]
+    widest = max(configs, key=lambda c: (c.block_m * c.block_n, c.num_stages * (c.block_m * c.block_k +
+                                                                                  c.block_k * c.block_n),
+                                         dataclasses.astuple(c)))
+    return {largest_conv_config(role, dtype), widest}
+
+
 def in_lean_set(role: str, cfg: ConvConfig, dtype: torch.dtype, arch: str) -> bool:
     """Whether ``--lean`` builds pointer conv ``role`` in ``cfg`` and ``dtype`` for ``arch``."""
     name = str(dtype).removeprefix("torch.")
@@ -159,7 +178,7 @@ def in_lean_set(role: str, cfg: ConvConfig, dtype: torch.dtype, arch: str) -> bo
     if arch in LEAN_LARGEST_ONLY:
         only = LEAN_LARGEST_ONLY[arch]
         if only is None or name in only:
-            return cfg == largest_conv_config(role, dtype)
+            return cfg in largest_conv_configs(role, dtype)
     return True
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32"}
 _CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
