@@ -125,16 +125,11 @@ def _pad_value_exact(sc, sh):
 @triton.jit
 def _bn(u, sc, sh, dtype: tl.constexpr, PAIRS: tl.constexpr):
     """x * sc + sh in fp32 from the bits ``u`` (uint32) of a box of x (PAIRS: channel pairs of a 16-bit
-    x; a bf16 is the top half of its fp32, so a shift and an AND unpack a pair)."""
+    x, :func:`_unpack_pairs`)."""
     if PAIRS:
-        if dtype == tl.bfloat16:
-            lo = (u << 16).to(tl.float32, bitcast=True)
-            hi = (u & 0xFFFF0000).to(tl.float32, bitcast=True)
-        else:
-            lo = u.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-            hi = (u >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        sc_lo, sc_hi = tl.split(sc.reshape(sc.shape[0] // 2, 2))
-        sh_lo, sh_hi = tl.split(sh.reshape(sh.shape[0] // 2, 2))
+        lo, hi = _unpack_pairs(u, dtype)
+        sc_lo, sc_hi = _split_pairs(sc)
+        sh_lo, sh_hi = _split_pairs(sh)
         y = tl.join(lo * sc_lo[None, :] + sh_lo[None, :], hi * sc_hi[None, :] + sh_hi[None, :])
         y = y.reshape(u.shape[0], u.shape[1] * 2)
     else:
