@@ -233,9 +233,10 @@ class _PreActBlock(nn.Module):
         """The full path's computation with the plan's checks and spec (see :meth:`forward`)."""
         m = self._modules
         names = self._stage_names
-        counters = [m[b]._buffers.get("num_batches_tracked") for (b, _), counts in zip(names, plan.counts) if counts]
-        if counters:  # as the modules do in training (bn_modes)
-            torch._foreach_add_(counters, 1)
+        # counted as the modules do in training (bn_modes), by the launches that finalize each
+        # BatchNorm's statistics (no _foreach_add_ launch)
+        batches = [m[b]._buffers.get("num_batches_tracked") if counts else None
+                   for (b, _), counts in zip(names, plan.counts)] if plan.counting else None
         tensors: list[torch.Tensor | None] = []
         for (b, c), running in zip(names, plan.running):
             p, buf = m[b]._parameters, m[b]._buffers
@@ -243,7 +244,8 @@ class _PreActBlock(nn.Module):
                         buf.get("running_mean") if running else None, buf.get("running_var") if running else None]
         proj = self._projection()
         return bn_relu_conv_chain(plan.spec, x, tensors,
-                                  proj_weight=proj._parameters["weight"] if proj is not None else None)
+                                  proj_weight=proj._parameters["weight"] if proj is not None else None,
+                                  batches=batches)
 
 
 class _BlockPlan:
@@ -251,10 +253,11 @@ class _BlockPlan:
     :meth:`_PreActBlock._plan_key`): the chain's spec, which BatchNorms count batches, and which
     pass their running statistics to the chain."""
 
-    __slots__ = ("key", "spec", "counts", "running")
+    __slots__ = ("key", "spec", "counts", "running", "counting")
 
     def __init__(self, key: tuple, spec: ChainSpec, counts: tuple[bool, ...], running: tuple[bool, ...]) -> None:
         self.key, self.spec, self.counts, self.running = key, spec, counts, running
+        self.counting = any(counts)
 
 
 class PreActBasicBlock(_PreActBlock):

@@ -207,13 +207,16 @@ def bn_relu_conv_chain(
     *,
     residual: torch.Tensor | None = None,
     proj_weight: torch.Tensor | None = None,
+    batches: list[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Run a validated chain through the fused kernels (see :class:`ChainSpec`).
 
     ``stage_tensors`` holds, per stage: conv weight, bn weight, bn bias, running mean,
-    running var (the last four may be None). Callers validate shapes, dtypes and devices.
+    running var (the last four may be None). ``batches``: per stage, the BatchNorm's
+    ``num_batches_tracked`` that the launch finalizing its statistics increments (given only
+    for stages with batch statistics), or None. Callers validate shapes, dtypes and devices.
     """
-    return _fused.run(_fused.Chain, spec, [x, residual, proj_weight, *stage_tensors])
+    return _fused.run(_fused.Chain, spec, [x, residual, proj_weight, *stage_tensors], batches)
 
 
 def bn_relu_conv2d(

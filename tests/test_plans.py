@@ -204,8 +204,11 @@ def _chain_call(block: torch.nn.Module, x: torch.Tensor, *, planned: bool) -> tu
 
     calls = []
 
-    def chain(spec, x_in, tensors, *, residual=None, proj_weight=None):  # noqa: ANN001, ANN202
+    def chain(spec, x_in, tensors, *, residual=None, proj_weight=None, batches=None):  # noqa: ANN001, ANN202
         calls.append((spec, x_in, list(tensors), proj_weight))
+        for counter in batches or ():  # what the finalizing launches do with them
+            if counter is not None:
+                counter.add_(1)
         return x_in
 
     counts = [b.num_batches_tracked.item() if b.num_batches_tracked is not None else None

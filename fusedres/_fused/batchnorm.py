@@ -26,17 +26,19 @@ def producer_finalize(
     st: StageSpec,
     bn: Tensors,
     running_out: tuple[torch.Tensor, torch.Tensor] | None,
+    batches: torch.Tensor | None = None,
 ) -> bn_ops.Finalize | None:
     """What the launch that produces the statistics partials of a BatchNorm's input needs to
     finalize them in its last programs (a launch less), or None where that launch must leave
     them to :func:`finalize`: running statistics (nothing to merge), SyncBatchNorm (the merge
     needs every rank's partials), or the two-launch path chosen
-    (:func:`fusedres.ops.bn.producer_reductions`)."""
+    (:func:`fusedres.ops.bn.producer_reductions`). ``batches``: the ``num_batches_tracked`` the
+    finalizing launch increments (None: the caller counts)."""
     if not (st.batch_stats and st.group is None and bn_ops.TICKETS):
         return None
     g, b, rm, rv = bn
     stats = torch.empty((4, channels), device=like.device, dtype=torch.float32)
-    return bn_ops.Finalize(stats, g, b, rm, rv, running_out, st.momentum, st.eps)
+    return bn_ops.Finalize(stats, g, b, rm, rv, running_out, st.momentum, st.eps, batches)
 
 
 def finalize(
@@ -45,22 +47,27 @@ def finalize(
     st: StageSpec,
     bn: Tensors,
     running_out: tuple[torch.Tensor, torch.Tensor] | None,
+    batches: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """BatchNorm ``bn`` = (weight, bias, running_mean, running_var) of ``h``: a stats buffer
     (rows mean, invstd, scale, shift; a 5th row local/global count when synchronised) and its
     first four rows. Updates the running statistics in training (in place, or into
-    ``running_out``). ``partials`` may be the :class:`fusedres.ops.bn.Finalize` that the
-    producing launch already carried out (from :func:`producer_finalize`): nothing left to do."""
+    ``running_out``), and adds 1 to ``batches`` when given (training only). ``partials`` may be
+    the :class:`fusedres.ops.bn.Finalize` that the producing launch already carried out (from
+    :func:`producer_finalize`, which was given the same ``batches``): nothing left to do."""
     if isinstance(partials, bn_ops.Finalize):
         return partials.stats, partials.rows()
     N, C, H, W = h.shape
     g, b, rm, rv = bn
     if st.group is not None and st.batch_stats:
         stats = _sync_finalize(partials, N * H * W, st, bn, running_out, h.device)
+        if batches is not None:
+            batches.add_(1)
         return stats, tuple(stats.unbind(0)[:4])
     stats = torch.empty((4, C), device=h.device, dtype=torch.float32)
     rows = bn_ops.bn_finalize(partials, N * H * W, g, b, rm, rv, training=st.batch_stats, momentum=st.momentum,
-                              eps=st.eps, channels=C, device=h.device, out=stats, running_out=running_out)
+                              eps=st.eps, channels=C, device=h.device, out=stats, running_out=running_out,
+                              batches=batches)
     return stats, rows
 
 

@@ -75,7 +75,8 @@ class Impl(abc.ABC):
     @abc.abstractmethod
     def forward(spec: Any, t: Tensors, running_out: list[torch.Tensor] | None) -> tuple[torch.Tensor, list]:
         """(output, new tensors the backward needs); running statistics updated in place, or
-        written to ``running_out`` (new mean, new var per updated BatchNorm) when given."""
+        written to ``running_out`` (new mean, new var per updated BatchNorm) when given. An impl
+        whose kernels can count batches also takes ``batches`` (see :func:`run`)."""
 
     @staticmethod
     @abc.abstractmethod
@@ -97,8 +98,11 @@ def _kept(impl: type[Impl], spec: Any, t: Tensors) -> list[torch.Tensor | None]:
 
 class _EagerFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, impl: type[Impl], spec: Any, *t: torch.Tensor | None) -> torch.Tensor:
-        out, saved = impl.forward(spec, t, None)
+    def forward(ctx: Any, impl: type[Impl], spec: Any, batches: Any, *t: torch.Tensor | None) -> torch.Tensor:
+        if batches is None:
+            out, saved = impl.forward(spec, t, None)
+        else:
+            out, saved = impl.forward(spec, t, None, batches=batches)
         ctx.save_for_backward(*_kept(impl, spec, t), *saved)
         ctx.impl, ctx.spec, ctx.n = impl, spec, len(t)
         return out
@@ -107,8 +111,8 @@ class _EagerFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         st = ctx.saved_tensors
-        grads = ctx.impl.backward(ctx.spec, st[: ctx.n], st[ctx.n :], dout, ctx.needs_input_grad[2:])
-        return (None, None, *grads)
+        grads = ctx.impl.backward(ctx.spec, st[: ctx.n], st[ctx.n :], dout, ctx.needs_input_grad[3:])
+        return (None, None, None, *grads)
 
 
 def _conform(g: torch.Tensor, like: torch.Tensor, inputs: Sequence[Any]) -> torch.Tensor:
@@ -178,12 +182,21 @@ def define_ops(impl: type[Impl]) -> None:
     fwd_op.register_autograd(backward, setup_context=setup_context)
 
 
-def run(impl: type[Impl], spec: Any, tensors: list[torch.Tensor | None]) -> torch.Tensor:
+def run(impl: type[Impl], spec: Any, tensors: list[torch.Tensor | None],
+        batches: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
     """Run a validated fused computation: eagerly through :class:`_EagerFn`, or — while
     ``torch.compile`` traces — through the ``fusedres::`` custom ops (functional: the new running
-    statistics are copied into the buffers in the graph)."""
+    statistics are copied into the buffers in the graph).
+
+    ``batches``: per BatchNorm of the impl, the ``num_batches_tracked`` to add 1 to (or None),
+    counted by the launches that finalize the statistics (eager: no ``_foreach_add_`` launch);
+    only for an impl whose forward takes them (:class:`Chain`)."""
     if not torch.compiler.is_compiling():
-        return _EagerFn.apply(impl, spec, *tensors)
+        return _EagerFn.apply(impl, spec, batches, *tensors)
+    if batches is not None:  # (the custom ops are functional: count in the graph)
+        counted = [b for b in batches if b is not None]
+        if counted:
+            torch._foreach_add_(counted, 1)
     tensors = list(tensors)
     for i in impl.weights(spec):
         if tensors[i] is not None:

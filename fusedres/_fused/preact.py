@@ -144,9 +144,12 @@ class Chain(Impl):
                                                    for j in (BN_RUNNING_MEAN, BN_RUNNING_VAR)})
 
     @staticmethod
-    def forward(spec: ChainSpec, t: Tensors, running_out: list[torch.Tensor] | None) -> tuple[torch.Tensor, list]:
+    def forward(spec: ChainSpec, t: Tensors, running_out: list[torch.Tensor] | None,
+                batches: Sequence[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, list]:
         x, residual, proj_weight = t[ChainInputs.X], t[ChainInputs.RESIDUAL], t[ChainInputs.PROJ_WEIGHT]
         n_stages = len(spec.stages)
+        # each stage's num_batches_tracked goes with its statistics to the launch that finalizes them
+        counts = batches if batches is not None else (None,) * n_stages
         take = running_pairs(running_out)
         memo = _launches(("chain forward", spec, x.shape, x.stride(), x.dtype, x.device,
                           None if residual is None else residual.stride(), running_out is None, bn_ops.TICKETS,
@@ -164,14 +167,14 @@ class Chain(Impl):
             st = spec.stages[i]
             _, g, b, rm, rv = ChainInputs.stage(t, i)
             run = take(st.batch_stats and rm is not None)
-            return run, (lambda: producer_finalize(channels, x, st, (g, b, rm, rv), run))
+            return run, (lambda: producer_finalize(channels, x, st, (g, b, rm, rv), run, counts[i]))
 
         run, make_fin = producer_fin(0, x.shape[1])
         partials = input_stats(x, make_fin) if spec.stages[0].batch_stats else None
         shortcut = None
         for i, st in enumerate(spec.stages):
             w, g, b, rm, rv = ChainInputs.stage(t, i)
-            stats, (mean, invstd, scale, shift) = finalize(partials, h, st, (g, b, rm, rv), run)
+            stats, (mean, invstd, scale, shift) = finalize(partials, h, st, (g, b, rm, rv), run, counts[i])
             all_stats.append(stats)
             if i == 0:
                 if spec.shortcut == "projection":

@@ -89,7 +89,7 @@ def bn_stats_kernel(
     sxn, sxc, sxh, sxw,
     srn, src, srh, srw,
     counter_ptr, cmean_ptr, cm2_ptr, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr,
-    stats_ptr, momentum, eps,
+    batches_ptr, stats_ptr, momentum, eps,
     ADD: tl.constexpr, TICKET: tl.constexpr, TWO_LEVEL: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -111,7 +111,7 @@ def bn_stats_kernel(
     if TICKET:
         stats_ticket(pmean_ptr, pm2_ptr, pid_m, tl.program_id(1), tl.num_programs(1), tl.num_programs(0), C, M,
                      BLOCK_M, offs_c, c_ok, counter_ptr, cmean_ptr, cm2_ptr, weight_ptr, bias_ptr, rmean_ptr,
-                     rvar_ptr, rmean_out_ptr, rvar_out_ptr, stats_ptr, momentum, eps,
+                     rvar_ptr, rmean_out_ptr, rvar_out_ptr, batches_ptr, stats_ptr, momentum, eps,
                      TWO_LEVEL, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
 
 
@@ -215,7 +215,7 @@ def _sum_chunk(psum_ptr, psumx_ptr, j, T, C, offs_c, c_ok, out_sum_ptr, out_sumx
 def bn_finalize_kernel(
     pmean_ptr, pm2_ptr, T, C, M, TILE_ROWS,
     weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr,
-    stats_ptr, momentum, eps,
+    batches_ptr, stats_ptr, momentum, eps,
     TRAINING: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -225,12 +225,13 @@ def bn_finalize_kernel(
 
     Training merges the tile partials chunk by chunk (Chan et al.); eval reads the running
     statistics instead. The updated running statistics go to ``r*_out_ptr`` (the running
-    statistics themselves for an in-place update).
+    statistics themselves for an in-place update). Training also counts the batch in
+    ``batches_ptr`` (see :func:`finalize_channels`).
     """
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     finalize_channels(pmean_ptr, pm2_ptr, T, C, M, TILE_ROWS, offs_c, offs_c < C,
-                      weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr, stats_ptr,
-                      momentum, eps, TRAINING, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
+                      weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr,
+                      batches_ptr, tl.program_id(0) == 0, stats_ptr, momentum, eps, TRAINING, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
 
 
 @triton.jit
@@ -250,14 +251,21 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 @triton.jit
 def finalize_channels(
     pmean_ptr, pm2_ptr, T, C, M, TILE_ROWS, offs_c, c_ok,
-    weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr, stats_ptr,
+    weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr, batches_ptr, first_block, stats_ptr,
     momentum, eps,
     TRAINING: tl.constexpr, UPDATE_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     """What :func:`bn_finalize_kernel` does for the channels ``offs_c``: also run by the last
-    program of a kernel that produced the partials (:func:`stats_ticket`)."""
+    program of a kernel that produced the partials (:func:`stats_ticket`).
+
+    Training counts the batch: the program finalizing the first channel block (``first_block``)
+    adds 1 to the int64 at ``batches_ptr`` — the BatchNorm's ``num_batches_tracked``, which the
+    module would increment in its forward, or :func:`batch_sink` where the caller counts itself
+    (one atomic, so that no ``_foreach_add_`` launch is needed for a counter the finalize owns)."""
     if TRAINING:
+        if first_block:
+            tl.atomic_add(batches_ptr, 1, sem="relaxed")
         n_a = tl.zeros(offs_c.shape, dtype=tl.float32)
         mean_a = tl.zeros(offs_c.shape, dtype=tl.float32)
         m2_a = tl.zeros(offs_c.shape, dtype=tl.float32)
@@ -315,7 +323,7 @@ def _last_ticket(counter_ptr, takers):
 @triton.jit
 def stats_ticket(
     pmean_ptr, pm2_ptr, pid_m, col, n_cols, T, C, M, TILE_ROWS, offs_c, c_ok, counter_ptr, cmean_ptr, cm2_ptr,
-    weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr, stats_ptr, momentum, eps,
+    weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr, batches_ptr, stats_ptr, momentum, eps,
     TWO_LEVEL: tl.constexpr, UPDATE_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -335,13 +343,13 @@ def stats_ticket(
             _merge_chunk(pmean_ptr, pm2_ptr, chunk, T, C, M, TILE_ROWS, offs_c, c_ok, cmean_ptr, cm2_ptr, BLOCK_T)
             if _last_ticket(counter_ptr + n_cols * chunks + col, chunks):
                 finalize_channels(cmean_ptr, cm2_ptr, chunks, C, M, TILE_ROWS * BLOCK_T, offs_c, c_ok,
-                                  weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr, stats_ptr,
-                                  momentum, eps, True, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
+                                  weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr,
+                                  batches_ptr, col == 0, stats_ptr, momentum, eps, True, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
     else:
         if _last_ticket(counter_ptr + col, T):
             finalize_channels(pmean_ptr, pm2_ptr, T, C, M, TILE_ROWS, offs_c, c_ok,
-                              weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr, stats_ptr,
-                              momentum, eps, True, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
+                              weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr,
+                              batches_ptr, col == 0, stats_ptr, momentum, eps, True, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
 
 
 @triton.jit
@@ -649,6 +657,23 @@ def ticket_counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
+# device -> an int64 that the finalize kernels count batches into when the caller counts them
+# itself (see finalize_channels); its value means nothing.
+_SINKS: dict[torch.device, torch.Tensor] = {}
+
+
+def batch_sink(device: torch.device) -> torch.Tensor:
+    """The int64 a finalize launch counts its batch into when no ``num_batches_tracked`` is given
+    (the argument must be an int64 pointer either way: one compiled kernel for both). While a
+    CUDA graph is captured, a new one (as :func:`ticket_counters`)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(1, device=device, dtype=torch.int64)
+    sink = _SINKS.get(device)
+    if sink is None:
+        sink = _SINKS[device] = torch.zeros(1, device=device, dtype=torch.int64)
+    return sink
+
+
 def scratch_key(device: torch.device) -> tuple | None:
     """Where a launch plan's cached launch-local scratch may be reused, or None: allocate fresh.
 
@@ -723,7 +748,8 @@ class Finalize(NamedTuple):
     """What :func:`bn_finalize` is given, for a launch that produces the partials and finalizes
     them in its last programs: the stats buffer to fill ((4, C) fp32 contiguous: rows mean,
     invstd, scale, shift), the BatchNorm's affine parameters and running statistics (or None) and
-    where the updated running statistics go (None: in place)."""
+    where the updated running statistics go (None: in place); ``batches``: the BatchNorm's
+    ``num_batches_tracked`` when the finalizing launch counts the batch (None: the caller does)."""
 
     stats: torch.Tensor
     weight: torch.Tensor | None
@@ -733,6 +759,7 @@ class Finalize(NamedTuple):
     running_out: tuple[torch.Tensor, torch.Tensor] | None
     momentum: float
     eps: float
+    batches: torch.Tensor | None = None
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(self.stats.unbind(0)[:4])
@@ -771,6 +798,7 @@ class Finalize(NamedTuple):
                 g if g is not None else s, b if b is not None else s,
                 rm if rm is not None else s, rv if rv is not None else s,
                 rm_out if rm_out is not None else s, rv_out if rv_out is not None else s,
+                self.batches if self.batches is not None else batch_sink(s.device),
                 s, float(self.momentum), float(self.eps))
 
 
@@ -798,7 +826,7 @@ def sums_ticket_args(tiles: int, cols: int, C: int, device: torch.device) -> tup
 
 def no_ticket_args(placeholder: torch.Tensor) -> tuple[tuple, dict]:
     """The ticket arguments of a producer launch that leaves its partials to a later launch."""
-    return (placeholder,) * 10 + (0.0, 0.0), dict(TICKET=False, TWO_LEVEL=False, UPDATE_RUNNING=False,
+    return (placeholder,) * 11 + (0.0, 0.0), dict(TICKET=False, TWO_LEVEL=False, UPDATE_RUNNING=False,
                                                    HAS_WEIGHT=False, HAS_BIAS=False, BLOCK_T=FINALIZE_BLOCK_T)
 
 
@@ -843,13 +871,15 @@ def bn_finalize(
     device: torch.device,
     out: torch.Tensor | None = None,
     running_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    batches: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(mean, invstd, scale, shift)``, each fp32 of length C (rows of ``out``, a contiguous
     (4, C) fp32 buffer, when given).
 
     Training merges ``partials`` (over ``count`` pixels) and, when running statistics are
-    given, updates them — in place, or into ``running_out`` (new mean, new var) when given;
-    eval reads the running statistics.
+    given, updates them — in place, or into ``running_out`` (new mean, new var) when given —
+    and adds 1 to ``batches`` (a ``num_batches_tracked``) when given; eval reads the running
+    statistics.
     """
     C = channels
     if out is None:
@@ -883,7 +913,7 @@ def bn_finalize(
         weight if weight is not None else dummy, bias if bias is not None else dummy,
         running_mean if running_mean is not None else dummy, running_var if running_var is not None else dummy,
         rm_out if rm_out is not None else dummy, rv_out if rv_out is not None else dummy,
-        out, float(momentum), float(eps),
+        batches if batches is not None else batch_sink(device), out, float(momentum), float(eps),
         TRAINING=training, UPDATE_RUNNING=update,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         BLOCK_T=FINALIZE_BLOCK_T, BLOCK_C=FINALIZE_BLOCK_C,

@@ -52,7 +52,7 @@ def conv_fprop_kernel(
     son, soc, soh, sow,
     srn, src, srh, srw,
     counter_ptr, cmean_ptr, cm2_ptr, bn_w_ptr, bn_b_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr,
-    stats_ptr, momentum, eps,
+    batches_ptr, stats_ptr, momentum, eps,
     STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr,
     OUT_SHIFT: tl.constexpr, OUT_RELU: tl.constexpr,
@@ -132,7 +132,7 @@ def conv_fprop_kernel(
         if TICKET:
             stats_ticket(pmean_ptr, pm2_ptr, pid_m, pid_n, tl.num_programs(1), tl.num_programs(0), K, M, BLOCK_M,
                          offs_n, n_ok, counter_ptr, cmean_ptr, cm2_ptr, bn_w_ptr, bn_b_ptr, rmean_ptr, rvar_ptr,
-                         rmean_out_ptr, rvar_out_ptr, stats_ptr, momentum, eps,
+                         rmean_out_ptr, rvar_out_ptr, batches_ptr, stats_ptr, momentum, eps,
                          TWO_LEVEL, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
 
 
@@ -580,10 +580,10 @@ def conv_fprop(
         pmean = torch.empty((plan.grid[0], plan.out_shape[1]), device=x.device, dtype=torch.float32)
         pm2 = torch.empty_like(pmean)
         partials = (pmean, pm2, plan.extra)
-        t_args = (pmean,) * 10 + (0.0, 0.0)
+        t_args = no_ticket_args(pmean)[0]
     else:
         pmean = pm2 = out  # placeholders; never read when STATS is off
-        t_args = (out,) * 10 + (0.0, 0.0)
+        t_args = no_ticket_args(out)[0]
     launch(
         conv_fprop_kernel, plan.grid,
         x, weight, out, residual if residual is not None else out,

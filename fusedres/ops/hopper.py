@@ -220,7 +220,7 @@ def hopper_fprop_kernel(
     son, soc, soh, sow,
     srn, src, srh, srw,
     counter_ptr, imean_ptr, im2_ptr, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr,
-    stats_ptr, momentum, eps,
+    batches_ptr, stats_ptr, momentum, eps,
     NUM_C: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
     PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STATS: tl.constexpr,
     OUT_SHIFT: tl.constexpr, OUT_RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr, PAD_MASK: tl.constexpr,
@@ -324,7 +324,7 @@ def hopper_fprop_kernel(
                 if _last_ticket(counter_ptr + col, images):
                     finalize_channels(pmean_ptr, pm2_ptr, images, K, images * OH * OW, OH * OW, offs_n, n_ok,
                                       weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr,
-                                      stats_ptr, momentum, eps, True, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
+                                      batches_ptr, col == 0, stats_ptr, momentum, eps, True, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
             elif _last_ticket(counter_ptr + col * images + n, per_image):
                 i_mean, i_m2 = _merge_image(pmean_ptr, pm2_ptr, n, K, OH, OW, TILES_H, TILES_W, offs_n, n_ok,
                                             BLOCK_H, BLOCK_W, BLOCK_T)
@@ -333,7 +333,7 @@ def hopper_fprop_kernel(
                 if _last_ticket(counter_ptr + n_cols * images + col, images):
                     finalize_channels(imean_ptr, im2_ptr, images, K, images * OH * OW, OH * OW, offs_n, n_ok,
                                       weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr,
-                                      stats_ptr, momentum, eps, True, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
+                                      batches_ptr, col == 0, stats_ptr, momentum, eps, True, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
 
 
 @triton.jit
@@ -874,7 +874,7 @@ def conv_fprop(
     res = residual if residual is not None else out
     cols = cdiv(K, cfg.block_n)
     ticket = stats and finalize is not None and bn_ops.TICKETS and N <= TWO_LEVEL_TILES
-    f_args: tuple = (out,) * 10 + (0.0, 0.0)
+    f_args: tuple = bn_ops.no_ticket_args(out)[0]
     if ticket:
         f = finalize
         if f.stats.stride() != (K, 1) or f.stats.shape[0] < 4:
@@ -891,7 +891,8 @@ def conv_fprop(
             return t if t is not None else s
 
         f_args = (bn_ops.ticket_counters(x.device, cols * (N + 1)), imean, im2, given(f.weight), given(f.bias),
-                  given(f.running_mean), given(f.running_var), given(rm_out), given(rv_out), s,
+                  given(f.running_mean), given(f.running_var), given(rm_out), given(rv_out),
+                  f.batches if f.batches is not None else bn_ops.batch_sink(x.device), s,
                   float(f.momentum), float(f.eps))
     launch(
         hopper_fprop_kernel, (tiles, cols),

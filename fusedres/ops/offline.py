@@ -180,7 +180,8 @@ def in_lean_set(role: str, cfg: ConvConfig, dtype: torch.dtype, arch: str) -> bo
         if only is None or name in only:
             return cfg in largest_conv_configs(role, dtype)
     return True
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32"}
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
+                 torch.int64: "i64"}
 _CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 # The representative launch: channels_last, every channel stride 1, every other stride and size

@@ -295,7 +295,7 @@ def conv_fprop(
             f = finalize
             bn_ops.bn_finalize(partials, N * OH * OW, f.weight, f.bias, f.running_mean, f.running_var,
                                training=True, momentum=f.momentum, eps=f.eps, channels=K, device=x.device,
-                               out=f.stats, running_out=f.running_out)
+                               out=f.stats, running_out=f.running_out, batches=f.batches)
             partials = f
         return y, partials
     a = bn_ops.bn_relu_apply(x, scale, shift) if scale is not None else _cl(x)
