@@ -10,12 +10,11 @@ import contextlib
 
 import pytest
 import torch
+from _helpers import launched
 
 import fusedres
 from fusedres.ops import bn as bn_ops
 from fusedres.ops import route
-
-from _helpers import launched
 
 CL = torch.channels_last
 

@@ -231,7 +231,8 @@ def bn_finalize_kernel(
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     finalize_channels(pmean_ptr, pm2_ptr, T, C, M, TILE_ROWS, offs_c, offs_c < C,
                       weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr,
-                      batches_ptr, tl.program_id(0) == 0, stats_ptr, momentum, eps, TRAINING, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
+                      batches_ptr, tl.program_id(0) == 0, stats_ptr,
+                      momentum, eps, TRAINING, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
 
 
 @triton.jit
@@ -344,12 +345,14 @@ def stats_ticket(
             if _last_ticket(counter_ptr + n_cols * chunks + col, chunks):
                 finalize_channels(cmean_ptr, cm2_ptr, chunks, C, M, TILE_ROWS * BLOCK_T, offs_c, c_ok,
                                   weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr,
-                                  batches_ptr, col == 0, stats_ptr, momentum, eps, True, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
+                                  batches_ptr, col == 0, stats_ptr,
+                                  momentum, eps, True, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
     else:
         if _last_ticket(counter_ptr + col, T):
             finalize_channels(pmean_ptr, pm2_ptr, T, C, M, TILE_ROWS, offs_c, c_ok,
                               weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr,
-                              batches_ptr, col == 0, stats_ptr, momentum, eps, True, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
+                              batches_ptr, col == 0, stats_ptr,
+                              momentum, eps, True, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
 
 
 @triton.jit

@@ -324,7 +324,8 @@ def hopper_fprop_kernel(
                 if _last_ticket(counter_ptr + col, images):
                     finalize_channels(pmean_ptr, pm2_ptr, images, K, images * OH * OW, OH * OW, offs_n, n_ok,
                                       weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr,
-                                      batches_ptr, col == 0, stats_ptr, momentum, eps, True, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
+                                      batches_ptr, col == 0, stats_ptr,
+                                      momentum, eps, True, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
             elif _last_ticket(counter_ptr + col * images + n, per_image):
                 i_mean, i_m2 = _merge_image(pmean_ptr, pm2_ptr, n, K, OH, OW, TILES_H, TILES_W, offs_n, n_ok,
                                             BLOCK_H, BLOCK_W, BLOCK_T)
@@ -333,7 +334,8 @@ def hopper_fprop_kernel(
                 if _last_ticket(counter_ptr + n_cols * images + col, images):
                     finalize_channels(imean_ptr, im2_ptr, images, K, images * OH * OW, OH * OW, offs_n, n_ok,
                                       weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, rmean_out_ptr, rvar_out_ptr,
-                                      batches_ptr, col == 0, stats_ptr, momentum, eps, True, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
+                                      batches_ptr, col == 0, stats_ptr,
+                                      momentum, eps, True, UPDATE_RUNNING, HAS_WEIGHT, HAS_BIAS, BLOCK_T)
 
 
 @triton.jit
