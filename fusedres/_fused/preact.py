@@ -74,6 +74,27 @@ def _wgrad(memo: dict, site: object, dy: torch.Tensor, x: torch.Tensor, weight_l
     return conv_ops.conv_wgrad(dy, x, weight_like, plan=plan, **kw)
 
 
+def _pair(memo: dict, site: object, d_site: object, w_site: object, dy: torch.Tensor, weight_k: torch.Tensor,
+          input_shape: tuple, dkw: dict, x: torch.Tensor, weight_like: torch.Tensor, wkw: dict) -> tuple:
+    """``(dz, sums, dw)`` of one convolution's backward: :func:`_dgrad` at ``d_site`` and
+    :func:`_wgrad` at ``w_site``, in one launch where both are on the pointer kernels and their
+    plans can share it (:func:`fusedres.ops.conv.bwd_plan`), else in two."""
+    plan = memo.get(site)
+    if plan is None:
+        dplan = memo.get(d_site)
+        if dplan is None:
+            dplan = memo[d_site] = route.dgrad_plan(dy, weight_k, input_shape, **dkw) or False
+        wplan = memo.get(w_site)
+        if wplan is None:
+            wplan = memo[w_site] = route.wgrad_plan(dy, x, weight_like, **wkw) or False
+        plan = memo[site] = (dplan and wplan and conv_ops.bwd_plan(dplan, wplan, dy.device)) or False
+    if plan is False:
+        dw = _wgrad(memo, w_site, dy, x, weight_like, **wkw)
+        return (*_dgrad(memo, d_site, dy, weight_k, input_shape, **dkw), dw)
+    return conv_ops.conv_bwd(plan, dy, weight_k, bn=dkw.get("bn"), add=dkw.get("add"), x=x, weight_like=weight_like,
+                             scale=wkw.get("scale"), shift=wkw.get("shift"))
+
+
 def _weights_layout(t: Tensors, n_stages: int) -> list:
     """The memo key's part from the weights: the convolutions' shapes and strides (the projection's
     first), and which BatchNorm tensors are given."""
@@ -234,6 +255,9 @@ class Chain(Impl):
                           *_weights_layout(t, n_stages)))
         grads: list[torch.Tensor | None] = [None] * len(t)
         stage_needs = [ChainInputs.stage(needs, i) for i in range(n_stages)]
+        # a convolution whose weight and input gradients are both needed computes them in one
+        # launch (conv_ops.bwd_plan; with the tickets, where the weight gradient is done in its launch)
+        merged = conv_ops.MERGED_BACKWARD and bn_ops.TICKETS
         dh = dout
         for i in reversed(range(n_stages)):
             st = spec.stages[i]
@@ -242,32 +266,39 @@ class Chain(Impl):
             mean, invstd, scale, shift = stats.unbind(0)[:4]
             h = inputs[i]
             need_w, need_g, need_b = stage_needs[i][:3]
+            below = need_x or need_g or need_b or any(any(n[:3]) for n in stage_needs[:i])
+            projection = i == 0 and spec.shortcut == "projection"
+            need_pw = projection and needs[ChainInputs.PROJ_WEIGHT]
+            wkw = dict(stride=st.stride, padding=st.padding, scale=scale, shift=shift)
+            pw_kw = dict(stride=spec.proj_stride, padding=0, scale=scale, shift=shift)
             pending = None  # a weight gradient whose split sums the backward-sum launch reduces
-            if need_w:
-                dw = _wgrad(
-                    memo, (0, i), dh, h, w, stride=st.stride, padding=st.padding, scale=scale, shift=shift,
-                    defer_reduce=True,
-                )
+            if need_w and not (below and merged):
+                dw = _wgrad(memo, (0, i), dh, h, w, **wkw, defer_reduce=True)
                 if isinstance(dw, conv_ops.PendingWgrad):
                     pending, dw = dw, dw.dw
                 grads[ChainInputs.weight(i)] = dw
-            if i == 0 and spec.shortcut == "projection" and needs[ChainInputs.PROJ_WEIGHT]:
-                grads[ChainInputs.PROJ_WEIGHT] = _wgrad(
-                    memo, (1, 0), dout, h, proj_weight, stride=spec.proj_stride, padding=0, scale=scale, shift=shift,
-                )
-            below = need_x or need_g or need_b or any(any(n[:3]) for n in stage_needs[:i])
+            if need_pw and not (below and merged):
+                grads[ChainInputs.PROJ_WEIGHT] = _wgrad(memo, (1, 0), dout, h, proj_weight, **pw_kw)
             if not below:
                 if pending is not None:
                     pending.finish()
                 break
             add = None
-            if i == 0 and spec.shortcut == "projection":
-                add, _ = _dgrad(memo, (2, 0), dout, kernel_weight(proj_weight), tuple(h.shape),
-                                stride=spec.proj_stride, padding=0)
-            dz, partials = _dgrad(
-                memo, (3, i), dh, kernel_weight(w), tuple(h.shape), stride=st.stride, padding=st.padding,
-                bn=(h, scale, shift, mean, invstd), add=add, reduce_sums=True,
-            )
+            if projection:
+                pd_kw = dict(stride=spec.proj_stride, padding=0)
+                if need_pw and merged:
+                    add, _, grads[ChainInputs.PROJ_WEIGHT] = _pair(
+                        memo, (4, 0), (2, 0), (1, 0), dout, kernel_weight(proj_weight), tuple(h.shape), pd_kw,
+                        h, proj_weight, pw_kw)
+                else:
+                    add, _ = _dgrad(memo, (2, 0), dout, kernel_weight(proj_weight), tuple(h.shape), **pd_kw)
+            dkw = dict(stride=st.stride, padding=st.padding, bn=(h, scale, shift, mean, invstd), add=add,
+                       reduce_sums=True)
+            if need_w and merged:
+                dz, partials, grads[ChainInputs.weight(i)] = _pair(
+                    memo, (5, i), (3, i), (0, i), dh, kernel_weight(w), tuple(h.shape), dkw, h, w, wkw)
+            else:
+                dz, partials = _dgrad(memo, (3, i), dh, kernel_weight(w), tuple(h.shape), **dkw)
             dh = add = None  # used up: their memory can hold the next gradient
             sum_dz, sum_dzx, apply_dz, apply_dzx = bwd_sums(partials, st, stats, pending)
             if need_g and g is not None:

@@ -19,6 +19,8 @@ Layout contract of every launcher here (no autograd, no modules):
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -168,8 +170,33 @@ def conv_dgrad_kernel(
     the last tile of each column block reduces them into ``sum/sumx``
     (:func:`fusedres.ops.bn.sums_ticket`).
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    _dgrad_tile(tl.program_id(0), tl.program_id(1), tl.num_programs(0), tl.num_programs(1),
+                dy_ptr, w_ptr, dz_ptr, x_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, psum_ptr, psumx_ptr,
+                H, W, C, OH, OW, K, M, sdn, sdk, sdh, sdw, swk, swc, swr, sws, szn, szc, szh, szw,
+                sxn, sxc, sxh, sxw, san, sac, sah, saw, counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr,
+                STRIDE, PAD, R, S, BN_BWD, HAS_ADD, INPUT_PRECISION, TICKET, TWO_LEVEL, BLOCK_T,
+                BLOCK_M, BLOCK_N, BLOCK_K, None)
+
+
+@triton.jit
+def _dgrad_tile(
+    pid_m, pid_n, n_tiles, n_cols,
+    dy_ptr, w_ptr, dz_ptr, x_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, psum_ptr, psumx_ptr,
+    H, W, C, OH, OW, K, M,
+    sdn, sdk, sdh, sdw,
+    swk, swc, swr, sws,
+    szn, szc, szh, szw,
+    sxn, sxc, sxh, sxw,
+    san, sac, sah, saw,
+    counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
+    BN_BWD: tl.constexpr, HAS_ADD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    TICKET: tl.constexpr, TWO_LEVEL: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOOP_STAGES: tl.constexpr,
+):
+    """Program (pid_m, pid_n) of :func:`conv_dgrad_kernel`'s (n_tiles, n_cols) grid (also run by
+    :func:`conv_bwd_kernel` on its share of a merged grid). LOOP_STAGES: the main loop's pipeline
+    depth, None for the launch's ``num_stages``."""
     if STRIDE == 1:
         # (the general case below with one class: the same instructions and bits as before classes)
         tile = pid_m
@@ -231,7 +258,7 @@ def conv_dgrad_kernel(
         jr = 0
         js = 0
         k0 = 0
-    for kk in range(0, taps_r * taps_s * num_k):
+    for kk in tl.range(0, taps_r * taps_s * num_k, num_stages=LOOP_STAGES):
         if STRIDE == 1:
             rs = kk // num_k
             k0 = (kk - rs * num_k) * BLOCK_K
@@ -263,7 +290,7 @@ def conv_dgrad_kernel(
     dgrad_epilogue(acc, n, ih.to(tl.int64), iw.to(tl.int64), offs_n, n_ok, mask, pid_m, C,
                    dz_ptr, x_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, psum_ptr, psumx_ptr,
                    szn, szc, szh, szw, sxn, sxc, sxh, sxw, san, sac, sah, saw,
-                   counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr,
+                   counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr, pid_n, n_cols, n_tiles,
                    BN_BWD, HAS_ADD, TICKET, TWO_LEVEL, BLOCK_T)
 
 
@@ -272,7 +299,7 @@ def dgrad_epilogue(
     acc, n, ih64, iw64, offs_n, n_ok, mask, tile, C,
     dz_ptr, x_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, psum_ptr, psumx_ptr,
     szn, szc, szh, szw, sxn, sxc, sxh, sxw, san, sac, sah, saw,
-    counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr,
+    counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr, col, n_cols, n_tiles,
     BN_BWD: tl.constexpr, HAS_ADD: tl.constexpr, TICKET: tl.constexpr, TWO_LEVEL: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -281,7 +308,8 @@ def dgrad_epilogue(
     input pixels (n, ih64, iw64) (int64; n may be one scalar), channels ``offs_n``, stored where
     ``mask``. HAS_ADD, then BN_BWD (the ReLU mask from x, dz, the sums of row ``tile`` of the
     partials and with TICKET their reduction by the last program of the column block), or the
-    plain store of da."""
+    plain store of da. ``col``: the program's column block, of ``n_cols``; ``n_tiles``: the tiles
+    (rows of the partials) of each column."""
     z_ptrs = dz_ptr + (n * szn + ih64 * szh + iw64 * szw)[:, None] + offs_n.to(tl.int64)[None, :] * szc
     if HAS_ADD:
         a_ptrs = add_ptr + (n * san + ih64 * sah + iw64 * saw)[:, None] + offs_n.to(tl.int64)[None, :] * sac
@@ -294,7 +322,7 @@ def dgrad_epilogue(
         tl.store(psum_ptr + tile * C + offs_n, sum_dz, mask=n_ok)
         tl.store(psumx_ptr + tile * C + offs_n, sum_dzx, mask=n_ok)
         if TICKET:
-            sums_ticket(psum_ptr, psumx_ptr, tile, tl.program_id(1), tl.num_programs(1), tl.num_programs(0), C,
+            sums_ticket(psum_ptr, psumx_ptr, tile, col, n_cols, n_tiles, C,
                         offs_n, n_ok, counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr, TWO_LEVEL, BLOCK_T)
     else:
         tl.store(z_ptrs, acc.to(dz_ptr.dtype.element_ty), mask=mask)
@@ -317,9 +345,26 @@ def conv_wgrad_kernel(
     Workspace ``ws`` is fp32, contiguous ``(splits, K, R, S, C)``; a second pass sums the splits,
     or with TICKET the last split of each tile does (into ``dw``, as :func:`wgrad_reduce_kernel`).
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_s = tl.program_id(2)
+    _wgrad_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1), tl.num_programs(2),
+                dy_ptr, x_ptr, scale_ptr, shift_ptr, ws_ptr, H, W, C, OH, OW, K, P, PIX_PER_SPLIT,
+                sdn, sdk, sdh, sdw, sxn, sxc, sxh, sxw, counter_ptr, dw_ptr, swk, swc, swr, sws,
+                STRIDE, PAD, R, S, PROLOGUE, INPUT_PRECISION, TICKET, BLOCK_M, BLOCK_N, BLOCK_K, None)
+
+
+@triton.jit
+def _wgrad_tile(
+    pid_m, pid_n, pid_s, n_cols, splits,
+    dy_ptr, x_ptr, scale_ptr, shift_ptr, ws_ptr,
+    H, W, C, OH, OW, K, P, PIX_PER_SPLIT,
+    sdn, sdk, sdh, sdw,
+    sxn, sxc, sxh, sxw,
+    counter_ptr, dw_ptr, swk, swc, swr, sws,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
+    PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr, TICKET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOOP_STAGES: tl.constexpr,
+):
+    """Program (pid_m, pid_n, pid_s) of :func:`conv_wgrad_kernel`'s (., n_cols, splits) grid (also run
+    by :func:`conv_bwd_kernel` on its share of a merged grid); LOOP_STAGES as :func:`_dgrad_tile`'s."""
     num_cb = tl.cdiv(C, BLOCK_N)
     rs = pid_n // num_cb
     cb = pid_n - rs * num_cb
@@ -337,7 +382,7 @@ def conv_wgrad_kernel(
     p_end = tl.minimum(P, p_start + PIX_PER_SPLIT)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for p0 in range(p_start, p_end, BLOCK_K):
+    for p0 in tl.range(p_start, p_end, BLOCK_K, num_stages=LOOP_STAGES):
         p = p0 + offs_k
         p_ok = p < p_end
         ow = p % OW
@@ -370,8 +415,7 @@ def conv_wgrad_kernel(
     if TICKET:
         # the ordering argument of fusedres.ops.bn._last_ticket: every split's workspace tile is
         # stored before its release, and read from L2 after the last split's acquire
-        splits = tl.num_programs(2)
-        if _last_ticket(counter_ptr + pid_m * tl.num_programs(1) + pid_n, splits):
+        if _last_ticket(counter_ptr + pid_m * n_cols + pid_n, splits):
             total = K * RSC
             ptrs = ws_ptr + offs_m.to(tl.int64)[:, None] * RSC + rs * C + offs_n[None, :]
             red = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -380,6 +424,59 @@ def conv_wgrad_kernel(
                 ptrs += total
             dw_ptrs = dw_ptr + offs_m.to(tl.int64)[:, None] * swk + offs_n[None, :] * swc + r * swr + s * sws
             tl.store(dw_ptrs, red.to(dw_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def conv_bwd_kernel(
+    dy_ptr, w_ptr, dz_ptr, x_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, psum_ptr, psumx_ptr,
+    H, W, C, OH, OW, K, M,
+    sdn, sdk, sdh, sdw,
+    swk, swc, swr, sws,
+    szn, szc, szh, szw,
+    sxn, sxc, sxh, sxw,
+    san, sac, sah, saw,
+    counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr,
+    w_dy_ptr, w_x_ptr, w_scale_ptr, w_shift_ptr, ws_ptr,
+    w_H, w_W, w_C, w_OH, w_OW, w_K, P, PIX_PER_SPLIT,
+    w_sdn, w_sdk, w_sdh, w_sdw,
+    w_sxn, w_sxc, w_sxh, w_sxw,
+    w_counter_ptr, dw_ptr, dw_sk, dw_sc, dw_sr, dw_ss,
+    D_TILES, D_COLS, W_ROWS, W_COLS, W_SPLITS,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BN_BWD: tl.constexpr, HAS_ADD: tl.constexpr,
+    TICKET: tl.constexpr, TWO_LEVEL: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    D_STAGES: tl.constexpr,
+    PROLOGUE: tl.constexpr, W_TICKET: tl.constexpr,
+    W_BLOCK_M: tl.constexpr, W_BLOCK_N: tl.constexpr, W_BLOCK_K: tl.constexpr, W_STAGES: tl.constexpr,
+):
+    """One convolution's backward in one launch: :func:`conv_dgrad_kernel`'s (D_TILES, D_COLS) grid,
+    then :func:`conv_wgrad_kernel`'s (W_ROWS, W_COLS, W_SPLITS) grid, flattened into one axis in
+    each grid's own order (axis 0 fastest). Each program runs exactly the tile it runs in its own
+    launch (same arithmetic, same order, same bits), so the merge removes a launch and the kernel
+    boundary between the two, nothing else; the two never read what the other writes (dz and the
+    BatchNorm sums; the weight gradient), and each ticket has its own counters. Each main loop keeps
+    its own pipeline depth (D_STAGES, W_STAGES: the two launches' ``num_stages``). The dgrad arguments
+    come first, as :func:`conv_dgrad_kernel` takes them, then the weight gradient's (``w_``-prefixed
+    where the names clash; its ``dw`` strides as ``dw_s*``)."""
+    pid = tl.program_id(0)
+    n_dgrad = D_TILES * D_COLS
+    if pid < n_dgrad:
+        _dgrad_tile(pid % D_TILES, pid // D_TILES, D_TILES, D_COLS,
+                    dy_ptr, w_ptr, dz_ptr, x_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, psum_ptr,
+                    psumx_ptr, H, W, C, OH, OW, K, M, sdn, sdk, sdh, sdw, swk, swc, swr, sws, szn, szc, szh, szw,
+                    sxn, sxc, sxh, sxw, san, sac, sah, saw, counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr,
+                    STRIDE, PAD, R, S, BN_BWD, HAS_ADD, INPUT_PRECISION, TICKET, TWO_LEVEL, BLOCK_T,
+                    BLOCK_M, BLOCK_N, BLOCK_K, D_STAGES)
+    else:
+        q = pid - n_dgrad
+        rest = q // W_ROWS
+        _wgrad_tile(q - rest * W_ROWS, rest % W_COLS, rest // W_COLS, W_COLS, W_SPLITS,
+                    w_dy_ptr, w_x_ptr, w_scale_ptr, w_shift_ptr, ws_ptr, w_H, w_W, w_C, w_OH, w_OW, w_K, P,
+                    PIX_PER_SPLIT, w_sdn, w_sdk, w_sdh, w_sdw, w_sxn, w_sxc, w_sxh, w_sxw,
+                    w_counter_ptr, dw_ptr, dw_sk, dw_sc, dw_sr, dw_ss,
+                    STRIDE, PAD, R, S, PROLOGUE, INPUT_PRECISION, W_TICKET, W_BLOCK_M, W_BLOCK_N, W_BLOCK_K,
+                    W_STAGES)
 
 
 @triton.jit
@@ -685,20 +782,29 @@ def conv_dgrad(
     before the epilogue. Everything but the tensors comes from a cached plan (as :func:`conv_fprop`,
     :func:`dgrad_plan`); with the ticket, the partials are the plan's per-stream scratch.
     """
-    ticket = bn is not None and reduce_sums and bn_ops.TICKETS
     if plan is None:
+        ticket = bn is not None and reduce_sums and bn_ops.TICKETS
         if config is None:
             plan = dgrad_plan(dy, weight, input_shape, stride=stride, padding=padding, bn=bn, add=add,
                               reduce_sums=reduce_sums)
         else:
             plan = _dgrad_plan(dy, weight, tuple(input_shape), stride, padding, bn[0] if bn is not None else None,
                                add, ticket, config)
+    args, dz, sums = _dgrad_args(plan, dy, weight, bn, add)
+    launch(conv_dgrad_kernel, plan.grid, *args, **plan.kwargs)
+    return dz, sums
+
+
+def _dgrad_args(plan: _Plan, dy: torch.Tensor, weight: torch.Tensor, bn: tuple | None,
+                add: torch.Tensor | None) -> tuple[tuple, torch.Tensor, Any]:
+    """:func:`conv_dgrad_kernel`'s arguments from ``plan`` and the tensors (its outputs allocated),
+    dz, and the sums (see :func:`conv_dgrad`)."""
     dz = torch.empty(plan.out_shape, device=dy.device, dtype=dy.dtype, memory_format=torch.channels_last)
     sums = None
     t_args = (dz,) * 5
     if bn is not None:
         x, scale, shift, mean, invstd = bn
-        if ticket:
+        if plan.kwargs["TICKET"]:
             psum, psumx, counters, cs, csx = bn_ops.cached_scratch(plan.scratch, dy.device, plan.make)
             C = plan.out_shape[1]
             s = torch.empty(C, device=dy.device, dtype=torch.float32)  # two allocations: returned as
@@ -712,14 +818,8 @@ def conv_dgrad(
     else:
         x = dz
         scale = shift = mean = invstd = psum = psumx = dz
-    launch(
-        conv_dgrad_kernel, plan.grid,
-        dy, weight, dz, x, add if add is not None else dz, scale, shift, mean, invstd, psum, psumx,
-        *plan.mid,
-        *t_args,
-        **plan.kwargs,
-    )
-    return dz, sums
+    return (dy, weight, dz, x, add if add is not None else dz, scale, shift, mean, invstd, psum, psumx,
+            *plan.mid, *t_args), dz, sums
 
 
 def _wgrad_plan(dy: torch.Tensor, x: torch.Tensor, weight_like: torch.Tensor, stride: int, padding: int,
@@ -810,17 +910,82 @@ def conv_wgrad(
     else:
         ws = torch.empty(plan.out_shape, device=x.device, dtype=torch.float32)
         counters = ws
-    launch(
-        conv_wgrad_kernel, plan.grid,
-        dy, x, scale if prologue else x, shift if prologue else x, ws,
-        *plan.mid,
-        counters, dw, *dw.stride(),
-        **plan.kwargs,
-    )
+    launch(conv_wgrad_kernel, plan.grid, *_wgrad_args(plan, dy, x, scale, shift, ws, counters, dw), **plan.kwargs)
     if ticket:
         return dw
     pending = PendingWgrad(ws, dw, *plan.extra)
     return pending if defer_reduce else pending.finish()
+
+
+def _wgrad_args(plan: _Plan, dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None,
+                shift: torch.Tensor | None, ws: torch.Tensor, counters: torch.Tensor, dw: torch.Tensor) -> tuple:
+    """:func:`conv_wgrad_kernel`'s arguments."""
+    return (dy, x, scale if scale is not None else x, shift if scale is not None else x, ws, *plan.mid,
+            counters, dw, *dw.stride())
+
+
+#: Whether a convolution's weight gradient and input gradient may share one launch
+#: (:func:`conv_bwd_kernel`, :func:`bwd_plan`); off: two launches, the reference the tests compare
+#: with bit for bit (and the GPU run times against).
+MERGED_BACKWARD = True
+
+
+@contextlib.contextmanager
+def merged_backward(enabled: bool) -> Iterator[None]:
+    """Inside the block, :data:`MERGED_BACKWARD` is ``enabled``."""
+    global MERGED_BACKWARD
+    old, MERGED_BACKWARD = MERGED_BACKWARD, enabled
+    try:
+        yield
+    finally:
+        MERGED_BACKWARD = old
+
+
+def bwd_plan(dplan: _Plan, wplan: _Plan, device: torch.device) -> _Plan | None:
+    """The plan of one :func:`conv_bwd_kernel` launch running ``dplan``'s dgrad and ``wplan``'s
+    wgrad (two plans of the same convolution, the wgrad with its ticket), or None where they cannot
+    share a launch: a launch has one ``num_warps`` (each main loop keeps its ``num_stages``), and a wgrad without its
+    ticket leaves a reduction to a later launch anyway. The wgrad's ticket counters follow the
+    dgrad's in the stream's counter buffer (two tickets at once must not share a counter)."""
+    dk, wk = dplan.kwargs, wplan.kwargs
+    if not wk["TICKET"] or dk["num_warps"] != wk["num_warps"]:
+        return None
+    d_counters = bn_ops.ticket_plan(*dplan.grid)[2] if dk["TICKET"] else 0
+    w_counters = wplan.grid[0] * wplan.grid[1]
+    ws_shape = wplan.out_shape
+
+    def make() -> tuple:
+        counters = bn_ops.ticket_counters(device, d_counters + w_counters)
+        return torch.empty(ws_shape, device=device, dtype=torch.float32), counters[d_counters:]
+
+    kwargs = dict(dk, D_STAGES=dk["num_stages"], PROLOGUE=wk["PROLOGUE"], W_TICKET=True,
+                  W_BLOCK_M=wk["BLOCK_M"], W_BLOCK_N=wk["BLOCK_N"], W_BLOCK_K=wk["BLOCK_K"],
+                  W_STAGES=wk["num_stages"])
+    grid = (dplan.grid[0] * dplan.grid[1] + wplan.grid[0] * wplan.grid[1] * wplan.grid[2],)
+    return _Plan(grid, (*dplan.grid, *wplan.grid), kwargs, dplan.out_shape, make, extra=(dplan, wplan))
+
+
+def conv_bwd(
+    plan: _Plan,
+    dy: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    bn: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    add: torch.Tensor | None,
+    x: torch.Tensor,
+    weight_like: torch.Tensor,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """``(dz, sums, dw)``: what :func:`conv_dgrad` (``dy, weight, bn, add``) and :func:`conv_wgrad`
+    (``dy, x, weight_like, scale, shift``) return, from one launch of :func:`bwd_plan`'s ``plan``."""
+    dplan, wplan = plan.extra
+    d_args, dz, sums = _dgrad_args(dplan, dy, weight, bn, add)
+    ws, counters = bn_ops.cached_scratch(plan.scratch, x.device, plan.make)
+    dw = torch.empty_like(weight_like)
+    launch(conv_bwd_kernel, plan.grid, *d_args, *_wgrad_args(wplan, dy, x, scale, shift, ws, counters, dw),
+           *plan.mid, **plan.kwargs)
+    return dz, sums, dw
 
 
 _WGRAD_REDUCE_BLOCK = 1024

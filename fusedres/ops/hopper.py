@@ -410,6 +410,7 @@ def hopper_dgrad_kernel(
                        dz_ptr, x_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, psum_ptr, psumx_ptr,
                        szn, szc, szh, szw, sxn, sxc, sxh, sxw, san, sac, sah, saw,
                        counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr,
+                       tl.program_id(1), tl.num_programs(1), tl.num_programs(0),
                        BN_BWD, HAS_ADD, TICKET, TWO_LEVEL, BLOCK_T)
 
 

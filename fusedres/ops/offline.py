@@ -519,6 +519,35 @@ def _ticket_launchers(dtype: torch.dtype, cfg: ConvConfig, ksize: int = 3) -> di
     }
 
 
+#: (Cin, Cout, k, stride) of the convolutions whose backward pair :func:`_bwd_launchers` builds as
+#: one :func:`fusedres.ops.conv.conv_bwd_kernel`: the CIFAR bottleneck and basic-block layers and
+#: the §5 widths (where the two configs' warps differ, no merged kernel exists).
+BWD_SHAPES = ((16, 16, 3, 1), (16, 64, 1, 1), (64, 16, 1, 1), (32, 32, 3, 2), (32, 32, 3, 1), (128, 32, 1, 1),
+              (32, 128, 1, 1), (64, 64, 3, 1), (128, 128, 3, 2), (256, 256, 3, 1), (512, 512, 3, 1))
+
+
+def _bwd_launchers(dtype: torch.dtype) -> list[tuple[ConvConfig, int, Callable[[], object]]]:
+    """(dgrad config, stride, call) of each merged backward of :data:`BWD_SHAPES` in ``dtype``:
+    the dgrad with its BatchNorm epilogue and ticket, the wgrad recomputing the activation."""
+    out = []
+    for cin, cout, k, stride in BWD_SHAPES:
+        pad = k // 2
+        x = _act(cin, _HW, dtype)
+        dy = _act(cout, conv.conv_out_size(_HW, k, stride, pad), dtype)
+        w = torch.empty((cout, cin, k, k), dtype=dtype).to(memory_format=torch.channels_last)
+        scale, shift, mean, invstd = _vec(cin), _vec(cin), _vec(cin), _vec(cin)
+        bn_args = (x, scale, shift, mean, invstd)
+        dplan = conv.dgrad_plan(dy, w, tuple(x.shape), stride=stride, padding=pad, bn=bn_args, reduce_sums=True)
+        wplan = conv.wgrad_plan(dy, x, w, stride=stride, padding=pad, scale=scale)
+        plan = conv.bwd_plan(dplan, wplan, x.device)
+        if plan is None:
+            continue
+        cfg = dgrad_config(cin, cout, k, stride, dtype)
+        out.append((cfg, stride, functools.partial(conv.conv_bwd, plan, dy, w, bn=bn_args, add=None, x=x,
+                                                   weight_like=w, scale=scale, shift=shift)))
+    return out
+
+
 def _bn_ticket_launchers(dtype: torch.dtype) -> list[Callable[[], object]]:
     """The statistics pass finalizing in its last programs, with one and two merge levels."""
     big = torch.empty((_N, _C, 2 * _TWO_LEVEL_ROWS // (_N * _HW), _HW), dtype=dtype)
@@ -690,6 +719,9 @@ def plan_jobs(
             for call in _bn_ticket_launchers(dtype):
                 sm90_only.add(len(launches))
                 launches.append((None, dtype, None, None, call))
+            for cfg, stride, call in _bwd_launchers(dtype):  # the two roles' bodies, built apart everywhere
+                sm90_only.add(len(launches))
+                launches.append(("bwd", dtype, cfg, stride, call))
     if "sm_90" in archs and layer is not None:  # one layer's fprop, each dtype's default tile
         cin, cout, _ = layer
         for dtype in DTYPES:
