@@ -55,8 +55,14 @@ def kernel_matrix(axes: dict[str, tuple[Sequence, Sequence[str]]], strength: int
     return ",".join(axes), params
 
 # What each fused path launches (fusedres.launch_counts names), for the launch guards below.
+#: The input and weight gradients of a convolution: launches of their own, or one merged launch
+#: (fusedres.ops.conv.conv_bwd_kernel, where the two configs can share it).
+DGRAD = ("conv_dgrad_kernel", "conv_bwd_kernel")
+WGRAD = ("conv_wgrad_kernel", "conv_bwd_kernel")
 #: The three convolution roles of a training step on the Triton route.
-CONV_KERNELS = ("conv_fprop_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel")
+CONV_KERNELS = ("conv_fprop_kernel", DGRAD, WGRAD)
+#: Every pointer-engine convolution kernel, by name (for launch counts).
+CONV_KERNEL_NAMES = ("conv_fprop_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel", "conv_bwd_kernel")
 #: A pre-activation chain's training step (fusedres._fused.Chain), also in eval with gradients.
 #: (In training the statistics are finalized by the launch that produces them, so a training step
 #: may run no bn_finalize_kernel; eval runs one per BatchNorm.)
@@ -106,17 +112,19 @@ def assert_close64(value: torch.Tensor, ref64: torch.Tensor, tol: float, what: s
 
 
 @contextlib.contextmanager
-def launched(*names: str) -> Iterator[None]:
-    """Assert that each named Triton kernel was launched inside the block.
+def launched(*names: str | tuple[str, ...]) -> Iterator[None]:
+    """Assert that each named Triton kernel was launched inside the block; a tuple of names is one
+    role that any of its kernels carries out (:data:`DGRAD`, :data:`WGRAD`).
 
     Names are required: a fused path is proven by the kernels it must run, and a guard without
     names would pass with the path silently replaced by eager PyTorch.
     """
     if not names:
         raise TypeError("launched() needs the names of the kernels the fused path must launch")
-    before = {n: _runtime.launch_counts[n] for n in names}
+    roles = [name if isinstance(name, tuple) else (name,) for name in names]
+    before = {n: _runtime.launch_counts[n] for role in roles for n in role}
     yield
-    missing = [n for n in names if _runtime.launch_counts[n] == before[n]]
+    missing = [role for role in roles if all(_runtime.launch_counts[n] == before[n] for n in role)]
     assert not missing, f"Triton kernels not launched: {missing}"
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import CONV_KERNELS, DTYPE_IDS, DTYPES, kernel_matrix, launched
+from _helpers import CONV_KERNELS, DGRAD, DTYPE_IDS, DTYPES, WGRAD, kernel_matrix, launched
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,9 +22,7 @@ from fusedres.testing import check_bn_relu_conv2d
 # Training: the statistics pass finalizes in its last programs, the dgrad reduces the BatchNorm
 # backward sums and the wgrad its splits in theirs (tests/test_ticket.py). Eval: the finalize
 # kernel reads the running statistics.
-ALL_KERNELS = (
-    "bn_stats_kernel", "conv_fprop_kernel", "conv_dgrad_kernel", "bn_bwd_apply_kernel", "conv_wgrad_kernel",
-)
+ALL_KERNELS = ("bn_stats_kernel", "conv_fprop_kernel", DGRAD, "bn_bwd_apply_kernel", WGRAD)
 EVAL_KERNELS = ("bn_finalize_kernel", *ALL_KERNELS[1:])
 
 

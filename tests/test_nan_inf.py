@@ -17,7 +17,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import launched, randomize_bn
+from _helpers import DGRAD, WGRAD, launched, randomize_bn
 from torch import nn
 
 import fusedres
@@ -29,8 +29,7 @@ from fusedres.reference import bn_relu_conv2d_reference
 from fusedres.testing import rel_error, set_fused, within_bound
 
 NAN, INF = float("nan"), float("inf")
-CHAIN_KERNELS = ("conv_fprop_kernel", "conv_dgrad_kernel", "conv_wgrad_kernel",
-                 "bn_bwd_apply_kernel")
+CHAIN_KERNELS = ("conv_fprop_kernel", DGRAD, WGRAD, "bn_bwd_apply_kernel")
 POSTACT_KERNELS = ("conv_fprop_kernel", "bn_add_relu_kernel", "bn_add_relu_bwd_kernel", "conv_dgrad_kernel",
                    "conv_wgrad_kernel")
 ROUTE_KERNELS = ("bn_relu_apply_kernel", "relu_bn_bwd_partials_kernel")

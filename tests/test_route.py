@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from _helpers import CONV_KERNELS, ROUTE_KERNELS, launched
+from _helpers import CONV_KERNEL_NAMES, CONV_KERNELS, ROUTE_KERNELS, launched
 from torch import nn
 
 import fusedres
@@ -51,12 +51,12 @@ CASES = {
 def test_blocks_on_the_cudnn_route_match_eager(poison, device, no_tf32, name):
     block = _randomize_bn(CASES[name]())
     cin = next(m for m in block.modules() if isinstance(m, nn.Conv2d)).in_channels
-    before = {k: launch_counts[k] for k in CONV_KERNELS}
+    before = {k: launch_counts[k] for k in CONV_KERNEL_NAMES}
     with route.force("cudnn"), launched(*ROUTE_KERNELS):
         r = check_module(block, (2, cin, 9, 7), dtype=torch.float32, device=device, steps=2)
     bad = r.failures(torch.float32)
     assert not bad, "; ".join(bad)
-    assert {k: launch_counts[k] for k in CONV_KERNELS} == before, "a Triton convolution ran on the cuDNN route"
+    assert {k: launch_counts[k] for k in CONV_KERNEL_NAMES} == before, "a Triton convolution ran on the cuDNN route"
 
 
 @pytest.mark.parametrize("stride,ksize", [(1, 3), (2, 3), (2, 1)])
@@ -222,15 +222,16 @@ def test_sm90_default_dispatch_matches_eager(poison, device, no_tf32):
 def test_sm90_training_step_launches(device):
     """One training step under the sm_90 table, counted: conv1 on the cuDNN route (its BN-ReLU
     apply pass for fprop and wgrad, the ReLU-mask + BatchNorm-backward pass after its dgrad), conv2
-    and the projection on the Triton kernels (two launches of each role instead of three)."""
+    and the projection on the Triton kernels (two fprops instead of three, and each one's input and
+    weight gradients in one merged launch)."""
     block = fusedres.PreActBasicBlock(*SM90_BLOCK).to(device)
     x = torch.randn(SM90_INPUT, device=device, requires_grad=True)
-    kernels = (*CONV_KERNELS, *ROUTE_KERNELS)
+    kernels = (*CONV_KERNEL_NAMES, *ROUTE_KERNELS)
     before = {k: launch_counts[k] for k in kernels}
     with route.table("sm_90"):
         block(x).square().sum().backward()
     assert {k: launch_counts[k] - before[k] for k in kernels} == {
-        "conv_fprop_kernel": 2, "conv_dgrad_kernel": 2, "conv_wgrad_kernel": 2,
+        "conv_fprop_kernel": 2, "conv_dgrad_kernel": 0, "conv_wgrad_kernel": 0, "conv_bwd_kernel": 2,
         "bn_relu_apply_kernel": 2, "relu_bn_bwd_partials_kernel": 1,
     }
 

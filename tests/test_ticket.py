@@ -203,3 +203,31 @@ def test_cuda_ticket_stress(dtype):
             assert torch.equal(r, v)
     torch.cuda.synchronize()
     _counters_rearmed()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the interpreter runs programs one at a time")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_merged_backward_stress(dtype):
+    """The merged backward launch (conv.conv_bwd_kernel: the dgrad's sums ticket and the wgrad's
+    split tickets racing in one grid, on adjacent counters) against the two launches, bit for bit,
+    many times over a large grid (two-level sums)."""
+    torch.manual_seed(0)
+    N, C, H, W, K = 64, 32, 32, 32, 32  # 65536 pixels: 512 dgrad tiles of 128 (two levels); equal warps
+    x = torch.randn(N, C, H, W, device="cuda", dtype=dtype).contiguous(memory_format=cl)
+    wt = (torch.randn(K, C, 3, 3, device="cuda", dtype=dtype) * 0.05).contiguous(memory_format=cl)
+    dy = torch.randn(N, K, H, W, device="cuda", dtype=dtype).contiguous(memory_format=cl)
+    vec = [torch.randn(C, device="cuda") for _ in range(4)]
+    bn = (x, vec[0], vec[1], vec[2], vec[3].abs() + 0.5)
+    dplan = conv_ops.dgrad_plan(dy, wt, tuple(x.shape), stride=1, padding=1, bn=bn, reduce_sums=True)
+    wplan = conv_ops.wgrad_plan(dy, x, wt, stride=1, padding=1, scale=vec[0])
+    plan = conv_ops.bwd_plan(dplan, wplan, x.device)
+    assert plan is not None, "the stress shape must take the merged launch"
+    dz, sums = conv_ops.conv_dgrad(dy, wt, tuple(x.shape), stride=1, padding=1, bn=bn, reduce_sums=True)
+    ref = [dz, *sums, conv_ops.conv_wgrad(dy, x, wt, stride=1, padding=1, scale=vec[0], shift=vec[1])]
+    for _ in range(200):
+        mdz, msums, mdw = conv_ops.conv_bwd(plan, dy, wt, bn=bn, add=None, x=x, weight_like=wt, scale=vec[0],
+                                            shift=vec[1])
+        for r, v in zip(ref, [mdz, *msums, mdw]):
+            assert torch.equal(r, v)
+    torch.cuda.synchronize()
+    _counters_rearmed()
