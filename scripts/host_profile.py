@@ -4,7 +4,8 @@ channels_last) on each convolution route, with Triton's launch path and with the
 wall time per training step (a synchronize at the end of N steps), the same for the eager block,
 and a cProfile of the functions with the most own time (Triton's ``JITFunction.run``, its binder,
 the driver launcher, against ours and PyTorch's). Before timing, the direct path's results are
-compared with Triton's path bit for bit.
+compared with Triton's path bit for bit. On the Triton route also the step with every
+convolution's input and weight gradients in launches of their own (``conv.merged_backward(False)``).
 
     PYTHONPATH=. python3 scripts/host_profile.py [STEPS] [OUT_FILE]
 
@@ -22,6 +23,7 @@ import time
 import torch
 
 from fusedres import PreActBottleneck, _runtime
+from fusedres.ops import conv as conv_ops
 from fusedres.ops import route
 
 
@@ -112,6 +114,13 @@ def main() -> int:
                 profiles.append(f"\n== cProfile: {backend} route, {'direct' if fast else 'Triton'} launches\n"
                                 + out.getvalue())
             _runtime.FAST_LAUNCH = False
+            if backend == "triton":  # each convolution's dgrad and wgrad in one launch, against two (NOTES log 15)
+                before = sum(_runtime.launch_counts.values())
+                with conv_ops.merged_backward(False):
+                    wall = _wall(step, steps)
+                launches = (sum(_runtime.launch_counts.values()) - before) / (steps + 5)
+                say(f"triton route, Triton launches, dgrad and wgrad never merged: {wall * 1e3:.3f} ms per step, "
+                    f"{launches:.0f} Triton launches per step")
     for p in profiles:
         say(p)
     if len(sys.argv) > 2:

@@ -170,12 +170,12 @@ def conv_dgrad_kernel(
     the last tile of each column block reduces them into ``sum/sumx``
     (:func:`fusedres.ops.bn.sums_ticket`).
     """
-    _dgrad_tile(tl.program_id(0), tl.program_id(1), tl.num_programs(0), tl.num_programs(1),
+    _dgrad_tile(tl.program_id(0), tl.program_id(1), 0, 0,
                 dy_ptr, w_ptr, dz_ptr, x_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, psum_ptr, psumx_ptr,
                 H, W, C, OH, OW, K, M, sdn, sdk, sdh, sdw, swk, swc, swr, sws, szn, szc, szh, szw,
                 sxn, sxc, sxh, sxw, san, sac, sah, saw, counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr,
                 STRIDE, PAD, R, S, BN_BWD, HAS_ADD, INPUT_PRECISION, TICKET, TWO_LEVEL, BLOCK_T,
-                BLOCK_M, BLOCK_N, BLOCK_K, None)
+                BLOCK_M, BLOCK_N, BLOCK_K, None, True)
 
 
 @triton.jit
@@ -193,10 +193,13 @@ def _dgrad_tile(
     BN_BWD: tl.constexpr, HAS_ADD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     TICKET: tl.constexpr, TWO_LEVEL: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    GRID: tl.constexpr,
 ):
     """Program (pid_m, pid_n) of :func:`conv_dgrad_kernel`'s (n_tiles, n_cols) grid (also run by
     :func:`conv_bwd_kernel` on its share of a merged grid). LOOP_STAGES: the main loop's pipeline
-    depth, None for the launch's ``num_stages``."""
+    depth, None for the launch's ``num_stages``. GRID: the launch is this role's alone, n_tiles and
+    n_cols are read from the grid where the epilogue needs them (passed in, they would hold two
+    registers through the main loop)."""
     if STRIDE == 1:
         # (the general case below with one class: the same instructions and bits as before classes)
         tile = pid_m
@@ -290,7 +293,8 @@ def _dgrad_tile(
     dgrad_epilogue(acc, n, ih.to(tl.int64), iw.to(tl.int64), offs_n, n_ok, mask, pid_m, C,
                    dz_ptr, x_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, psum_ptr, psumx_ptr,
                    szn, szc, szh, szw, sxn, sxc, sxh, sxw, san, sac, sah, saw,
-                   counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr, pid_n, n_cols, n_tiles,
+                   counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr,
+                   pid_n, tl.num_programs(1) if GRID else n_cols, tl.num_programs(0) if GRID else n_tiles,
                    BN_BWD, HAS_ADD, TICKET, TWO_LEVEL, BLOCK_T)
 
 
@@ -345,10 +349,10 @@ def conv_wgrad_kernel(
     Workspace ``ws`` is fp32, contiguous ``(splits, K, R, S, C)``; a second pass sums the splits,
     or with TICKET the last split of each tile does (into ``dw``, as :func:`wgrad_reduce_kernel`).
     """
-    _wgrad_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1), tl.num_programs(2),
+    _wgrad_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), 0, 0,
                 dy_ptr, x_ptr, scale_ptr, shift_ptr, ws_ptr, H, W, C, OH, OW, K, P, PIX_PER_SPLIT,
                 sdn, sdk, sdh, sdw, sxn, sxc, sxh, sxw, counter_ptr, dw_ptr, swk, swc, swr, sws,
-                STRIDE, PAD, R, S, PROLOGUE, INPUT_PRECISION, TICKET, BLOCK_M, BLOCK_N, BLOCK_K, None)
+                STRIDE, PAD, R, S, PROLOGUE, INPUT_PRECISION, TICKET, BLOCK_M, BLOCK_N, BLOCK_K, None, True)
 
 
 @triton.jit
@@ -362,9 +366,11 @@ def _wgrad_tile(
     STRIDE: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
     PROLOGUE: tl.constexpr, INPUT_PRECISION: tl.constexpr, TICKET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    GRID: tl.constexpr,
 ):
     """Program (pid_m, pid_n, pid_s) of :func:`conv_wgrad_kernel`'s (., n_cols, splits) grid (also run
-    by :func:`conv_bwd_kernel` on its share of a merged grid); LOOP_STAGES as :func:`_dgrad_tile`'s."""
+    by :func:`conv_bwd_kernel` on its share of a merged grid); LOOP_STAGES and GRID as
+    :func:`_dgrad_tile`'s."""
     num_cb = tl.cdiv(C, BLOCK_N)
     rs = pid_n // num_cb
     cb = pid_n - rs * num_cb
@@ -415,6 +421,9 @@ def _wgrad_tile(
     if TICKET:
         # the ordering argument of fusedres.ops.bn._last_ticket: every split's workspace tile is
         # stored before its release, and read from L2 after the last split's acquire
+        if GRID:
+            n_cols = tl.num_programs(1)
+            splits = tl.num_programs(2)
         if _last_ticket(counter_ptr + pid_m * n_cols + pid_n, splits):
             total = K * RSC
             ptrs = ws_ptr + offs_m.to(tl.int64)[:, None] * RSC + rs * C + offs_n[None, :]
@@ -467,7 +476,7 @@ def conv_bwd_kernel(
                     psumx_ptr, H, W, C, OH, OW, K, M, sdn, sdk, sdh, sdw, swk, swc, swr, sws, szn, szc, szh, szw,
                     sxn, sxc, sxh, sxw, san, sac, sah, saw, counter_ptr, csum_ptr, csumx_ptr, sum_ptr, sumx_ptr,
                     STRIDE, PAD, R, S, BN_BWD, HAS_ADD, INPUT_PRECISION, TICKET, TWO_LEVEL, BLOCK_T,
-                    BLOCK_M, BLOCK_N, BLOCK_K, D_STAGES)
+                    BLOCK_M, BLOCK_N, BLOCK_K, D_STAGES, False)
     else:
         q = pid - n_dgrad
         rest = q // W_ROWS
@@ -476,7 +485,7 @@ def conv_bwd_kernel(
                     PIX_PER_SPLIT, w_sdn, w_sdk, w_sdh, w_sdw, w_sxn, w_sxc, w_sxh, w_sxw,
                     w_counter_ptr, dw_ptr, dw_sk, dw_sc, dw_sr, dw_ss,
                     STRIDE, PAD, R, S, PROLOGUE, INPUT_PRECISION, W_TICKET, W_BLOCK_M, W_BLOCK_N, W_BLOCK_K,
-                    W_STAGES)
+                    W_STAGES, False)
 
 
 @triton.jit
