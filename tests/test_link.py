@@ -82,6 +82,24 @@ def _input() -> torch.Tensor:
     return torch.randn(2, 8, 6, 6).contiguous(memory_format=CL)
 
 
+def test_sequence_of_like_blocks_is_bitwise_unlinked():
+    """Two blocks of one shape in a PreActSequential, then a third called on its output (it takes
+    the second's partials): the first runs linked, the second not, and they share launch plans —
+    which must tell a linked last convolution from an unlinked one."""
+    blks = _blocks(3)
+    seq, after = PreActSequential(*blks[:2]), blks[2]
+    twin, twin_after = copy.deepcopy(seq), copy.deepcopy(after)
+    x = _input()
+    with torch.no_grad(), launched("conv_fprop_kernel"):
+        with _unlinked():
+            ref = twin_after(twin(x))
+        out = after(seq(x))
+    assert torch.equal(out, ref)
+    got, want = [*seq.named_buffers(), *after.named_buffers()], [*twin.buffers(), *twin_after.buffers()]
+    for (name, g), w in zip(got, want):
+        assert torch.equal(g, w), name
+
+
 def _with_link(producer: nn.Module, consumer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``producer(x)`` with its last convolution finalizing ``consumer``'s first BatchNorm, as the
     loop runs it — but the caller decides what runs next."""
