@@ -312,8 +312,9 @@ def _link(block: nn.Module, nxt: nn.Module, x: torch.Tensor) -> Link | None:
     tensors = (p.get("weight"), p.get("bias"), *((buf.get("running_mean"), buf.get("running_var"))
                                                   if bn.track_running_stats else (None, None)))
     shape, dev = (block.out_channels,), x.device
-    if any(t is not None and (t.device != dev or t.shape != shape) for t in tensors):
-        return None
+    for t in tensors:
+        if t is not None and (t.device != dev or t.shape != shape):
+            return None
     return Link(_link_stage(float(bn.eps), float(bn.momentum)), tensors)
 
 
