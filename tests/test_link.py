@@ -53,12 +53,13 @@ def _assert_equal(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) ->
 
 
 @pytest.mark.parametrize("depth,kind,reference", [(8, "basic", "two-launch"), (11, "bottleneck", "default")])
-def test_network_step_linked_is_bitwise_unlinked(depth, kind, reference):
+def test_network_step_linked_is_bitwise_unlinked(poison, depth, kind, reference):
     """preact_resnet(8) / preact_resnet(11, bottleneck), N=2, 8x8: the first BatchNorm of every
     block but the first is finalized by the block before — across stages, into the projection
-    blocks that open stages 2 and 3 — and the step's bits are those of the unlinked step, in the
-    default mode and in the two-launch reference (producer_reductions(False): no producer
-    finalizes anything, so nothing is linked either; one model each for the interpreter's time)."""
+    blocks that open stages 2 and 3 — and the linked step has the bits of the unlinked step: of the
+    default path (bottleneck) and of the two-launch reference (basic: producer_reductions(False),
+    where no producer finalizes anything, so nothing is linked either; bit for bit the default
+    path by tests/test_ticket.py). One reference each for the interpreter's time."""
     torch.manual_seed(0)
     model = randomize_bn(preact_resnet(depth, block=kind)).to(memory_format=CL)
     x = torch.randn(2, 3, 8, 8).contiguous(memory_format=CL)
@@ -93,7 +94,7 @@ def _with_link(producer: nn.Module, consumer: nn.Module, x: torch.Tensor) -> tor
         set_link(None)
 
 
-def test_finalize_made_for_another_batchnorm_is_not_taken():
+def test_finalize_made_for_another_batchnorm_is_not_taken(poison):
     """Block a finalized c's first BatchNorm and handed that off with its output; b, called on
     that output outside the loop, must compute its own statistics (c's would normalise with c's
     weight and bias, and leave b's running statistics untouched)."""
@@ -111,7 +112,7 @@ def test_finalize_made_for_another_batchnorm_is_not_taken():
         assert torch.equal(got, want), name
 
 
-def test_finalize_for_swapped_running_stats_is_not_taken():
+def test_finalize_for_swapped_running_stats_is_not_taken(poison):
     """The consumer's running statistics buffers replaced after the link was made (tensors the
     loop could not know): what the link updated is no longer the consumer's, so the consumer
     updates its new buffers itself, once. (Replacing only one of them would leave the other
@@ -138,7 +139,7 @@ def test_finalize_for_swapped_running_stats_is_not_taken():
 
 
 @pytest.mark.parametrize("where", ["module", "global"])
-def test_hook_between_blocks_is_not_linked(where):
+def test_hook_between_blocks_is_not_linked(poison, where):
     """A forward hook modifying block 0's output in place: the same result and running statistics
     as eager PyTorch (no link made, no stale statistics taken), fresh statistics of the modified
     tensor computed by block 1."""
