@@ -289,6 +289,8 @@ def _own_forward(m: nn.Module, cls: type[nn.Module]) -> bool:
 
 @functools.cache
 def _link_stage(eps: float, momentum: float) -> StageSpec:
+    """A link's stage (only its BatchNorm fields are read); cached: building the frozen dataclass
+    costs about a microsecond, per block and call."""
     return StageSpec(1, 0, eps, momentum, True)
 
 
