@@ -2,7 +2,7 @@
 
 from . import functional, models
 from ._runtime import launch_counts
-from .blocks import PreActBasicBlock, PreActBottleneck
+from .blocks import PreActBasicBlock, PreActBottleneck, PreActSequential
 from .convert import ConversionReport, convert, inspect
 from .functional import bn_relu_conv2d
 from .resnet import BasicBlock, Bottleneck
@@ -13,6 +13,7 @@ __all__ = [
     "ConversionReport",
     "PreActBasicBlock",
     "PreActBottleneck",
+    "PreActSequential",
     "bn_relu_conv2d",
     "convert",
     "functional",

@@ -9,14 +9,18 @@ PyTorch.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as module_hooks
 
 from . import _runtime
-from ._fused import BnMode, ChainSpec, bn_mode, with_bn_modes
+from ._fused import BnMode, ChainSpec, StageSpec, bn_mode, with_bn_modes
 from ._fused import autocast_dtype as _autocast_dtype
-from ._fused.batchnorm import _counter
+from ._fused.batchnorm import Link, _counter, set_link
 from .functional import (
     _check_block_convs,
     _check_block_devices,
@@ -175,6 +179,17 @@ class _PreActBlock(nn.Module):
     # only for plain nn.BatchNorm2d (no SyncBatchNorm: its process group is read per call) with a
     # float momentum (momentum=None averages with a per-call factor) and plain nn.Conv2d.
 
+    def _plannable(self) -> bool:
+        """Whether a call can take the planned path by its modules' types and momenta (where
+        :meth:`_plan_key` would not return None whatever the input)."""
+        m = self._modules
+        for bn_name, conv_name in self._stage_names:
+            bn, conv = m[bn_name], m[conv_name]
+            if type(bn) is not nn.BatchNorm2d or type(conv) is not nn.Conv2d or bn.momentum is None:
+                return False
+        proj = self._projection()
+        return proj is None or type(proj) is nn.Conv2d
+
     def _plan_key(self, x: torch.Tensor) -> tuple | None:
         """Everything a :class:`_BlockPlan` depends on, or None where no plan is used. Tensors
         enter by what the checks and the output layout read — every parameter's and buffer's
@@ -258,6 +273,133 @@ class _BlockPlan:
     def __init__(self, key: tuple, spec: ChainSpec, counts: tuple[bool, ...], running: tuple[bool, ...]) -> None:
         self.key, self.spec, self.counts, self.running = key, spec, counts, running
         self.counting = any(counts)
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks run one after another by fusedres: block k's last convolution finalizes block k+1's
+# first BatchNorm (a launch less per block; fusedres._fused.batchnorm.Link)
+
+# The hooks nn.Module.__call__ runs around a module's forward, per module and for every module,
+# forbid a link: a forward hook may change an output in place between two blocks, a backward hook
+# passes the output or the input on as another tensor object; with any of them the next block
+# might not take what the previous one finalized for it.
+
+def _hooked(m: nn.Module) -> bool:
+    """Whether ``m``'s call runs a hook of its own (read from its dict: no __getattr__)."""
+    d = m.__dict__
+    return bool(d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"])
+
+
+def _global_hooks() -> bool:
+    """Whether every module's call runs a hook (torch.nn.modules.module.register_module_*_hook)."""
+    return bool(module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
+                or module_hooks._global_backward_hooks or module_hooks._global_backward_pre_hooks)
+
+
+def _own_forward(m: nn.Module, cls: type[nn.Module]) -> bool:
+    """Whether calling ``m`` runs ``cls.forward`` (not a subclass's or an instance's replacement)."""
+    return type(m).forward is cls.forward and "forward" not in m.__dict__
+
+
+@functools.cache
+def _link_stage(eps: float, momentum: float) -> StageSpec:
+    """A link's stage (only its BatchNorm fields are read); cached: building the frozen dataclass
+    costs about a microsecond, per block and call."""
+    return StageSpec(1, 0, eps, momentum, True)
+
+
+def _link(block: nn.Module, nxt: nn.Module, x: torch.Tensor) -> Link | None:
+    """The link from ``block`` to ``nxt`` when ``nxt`` is called on ``block``'s output right after
+    it, or None. Made only where both are fused pre-activation blocks running fusedres's own
+    forward, with no module hook, and where ``nxt``'s call certainly takes the planned fused chain
+    (:meth:`_PreActBlock._plannable`: plain BatchNorms with a float momentum and plain convolutions)
+    whose first BatchNorm, in training, takes the link — its tensors on ``x``'s device and sized for
+    ``block``'s output, its ``num_batches_tracked`` counted by the producing launch, as the planned
+    call would have its own finalizing launch count it. (:func:`run_linked` checks what holds for the
+    whole loop: no autocast, no torch.compile, the Triton kernels enabled, no global hook.)"""
+    if not (_own_forward(block, _PreActBlock) and _own_forward(nxt, _PreActBlock)):
+        return None
+    if not (block.fused and nxt.fused) or nxt.in_channels != block.out_channels:
+        return None
+    if _hooked(block) or _hooked(nxt):
+        return None
+    bn = nxt._modules[nxt._stage_names[0][0]]
+    # (the planned call, which leaves the counting of its first BatchNorm's batch to the launch
+    # that finalizes it: the link's producer; the full path counts every batch itself)
+    if not bn.training or not nxt._plannable():
+        return None
+    p, buf = bn._parameters, bn._buffers
+    tensors = (p.get("weight"), p.get("bias"), *((buf.get("running_mean"), buf.get("running_var"))
+                                                  if bn.track_running_stats else (None, None)))
+    shape, dev = (block.out_channels,), x.device
+    for t in tensors:
+        if t is not None and (t.device != dev or t.shape != shape):
+            return None
+    return Link(_link_stage(float(bn.eps), float(bn.momentum)), tensors, _counter(bn))
+
+
+def run_linked(modules: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """``x`` through ``modules`` one after another (as ``nn.Sequential``), with each fused
+    pre-activation block that is followed by another linked to it (:func:`_link`): in training
+    its last convolution finalizes the next block's first BatchNorm — batch statistics and running
+    statistics update — and hands that off instead of its output's statistics partials.
+
+    Never wasted or doubled: the next block is called on that very output right after, with no
+    hook anywhere that could modify or replace it, so its chain finds the hand-off (the same
+    tensor, unchanged version, this thread) and takes it (:meth:`Link.made`: the tensors it was
+    made for are its own) instead of finalizing again; the results are the bits of the unlinked
+    path (the producer's last program runs :func:`fusedres.ops.bn.bn_finalize`'s helpers in its
+    order). Where block k+1's chain does not take it — the producing block ran no fused chain, or
+    a Finalize made for another BatchNorm — nothing was finalized, or not for it, and it computes
+    its own statistics as unlinked. The edge that remains: block k+1 raising after block k updated
+    its running statistics (a check the loop does not repeat: its convolutions' weights and
+    geometry, a BatchNorm parameter's dtype) leaves them updated once, as eager PyTorch's BatchNorm
+    would have before its convolution raised; and another thread swapping block k+1's BatchNorm
+    tensors meanwhile."""
+    n = len(modules)
+    if n < 2 or not _links_allowed(x):
+        for m in modules:
+            x = m(x)
+        return x
+    for k in range(n - 1):
+        m = modules[k]
+        link = _link(m, modules[k + 1], x)
+        if link is None:
+            x = m(x)
+            continue
+        set_link(x, link)
+        try:
+            x = m(x)
+        finally:
+            set_link(None)
+    return modules[n - 1](x)
+
+
+def _links_allowed(x: torch.Tensor) -> bool:
+    """What :func:`_link` needs of the whole loop: no global hook, the blocks' fused chains run
+    eagerly (not under torch.compile or autocast, Triton enabled for ``x``'s device)."""
+    return (isinstance(x, torch.Tensor) and not _global_hooks() and not torch.compiler.is_compiling()
+            and _runtime.triton_enabled(x.device) and _autocast_dtype(x.device) is None)
+
+
+def run_stages(stages: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """``x`` through ``stages`` one after another; where each is a :class:`PreActSequential`
+    whose call runs no hook, all their blocks in one :func:`run_linked` loop, so that each stage's
+    last block also finalizes the next stage's first BatchNorm."""
+    if not _global_hooks() and all(_own_forward(s, PreActSequential) and not _hooked(s) for s in stages):
+        return run_linked([block for s in stages for block in s._modules.values()], x)
+    for s in stages:
+        x = s(x)
+    return x
+
+
+class PreActSequential(nn.Sequential):
+    """``nn.Sequential`` of pre-activation blocks (any modules): the same ``state_dict`` and call,
+    and in training each fused block's last convolution also finalizes the next block's first
+    BatchNorm (:func:`run_linked`: a launch less per block, the same results)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_linked(list(self._modules.values()), x)
 
 
 class PreActBasicBlock(_PreActBlock):

@@ -12,7 +12,7 @@ from torch import nn
 
 from . import _runtime
 from ._fused import autocast_dtype, with_bn_modes
-from .blocks import PreActBasicBlock, PreActBottleneck
+from .blocks import PreActBasicBlock, PreActBottleneck, PreActSequential, run_stages
 from .functional import bn_relu_avgpool
 
 _Block = type[PreActBasicBlock] | type[PreActBottleneck]
@@ -61,14 +61,13 @@ class PreActResNet(nn.Module):
                 stride = 2 if (i > 0 and j == 0) else 1
                 blocks.append(block(channels, width, stride, fused=fused))
                 channels = width * block.expansion
-            self.layers.append(nn.Sequential(*blocks))
+            self.layers.append(PreActSequential(*blocks))
         self.bn = nn.BatchNorm2d(channels)
         self.linear = nn.Linear(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.maxpool(self.conv1(x))
-        for layer in self.layers:
-            h = layer(h)
+        h = run_stages(list(self.layers), h)  # (the head's BatchNorm is not linked: it counts its batch itself)
         amp = autocast_dtype(h.device)
         fused = self.fused and _runtime.triton_enabled(h.device) and (amp is None or h.dtype == amp)
         pooled = None

@@ -5,7 +5,11 @@ without the ops that only allocate or view). Exact numbers, so that a launch tha
 bottleneck <= 12).
 
 The block's input is the output of a previous fused block (its statistics are handed off), as
-inside a network; gradients start at None (no accumulation kernels)."""
+inside a network; gradients start at None (no accumulation kernels). Called on its own, the
+block finalizes its first BatchNorm in a launch of its own (``bn_finalize_kernel``: the previous
+block did not know that BatchNorm); run after the previous block by fusedres's linking loop
+(``PreActSequential``, the stages of ``PreActResNet``), it launches no ``bn_finalize_kernel``: the
+previous block's last convolution finalized it (the "linked" cases)."""
 
 from __future__ import annotations
 
@@ -67,18 +71,42 @@ def _step(make_first, make_block) -> tuple[dict[str, int], dict[str, int]]:
     first, block = make_first().to(memory_format=cl), make_block().to(memory_format=cl)
     params = list(block.parameters())
     x = torch.randn(2, 8, 6, 6).contiguous(memory_format=cl)
+    dy = None
     for _ in range(2):
         with torch.no_grad():
-            dy = torch.randn(block(first(x)).shape).contiguous(memory_format=cl)
             h = first(x)  # hands its output statistics to ``block``
         h.requires_grad_(True)
         for p in params:
             p.grad = None
+        if dy is None:  # the first step
+            out = block(h)
+            dy = torch.randn(out.shape).contiguous(memory_format=cl)
+            out.backward(dy)
+            continue
         before = dict(fusedres.launch_counts)
         log = _AtenLog()
         with log.launches_unlogged(), log:
             block(h).backward(dy)
-    return {k: n - before.get(k, 0) for k, n in fusedres.launch_counts.items() if n != before.get(k, 0)}, log.ops
+    return _since(before), log.ops
+
+
+def _since(before: dict[str, int]) -> dict[str, int]:
+    return {k: n - before.get(k, 0) for k, n in fusedres.launch_counts.items() if n != before.get(k, 0)}
+
+
+def _linked_step(make_first, make_block) -> tuple[dict[str, int], dict[str, int]]:
+    """(Triton launches, ATen ops) of one training step of ``PreActSequential(make_first(),
+    make_block())``: the second block's input comes from the first through the linking loop."""
+    cl = torch.channels_last
+    torch.manual_seed(0)
+    seq = fusedres.PreActSequential(make_first(), make_block()).to(memory_format=cl)
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=cl).requires_grad_(True)
+    dy = torch.randn(seq(x).shape).contiguous(memory_format=cl)
+    before = dict(fusedres.launch_counts)
+    log = _AtenLog()
+    with log.launches_unlogged(), log:
+        seq(x).backward(dy)
+    return _since(before), log.ops
 
 
 def _basic():
@@ -118,6 +146,29 @@ def test_separate_backward_launches_are_still_there():
         triton_launches, _ = _step(_basic, _basic)
     assert triton_launches == {"bn_finalize_kernel": 1, "conv_fprop_kernel": 2, "conv_wgrad_kernel": 2,
                                "conv_dgrad_kernel": 2, "bn_bwd_apply_kernel": 2}
+
+
+# The step of the two blocks run by the linking loop, from a fresh input: the first block's input
+# statistics are finalized by its statistics pass, every other BatchNorm's by the launch that
+# produces its input — the second block's first one by the first block's last convolution.
+# Not one bn_finalize: the second block's part is its unlinked count above less its finalize.
+LINKED = {
+    "basic": {"bn_stats_kernel": 1, "conv_fprop_kernel": 2 + 2, "conv_bwd_kernel": 2 + 2,
+              "bn_bwd_apply_kernel": 2 + 2},
+    "bottleneck": {"bn_stats_kernel": 1, "conv_fprop_kernel": 3 + 3, "conv_bwd_kernel": 3 + 3,
+                   "bn_bwd_apply_kernel": 3 + 3},
+    "projection_bottleneck": {"bn_stats_kernel": 1, "conv_fprop_kernel": 3 + 4, "conv_bwd_kernel": 3 + 4,
+                              "bn_bwd_apply_kernel": 3 + 3},
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_linked_block_step_launches(name):
+    make_first, make_block, _ = CASES[name]
+    triton_launches, aten = _linked_step(make_first, make_block)
+    assert triton_launches == LINKED[name]
+    # (the linked BatchNorm's batch counted by the producing launch too: no ATen kernel)
+    assert {k: n for k, n in aten.items() if k != "ones_like"} == {}, aten
 
 
 def test_two_launch_path_is_still_there():

@@ -5,6 +5,7 @@ an ``nn.BatchNorm2d`` would do this call, run around a fused computation by :fun
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeVar
@@ -153,30 +154,86 @@ def running_pairs(running_out: list[torch.Tensor] | None) -> Callable[[bool], tu
 # --------------------------------------------------------------------------------------------
 # Statistics handed from a fused block's output to the next fused BatchNorm
 
-# (weak reference to the output, its version counter, its statistics partials): the last
-# training-mode fused block of the eager path computed the tile statistics of its output in its
-# last convolution's epilogue, so that the BatchNorm that opens the next block (or the head) does
-# not read the whole tensor again. One slot: networks run their blocks in sequence.
-_HANDOFF: list[tuple[weakref.ref, int, tuple[torch.Tensor, torch.Tensor, int]]] = []
+class Link(NamedTuple):
+    """The BatchNorm that opens the block a fusedres loop calls next on this block's output (see
+    :func:`fusedres.blocks.run_linked`): the block's last convolution finalizes it
+    (:func:`producer_finalize` with these) and hands the :class:`fusedres.ops.bn.Finalize` off
+    instead of its output's partials, so that the next block launches no finalize of its own."""
+
+    stage: StageSpec  # eps, momentum (a float), batch_stats True, no process group
+    bn: tuple[torch.Tensor | None, ...]  # (weight, bias, running_mean, running_var)
+    # its num_batches_tracked where the next block's planned call would have the finalizing launch
+    # count it (fusedres.blocks._BlockPlan.counts), else None
+    batches: torch.Tensor | None = None
+
+    def key(self) -> tuple[bool, ...]:
+        """Which of the tensors are given (what the finalizing launch's constexprs depend on)."""
+        return tuple(v is None for v in self.bn)
+
+    def made(self, fin: bn_ops.Finalize) -> bool:
+        """Whether ``fin`` finalizes this BatchNorm: the same tensors (identity), eps and momentum,
+        its running statistics updated in place, its batch counted in the same counter (or in
+        none). A Finalize made for another BatchNorm — or for this one's tensors before one was
+        swapped — is never taken for it."""
+        g, b, rm, rv = self.bn
+        st = self.stage
+        return (fin.weight is g and fin.bias is b and fin.running_mean is rm and fin.running_var is rv
+                and fin.batches is self.batches and fin.running_out is None and fin.eps == st.eps
+                and fin.momentum == st.momentum and st.batch_stats and st.group is None)
 
 
-def hand_off(out: torch.Tensor, partials: tuple[torch.Tensor, torch.Tensor, int]) -> None:
-    _HANDOFF[:] = [(weakref.ref(out), out._version, partials)]
+class _Slots(threading.local):
+    """Per thread (two threads running networks at once — nn.DataParallel's replicas — must not
+    take each other's): ``handoff``, (weak reference to a fused block's output, its version
+    counter, its statistics partials or the Finalize of the next block's first BatchNorm); ``link``,
+    (a block's input, the :class:`Link` of the block called next on its output), set by
+    :func:`fusedres.blocks.run_linked` around the block's call. One slot each: blocks run one
+    after another."""
+
+    handoff: tuple[weakref.ref, int, tuple[torch.Tensor, torch.Tensor, int] | bn_ops.Finalize] | None = None
+    link: tuple[torch.Tensor, Link] | None = None
+
+
+_SLOTS = _Slots()
+
+
+def hand_off(out: torch.Tensor, partials: tuple[torch.Tensor, torch.Tensor, int] | bn_ops.Finalize) -> None:
+    """The last training-mode fused block of the eager path computed the tile statistics of its
+    output ``out`` in its last convolution's epilogue (and, linked, finalized the next block's
+    first BatchNorm with them): the BatchNorm that opens the next block (or the head) takes them
+    instead of reading the whole tensor again."""
+    _SLOTS.handoff = (weakref.ref(out), out._version, partials)
+
+
+def set_link(x: torch.Tensor | None, link: Link | None = None) -> None:
+    """Announce (``x``, ``link``) to the chain about to run on ``x``; ``set_link(None)`` clears it."""
+    _SLOTS.link = None if x is None else (x, link)
+
+
+def take_link(x: torch.Tensor) -> Link | None:
+    """The link announced for a chain whose input is ``x`` (taken: once), else None."""
+    slot = _SLOTS.link
+    if slot is None or slot[0] is not x:
+        return None
+    _SLOTS.link = None
+    return slot[1]
 
 
 def input_stats(
-    x: torch.Tensor, make_fin: Callable[[], bn_ops.Finalize | None] | None = None,
+    x: torch.Tensor, make_fin: Callable[[], bn_ops.Finalize | None] | None = None, consumer: Link | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int] | bn_ops.Finalize:
     """Tile statistics partials of ``x``: those handed off with it when ``x`` is, unmodified, the
-    output of the previous fused block; else from a statistics pass over ``x``, which carries out
-    ``make_fin()`` when given (see :func:`producer_finalize`; called only then, so that a hand-off
-    allocates no stats buffer that nothing fills)."""
-    try:
-        ref, version, partials = _HANDOFF.pop()  # (another thread may have emptied the slot)
-    except IndexError:
-        ref = None
-    if ref is not None and ref() is x and x._version == version:
-        return partials
+    output of the previous fused block — or the Finalize that block's last convolution carried out
+    for ``consumer`` (the BatchNorm asking, when its running statistics are updated in place), when
+    :meth:`Link.made` says it was made for it; else from a statistics pass over ``x``, which carries
+    out ``make_fin()`` when given (see :func:`producer_finalize`; called only then, so that a
+    hand-off allocates no stats buffer that nothing fills)."""
+    handed, _SLOTS.handoff = _SLOTS.handoff, None
+    if handed is not None:
+        ref, version, partials = handed
+        if ref() is x and x._version == version and (
+                not isinstance(partials, bn_ops.Finalize) or (consumer is not None and consumer.made(partials))):
+            return partials
     return bn_ops.bn_stats(x, finalize=make_fin() if make_fin is not None else None)
 
 

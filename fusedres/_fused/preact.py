@@ -13,7 +13,16 @@ import torch
 from ..ops import bn as bn_ops
 from ..ops import conv as conv_ops
 from ..ops import route
-from .batchnorm import bwd_sums, finalize, hand_off, input_stats, producer_finalize, running_pairs
+from .batchnorm import (
+    Link,
+    bwd_sums,
+    finalize,
+    hand_off,
+    input_stats,
+    producer_finalize,
+    running_pairs,
+    take_link,
+)
 from .dispatch import Impl
 from .memory import cl_empty, kernel_weight, stats_empty
 from .specs import (
@@ -172,15 +181,20 @@ class Chain(Impl):
         # each stage's num_batches_tracked goes with its statistics to the launch that finalizes them
         counts = batches if batches is not None else (None,) * n_stages
         take = running_pairs(running_out)
-        memo = _launches(("chain forward", spec, x.shape, x.stride(), x.dtype, x.device,
-                          None if residual is None else residual.stride(), running_out is None, bn_ops.TICKETS,
-                          conv_ops.tf32_enabled(), route.state(), *_weights_layout(t, n_stages)))
-        h = x
-        inner: list[torch.Tensor] = []
-        all_stats: list[torch.Tensor] = []
         # The eager path (no running_out: not a custom op under torch.compile) of a training block
         # computes its output's statistics for the next block (see batchnorm.input_stats).
         passes_stats = running_out is None and spec.stages[0].batch_stats and spec.out_channels_last
+        # Called by fusedres.blocks.run_linked with the next block's first BatchNorm: the last
+        # convolution finalizes it and the Finalize is handed off instead of the partials (the
+        # last launch's plan depends on which of its tensors are given: part of the memo key).
+        link = take_link(x) if passes_stats else None
+        memo = _launches(("chain forward", spec, x.shape, x.stride(), x.dtype, x.device,
+                          None if residual is None else residual.stride(), running_out is None, bn_ops.TICKETS,
+                          conv_ops.tf32_enabled(), route.state(), None if link is None else link.key(),
+                          *_weights_layout(t, n_stages)))
+        h = x
+        inner: list[torch.Tensor] = []
+        all_stats: list[torch.Tensor] = []
 
         def producer_fin(i: int, channels: int):
             """Stage i's running-statistics destination, and what the launch producing its
@@ -191,7 +205,11 @@ class Chain(Impl):
             return run, (lambda: producer_finalize(channels, x, st, (g, b, rm, rv), run, counts[i]))
 
         run, make_fin = producer_fin(0, x.shape[1])
-        partials = input_stats(x, make_fin) if spec.stages[0].batch_stats else None
+        partials = None
+        if spec.stages[0].batch_stats:
+            # a Finalize handed off is taken only if made for this BatchNorm, updating in place
+            me = Link(spec.stages[0], ChainInputs.stage(t, 0)[1:], counts[0]) if run is None else None
+            partials = input_stats(x, make_fin, me)
         shortcut = None
         for i, st in enumerate(spec.stages):
             w, g, b, rm, rv = ChainInputs.stage(t, i)
@@ -211,12 +229,15 @@ class Chain(Impl):
                 inner.append(h)
             last = i == n_stages - 1
             next_batch_stats = passes_stats if last else spec.stages[i + 1].batch_stats
-            # the block's output statistics go to the next block as partials (its BatchNorm is not
-            # known here); an inner stage's are finalized by the convolution that produces them
+            # an inner stage's statistics are finalized by the convolution that produces them; the
+            # block's output statistics go to the next block as partials (its BatchNorm is not
+            # known here), or finalized for it when linked
             fin = None
             if not last:
                 run, make_fin = producer_fin(i + 1, w.shape[0])
                 fin = make_fin()
+            elif link is not None:
+                fin = producer_finalize(w.shape[0], x, link.stage, link.bn, None, link.batches)
             h, partials = _fprop(
                 memo, i, h, kernel_weight(w), stride=st.stride, padding=st.padding, scale=scale, shift=shift,
                 residual=shortcut if last else None, stats=next_batch_stats, finalize=fin,
