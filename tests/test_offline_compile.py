@@ -161,6 +161,11 @@ def test_every_kernel_compiles_within_shared_memory(tmp_path: Path) -> None:
     spilled = [(r["tile"], r["spill_stores"], r["spill_loads"])
                for r in wgrad_rows if r["spill_stores"] or r["spill_loads"]]
     assert not spilled, f"Hopper wgrad builds that spill: {spilled}"
+    # The merged backward (fusedres.ops.conv.conv_bwd_kernel) of each BWD_SHAPES pair that merges,
+    # on sm_90 in the lean dtypes: both tickets in its PTX (checked for order below), no spill.
+    bwd_rows = [r for r in rows if r["role"] == "bwd" and r["arch"] == "sm_90"]
+    assert {r["dtype"] for r in bwd_rows} == {"bfloat16", "float32"}, "merged backward builds missing"
+    assert all(r["ticket"] and r["ticket"]["acq_rel"] >= 2 for r in bwd_rows), "a merged backward without both tickets"
     for arch in ARCHS:
         kernels = {r["role"] for r in rows if r["arch"] == arch}
         assert PER_CHANNEL_KERNELS <= kernels, f"{arch}: missing {PER_CHANNEL_KERNELS - kernels}"
