@@ -548,15 +548,9 @@ def _wgrad_act(x_desc, sc, sh, n, ih0, iw0, c0, rows, H, W, dtype: tl.constexpr,
     BLOCK_P: tl.constexpr = BLOCK_H * BLOCK_W
     if PAIRS:
         u = x_desc.load([n, ih0, iw0, c0 // 2]).reshape(BLOCK_P, BLOCK_N // 2)
-        u = u.to(tl.uint32, bitcast=True)
-        if dtype == tl.bfloat16:
-            lo = (u << 16).to(tl.float32, bitcast=True)
-            hi = (u & 0xFFFF0000).to(tl.float32, bitcast=True)
-        else:
-            lo = u.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-            hi = (u >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        sc_lo, sc_hi = tl.split(sc.reshape(BLOCK_N // 2, 2))
-        sh_lo, sh_hi = tl.split(sh.reshape(BLOCK_N // 2, 2))
+        lo, hi = _unpack_pairs(u.to(tl.uint32, bitcast=True), dtype)
+        sc_lo, sc_hi = _split_pairs(sc)
+        sh_lo, sh_hi = _split_pairs(sh)
         y = tl.join(lo * sc_lo[None, :] + sh_lo[None, :], hi * sc_hi[None, :] + sh_hi[None, :])
         y = y.reshape(BLOCK_P, BLOCK_N)
     else:
