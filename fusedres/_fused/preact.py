@@ -54,10 +54,17 @@ def _launches(key: tuple) -> dict:
     return bn_ops.plan_for(key, dict)
 
 
-def _fprop(memo: dict, site: object, x: torch.Tensor, weight: torch.Tensor, **kw: Any) -> Any:
+def _site_plan(memo: dict, site: object, plan_of: Any, *args: Any, **kw: Any) -> Any:
+    """The memo's entry for ``site``: ``plan_of(*args, **kw)`` the first time (a pointer launcher's
+    plan, or False where the site is routed per call)."""
     plan = memo.get(site)
     if plan is None:
-        plan = memo[site] = route.fprop_plan(x, weight, **kw) or False
+        plan = memo[site] = plan_of(*args, **kw) or False
+    return plan
+
+
+def _fprop(memo: dict, site: object, x: torch.Tensor, weight: torch.Tensor, **kw: Any) -> Any:
+    plan = _site_plan(memo, site, route.fprop_plan, x, weight, **kw)
     if plan is False:
         return route.conv_fprop(x, weight, **kw)
     return conv_ops.conv_fprop(x, weight, plan=plan, **kw)
@@ -65,9 +72,7 @@ def _fprop(memo: dict, site: object, x: torch.Tensor, weight: torch.Tensor, **kw
 
 def _dgrad(memo: dict, site: object, dy: torch.Tensor, weight: torch.Tensor, input_shape: tuple,
            **kw: Any) -> Any:
-    plan = memo.get(site)
-    if plan is None:
-        plan = memo[site] = route.dgrad_plan(dy, weight, input_shape, **kw) or False
+    plan = _site_plan(memo, site, route.dgrad_plan, dy, weight, input_shape, **kw)
     if plan is False:
         return route.conv_dgrad(dy, weight, input_shape, **kw)
     return conv_ops.conv_dgrad(dy, weight, input_shape, plan=plan, **kw)
@@ -75,9 +80,7 @@ def _dgrad(memo: dict, site: object, dy: torch.Tensor, weight: torch.Tensor, inp
 
 def _wgrad(memo: dict, site: object, dy: torch.Tensor, x: torch.Tensor, weight_like: torch.Tensor,
            **kw: Any) -> Any:
-    plan = memo.get(site)
-    if plan is None:
-        plan = memo[site] = route.wgrad_plan(dy, x, weight_like, **kw) or False
+    plan = _site_plan(memo, site, route.wgrad_plan, dy, x, weight_like, **kw)
     if plan is False:
         return route.conv_wgrad(dy, x, weight_like, **kw)
     return conv_ops.conv_wgrad(dy, x, weight_like, plan=plan, **kw)
@@ -90,12 +93,8 @@ def _pair(memo: dict, site: object, d_site: object, w_site: object, dy: torch.Te
     plans can share it (:func:`fusedres.ops.conv.bwd_plan`), else in two."""
     plan = memo.get(site)
     if plan is None:
-        dplan = memo.get(d_site)
-        if dplan is None:
-            dplan = memo[d_site] = route.dgrad_plan(dy, weight_k, input_shape, **dkw) or False
-        wplan = memo.get(w_site)
-        if wplan is None:
-            wplan = memo[w_site] = route.wgrad_plan(dy, x, weight_like, **wkw) or False
+        dplan = _site_plan(memo, d_site, route.dgrad_plan, dy, weight_k, input_shape, **dkw)
+        wplan = _site_plan(memo, w_site, route.wgrad_plan, dy, x, weight_like, **wkw)
         plan = memo[site] = (dplan and wplan and conv_ops.bwd_plan(dplan, wplan, dy.device)) or False
     if plan is False:
         dw = _wgrad(memo, w_site, dy, x, weight_like, **wkw)
