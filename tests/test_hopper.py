@@ -67,6 +67,17 @@ def _reference(x, w, scale, shift, res, oshift, stride, pad, prologue, residual,
     return y
 
 
+def _assert_epilogue_stats(out: torch.Tensor, partials, k: int) -> None:  # noqa: ANN001
+    """The epilogue's statistics partials, finalized, against the output's mean and variance in float64."""
+    mean, invstd, _, _ = bn_ops.bn_finalize(
+        partials, out.numel() // k, None, None, None, None,
+        training=True, momentum=0.1, eps=0.0, channels=k, device=out.device,
+    )
+    o64 = out.double().cpu()
+    assert_close64(mean, o64.mean((0, 2, 3)), 1e-5, "epilogue mean")
+    assert_close64(invstd.double().pow(-2), o64.var((0, 2, 3), unbiased=False), 1e-5, "epilogue var")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("ksize,stride,pad", GEOMETRIES, ids=GEOMETRY_IDS)
 @pytest.mark.parametrize("prologue", [False, True], ids=["noprologue", "bn-relu"])
@@ -116,13 +127,7 @@ def test_fprop_narrow_cout_epilogue(poison, device, dtype, ksize, pad, k):
     eager = _reference(x64.to(dtype), w64.to(dtype), scale, shift, res64.to(dtype), oshift, 1, pad, True, True,
                        True, dtype)
     assert_matches(out, ref, eager, dtype, "hopper fprop output")
-    mean, invstd, _, _ = bn_ops.bn_finalize(
-        partials, out.numel() // k, None, None, None, None,
-        training=True, momentum=0.1, eps=0.0, channels=k, device=out.device,
-    )
-    o64 = out.double().cpu()
-    assert_close64(mean, o64.mean((0, 2, 3)), 1e-5, "epilogue mean")
-    assert_close64(invstd.double().pow(-2), o64.var((0, 2, 3), unbiased=False), 1e-5, "epilogue var")
+    _assert_epilogue_stats(out, partials, k)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -198,13 +203,7 @@ def test_fprop_one_k_step_1x1_rectangle(poison, device, dtype):
     eager = _reference(x64.to(dtype), w64.to(dtype), scale, shift, res64.to(dtype), oshift, 1, 0, True, True, True,
                        dtype)
     assert_matches(out, ref, eager, dtype, "hopper fprop output (one-K-step 1x1 rectangle)")
-    mean, invstd, _, _ = bn_ops.bn_finalize(
-        partials, out.numel() // k, None, None, None, None,
-        training=True, momentum=0.1, eps=0.0, channels=k, device=out.device,
-    )
-    o64 = out.double().cpu()
-    assert_close64(mean, o64.mean((0, 2, 3)), 1e-5, "epilogue mean")
-    assert_close64(invstd.double().pow(-2), o64.var((0, 2, 3), unbiased=False), 1e-5, "epilogue var")
+    _assert_epilogue_stats(out, partials, k)
 
 def test_register_cap_reaches_the_launch(device, monkeypatch):
     """A tile's ``max_regs`` is passed to Triton as ``maxnreg`` (what keeps the 256- and 128-channel
