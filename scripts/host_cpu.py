@@ -20,6 +20,14 @@ is not counted (what sharing still costs — caches — the interleaving evens o
 keeps one worker process per checkout and alternates N more measurements between them, then
 prints the median of the per-pair ratios (this/other): on a loaded machine the best-of-5 figures
 of two runs can disagree by more than the effect, the median ratio of many adjacent pairs less so.
+
+``--network N`` times the block as a network runs it instead: N copies in a ``PreActSequential``
+(linked: each block's last convolution finalizes the next block's first BatchNorm, so no block but
+the first runs a statistics launch of its own), the step of the whole divided by N. ``--floor``
+adds the same measurement with the fused chain's own work taken out: its forward only allocates
+what it returns and saves (``Chain.fake_forward``), its backward only the gradients — what is left
+is the block's module call, the autograd Function with its inputs and saved tensors, autograd's
+backward and the allocations, the floor any Python implementation of this structure pays.
 """
 
 from __future__ import annotations
@@ -70,8 +78,62 @@ def _models(kind: str) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
     return first.to(memory_format=cl), block.to(memory_format=cl), x
 
 
-def measure(kind: str, steps: int) -> dict[str, float]:
-    """µs per training step and per forward of ``block``, one repeat."""
+@contextlib.contextmanager
+def floor() -> Iterator[None]:
+    """The fused chain's forward and backward reduced to their allocations (see the module doc)."""
+    from fusedres._fused import preact
+
+    def forward(spec, t, running_out, batches=None):  # noqa: ANN001, ANN202 - Chain.forward's signature
+        return preact.Chain.fake_forward(spec, t)
+
+    def backward(spec, t, saved, dout, needs):  # noqa: ANN001, ANN202 - Chain.backward's signature
+        return [torch.empty_like(v) if need and v is not None else None for v, need in zip(t, needs)]
+
+    with mock.patch.object(preact.Chain, "forward", staticmethod(forward)), \
+            mock.patch.object(preact.Chain, "backward", staticmethod(backward)):
+        yield
+
+
+def _timed(fns: dict, steps: int) -> dict[str, float]:
+    out = {}
+    for name, fn in fns.items():
+        for _ in range(5):
+            fn()
+        t0 = time.thread_time()
+        for _ in range(steps):
+            fn()
+        out[name] = (time.thread_time() - t0) / steps * 1e6
+    return out
+
+
+def measure(kind: str, steps: int, network: int = 0, bare: bool = False) -> dict[str, float]:
+    """µs per training step and per forward of ``block``, one repeat (``network``: per block of a
+    linked ``PreActSequential`` of that many; ``bare``: under :func:`floor`)."""
+    with floor() if bare else contextlib.nullcontext():
+        return _measure_network(kind, steps, network) if network else _measure_block(kind, steps)
+
+
+def _measure_network(kind: str, steps: int, n: int) -> dict[str, float]:
+    import fusedres
+
+    first, _, x = _models(kind)
+    net = fusedres.PreActSequential(first, *[_models(kind)[1] for _ in range(n - 1)])
+    params = list(net.parameters())
+    x.requires_grad_(True)
+    with stubbed():
+        dy = torch.randn_like(net(x))
+
+        def step() -> None:
+            for p in params:
+                p.grad = None
+            x.grad = None
+            net(x).backward(dy)
+
+        out = _timed({"step": step, "forward": lambda: net(x)}, steps)
+    return {k: v / n for k, v in out.items()}
+
+
+def _measure_block(kind: str, steps: int) -> dict[str, float]:
     first, block, x = _models(kind)
     params = list(block.parameters())
     with stubbed():
@@ -97,34 +159,29 @@ def measure(kind: str, steps: int) -> dict[str, float]:
             with torch.no_grad():
                 first(x)
 
-        out = {}
-        for name, fn in (("step", step), ("forward", forward), ("previous block", first_only)):
-            for _ in range(5):
-                fn()
-            t0 = time.thread_time()
-            for _ in range(steps):
-                fn()
-            out[name] = (time.thread_time() - t0) / steps * 1e6
+        out = _timed({"step": step, "forward": forward, "previous block": first_only}, steps)
     # the previous block's no-grad forward is part of every timed call: take it out
     return {"step": out["step"] - out["previous block"], "forward": out["forward"] - out["previous block"]}
 
 
-def _child(checkout: str, kind: str, steps: int) -> dict[str, float]:
+def _child(checkout: str, kind: str, steps: int, extra: str = "") -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=checkout)
     env.pop("TRITON_INTERPRET", None)
     code = f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import host_cpu; " \
-           f"print(json.dumps(host_cpu.measure({kind!r}, {steps})))"
+           f"print(json.dumps(host_cpu.measure({kind!r}, {steps}{extra})))"
     done = subprocess.run([sys.executable, "-c", code], cwd=checkout, env=env, capture_output=True, text=True,
                           check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _pairs(checkouts: list[str], kind: str, steps: int, pairs: int) -> list[tuple[dict, dict]]:
-    """``pairs`` measurements alternated between one long-lived worker per checkout."""
-    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import host_cpu\n"
-            f"for line in sys.stdin:\n    print(json.dumps(host_cpu.measure({kind!r}, {steps})), flush=True)\n")
+def _pairs(checkouts: list[tuple[str, str]], kind: str, steps: int, pairs: int) -> list[tuple[dict, dict]]:
+    """``pairs`` measurements alternated between one long-lived worker per (checkout, extra
+    arguments of :func:`measure`)."""
     workers = []
-    for checkout in checkouts:
+    for checkout, extra in checkouts:
+        code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import host_cpu\n"
+                f"for line in sys.stdin:\n    print(json.dumps(host_cpu.measure({kind!r}, {steps}{extra})), "
+                f"flush=True)\n")
         env = dict(os.environ, PYTHONPATH=checkout)
         env.pop("TRITON_INTERPRET", None)
         workers.append(subprocess.Popen([sys.executable, "-c", code], cwd=checkout, env=env, text=True,
@@ -151,25 +208,40 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--against", metavar="CHECKOUT", help="another checkout, measured interleaved")
     parser.add_argument("--pairs", type=int, default=0,
-                        help="with --against: then this many pairs from one worker per checkout, per-pair ratios")
+                        help="with --against (or --floor): then this many pairs from one worker per checkout "
+                             "(this and its floor), per-pair ratios")
+    parser.add_argument("--network", type=int, default=0, metavar="N",
+                        help="per block of a linked PreActSequential of N blocks (needs PreActSequential)")
+    parser.add_argument("--floor", action="store_true", help="also the floor: the chain's own work taken out")
     args = parser.parse_args()
+    extra = f", network={args.network}" if args.network else ""
+    what = f"{args.block}" + (f" in a network of {args.network}" if args.network else "")
     here = str(Path(__file__).resolve().parents[1])
     runs: dict[str, list[dict[str, float]]] = {"this": [], "other": []}
+    if args.floor:
+        runs["floor"] = []
     for _ in range(args.repeats):
-        runs["this"].append(_child(here, args.block, args.steps))
+        runs["this"].append(_child(here, args.block, args.steps, extra))
         if args.against:
-            runs["other"].append(_child(args.against, args.block, args.steps))
+            runs["other"].append(_child(args.against, args.block, args.steps, extra))
+        if args.floor:
+            runs["floor"].append(_child(here, args.block, args.steps, extra + ", bare=True"))
     for label, rows in runs.items():
         if rows:
             best = {k: min(r[k] for r in rows) for k in rows[0]}
-            where = here if label == "this" else args.against
-            print(f"{where}: {args.block} training step {best['step']:.0f} µs, forward {best['forward']:.0f} µs "
+            where = {"this": here, "other": args.against, "floor": f"{here} (floor)"}[label]
+            print(f"{where}: {what} training step {best['step']:.0f} µs, forward {best['forward']:.0f} µs "
                   f"(best of {len(rows)} x {args.steps})")
-    if args.against and args.pairs:
-        rows = _pairs([here, args.against], args.block, args.steps, args.pairs)
+    if args.pairs and (args.against or args.floor):
+        other, label = (args.against, extra), "this/other"
+        if not args.against:
+            other, label = (here, extra + ", bare=True"), "floor/this"
+        rows = _pairs([(here, extra), other], args.block, args.steps, args.pairs)
+        if not args.against:
+            rows = [(b, a) for a, b in rows]
         for k in ("step", "forward"):
             ratios = sorted(a[k] / b[k] for a, b in rows)
-            print(f"{args.block} {k}, {len(rows)} pairs: this/other median {statistics.median(ratios):.2f} "
+            print(f"{what} {k}, {len(rows)} pairs: {label} median {statistics.median(ratios):.2f} "
                   f"(range {ratios[0]:.2f}-{ratios[-1]:.2f}); medians {statistics.median(a[k] for a, _ in rows):.0f} "
                   f"vs {statistics.median(b[k] for _, b in rows):.0f} µs")
 
