@@ -8,6 +8,8 @@ the kernels don't run on) is timm's own ``forward`` on those submodules.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -24,11 +26,25 @@ class TimmPreActBlock(_PreActBlock):
 
     _timm_cls: type[nn.Module]
 
+    @property
+    def _planned_bns(self) -> tuple[type[nn.Module], ...]:
+        # BatchNormAct2d: a BatchNorm2d whose own forward also applies the activation (ReLU,
+        # checked by convert), which the fused chain applies itself: its per-call state is
+        # nn.BatchNorm2d's, what the planned path reads
+        return _timm_planned_bns()
+
     def _projection(self) -> nn.Conv2d | None:
         return self.downsample.conv if self.downsample is not None else None
 
     def forward_eager(self, x: torch.Tensor) -> torch.Tensor:
         return self._timm_cls.forward(self, x)
+
+
+@functools.cache
+def _timm_planned_bns() -> tuple[type[nn.Module], ...]:
+    from timm.layers import BatchNormAct2d  # (timm is there: this block is made from its modules)
+
+    return nn.BatchNorm2d, BatchNormAct2d
 
 
 class TimmPostActBlock(_PostActBlock):

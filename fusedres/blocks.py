@@ -42,6 +42,9 @@ class _PreActBlock(nn.Module):
     out_channels: int
     #: (bn, conv) submodule names of each stage, in order.
     _stage_names: tuple[tuple[str, str], ...] = ()
+    #: The BatchNorm types with which a call may take the planned path (see :meth:`_plan_key`):
+    #: those whose per-call state is what the plan key reads — not SyncBatchNorm (its process group).
+    _planned_bns: tuple[type[nn.Module], ...] = (nn.BatchNorm2d,)
 
     # Submodules, parameters and buffers are read from the modules' dicts in the code that runs
     # every call: nn.Module.__getattr__ costs ~1 µs per read, dozens of reads per call.
@@ -182,10 +185,10 @@ class _PreActBlock(nn.Module):
     def _plannable(self) -> bool:
         """Whether a call can take the planned path by its modules' types and momenta (where
         :meth:`_plan_key` would not return None whatever the input)."""
-        m = self._modules
+        m, bns = self._modules, self._planned_bns
         for bn_name, conv_name in self._stage_names:
             bn, conv = m[bn_name], m[conv_name]
-            if type(bn) is not nn.BatchNorm2d or type(conv) is not nn.Conv2d or bn.momentum is None:
+            if type(bn) not in bns or type(conv) is not nn.Conv2d or bn.momentum is None:
                 return False
         proj = self._projection()
         return proj is None or type(proj) is nn.Conv2d
@@ -198,10 +201,10 @@ class _PreActBlock(nn.Module):
         ``.data =``) and the plan stays right, while ``.to()`` changing a parameter's dtype or
         device in place changes the key."""
         parts: list = [x.shape, x.stride(), x.dtype, x.device, self.in_channels]
-        m = self._modules
+        m, bns = self._modules, self._planned_bns
         for bn_name, conv_name in self._stage_names:
             bn, conv = m[bn_name], m[conv_name]
-            if type(bn) is not nn.BatchNorm2d or type(conv) is not nn.Conv2d or bn.momentum is None:
+            if type(bn) not in bns or type(conv) is not nn.Conv2d or bn.momentum is None:
                 return None
             parts += (bn.training, bn.track_running_stats, bn.momentum, bn.eps, conv.kernel_size, conv.stride,
                       conv.padding, conv.groups, conv.dilation, conv.padding_mode)

@@ -305,6 +305,46 @@ def test_block_plan_follows_every_change(kind: str, mutation: str) -> None:
         assert got != first
 
 
+_TIMM_MUTATIONS = {
+    "nothing": lambda b: None,
+    "eval": lambda b: b.eval(),
+    "momentum": lambda b: setattr(b.norm1, "momentum", 0.3),
+    "eps": lambda b: setattr(b.norm2, "eps", 1e-3),
+    "batch counter dropped": lambda b: setattr(b.norm2, "num_batches_tracked", None),
+    "track_running_stats off": lambda b: setattr(b.norm1, "track_running_stats", False),
+    "conv stride": lambda b: setattr(b.conv2, "stride", (2, 2)),
+}
+
+
+@pytest.mark.parametrize("mutation", list(_TIMM_MUTATIONS))
+def test_timm_block_plan_follows_every_change(mutation: str) -> None:
+    """timm's ResNetV2 block converted (fusedres.adapters.TimmPreActBlock, its BatchNorms timm's
+    BatchNormAct2d): its calls take the planned path too, and a planned call after a change does
+    what the full path does; with momentum=None they take the full path."""
+    resnetv2 = pytest.importorskip("timm.models.resnetv2")
+    from timm.layers import BatchNormAct2d, create_conv2d
+
+    import fusedres
+
+    torch.manual_seed(0)
+    model = resnetv2.ResNetV2(layers=[1], channels=(8,), num_classes=5, stem_chs=8, conv_layer=create_conv2d,
+                              norm_layer=BatchNormAct2d)
+    block = fusedres.convert(model).stages[0].blocks[0].to(memory_format=CL)
+    assert type(block).__name__ == "TimmPreActBlock" and type(block.norm1) is BatchNormAct2d
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=CL)
+    first = _chain_call(block, x, planned=True)
+    assert first[0] == "chain" and "_fused_plan" in block.__dict__
+    _TIMM_MUTATIONS[mutation](block)
+    got = _chain_call(block, x, planned=True)
+    assert got == _chain_call(block, x, planned=False)
+    if mutation != "nothing":
+        assert got != first
+    block.norm2.momentum = None
+    block.__dict__.pop("_fused_plan", None)
+    _chain_call(block, x, planned=True)
+    assert "_fused_plan" not in block.__dict__
+
+
 def test_block_plan_is_reused() -> None:
     """A second call with nothing changed takes the plan the first one built."""
     import fusedres
