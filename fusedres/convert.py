@@ -20,6 +20,13 @@ from the same random-number state; a training forward that draws random numbers 
 refused). The new blocks reuse the very submodules: the same parameter and buffer tensors, the
 same ``state_dict`` keys. Blocks that are residual but cannot be fused are named, with the
 reason, in the report and in convert's one warning.
+
+A plain ``nn.Sequential`` that holds two fused pre-activation blocks one after the other (a stage
+of a hand-written pre-activation ResNet, a ResNetV2 stage's ``blocks``) becomes a
+:class:`fusedres.PreActSequential` (its class swapped: the same object, children, hooks and
+``state_dict``): in training each such block's last convolution then finalizes the next block's
+first BatchNorm, a launch less per block, with the same results (:func:`fusedres.blocks.run_linked`).
+The report lists those containers (``linked``).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .adapters import TimmPostActBlock, TimmPreActBlock
-from .blocks import PreActBasicBlock, PreActBottleneck, _PreActBlock
+from .blocks import PreActBasicBlock, PreActBottleneck, PreActSequential, _PreActBlock
 from .resnet import _BATCHNORMS, BasicBlock, Bottleneck, _PostActBlock
 
 __all__ = ["BlockReport", "ConversionReport", "TimmPostActBlock", "TimmPreActBlock", "convert", "inspect"]
@@ -72,6 +79,9 @@ class ConversionReport:
 
     model: str
     blocks: list[BlockReport] = field(default_factory=list)
+    #: the ``nn.Sequential`` containers (paths; ``""``: the model itself) whose consecutive fused
+    #: pre-activation blocks run linked: ``convert`` makes them :class:`fusedres.PreActSequential`
+    linked: list[str] = field(default_factory=list)
 
     @property
     def fused(self) -> list[BlockReport]:
@@ -91,7 +101,11 @@ class ConversionReport:
     def __str__(self) -> str:
         pw = max((len(b.path) for b in self.blocks), default=0)
         kw = max((len(b.kind) for b in self.blocks), default=0)
-        return "\n".join([*(b.line(pw, kw) for b in self.blocks), self.summary()])
+        linked = []
+        if self.linked:
+            names = ", ".join(p or f"({self.model})" for p in self.linked)
+            linked = [f"linked (each block's last convolution finalizes the next block's first BatchNorm): {names}"]
+        return "\n".join([*(b.line(pw, kw) for b in self.blocks), *linked, self.summary()])
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,8 +537,10 @@ def _walk(model: nn.Module, replace: bool) -> ConversionReport:
     verified_here: dict[tuple, str | None] = {}  # signatures that hold identities of this model's objects
 
     def visit(parent: nn.Module, prefix: str) -> None:
+        preact = []  # per child: whether it is (or becomes) a fused pre-activation block
         for name, child in list(parent.named_children()):
             path = f"{prefix}.{name}" if prefix else name
+            preact.append(False)
             plan = None
             for recognise in _PLANS:
                 plan = recognise(child)
@@ -550,11 +566,24 @@ def _walk(model: nn.Module, replace: bool) -> ConversionReport:
             module = type(plan).__module__
             into = f"{'fusedres' if module in ('fusedres.blocks', 'fusedres.resnet') else module}.{type(plan).__name__}"
             report.blocks.append(BlockReport(path, type(child).__name__, into=into, note=_note(plan)))
+            # (a link goes into a block whose call takes the planned path: _PreActBlock._plannable)
+            preact[-1] = isinstance(plan, _PreActBlock) and plan._plannable()
             if replace:
                 setattr(parent, name, plan)
+        if _linkable(parent) and any(a and b for a, b in itertools.pairwise(preact)):
+            report.linked.append(prefix)
+            if replace:
+                parent.__class__ = PreActSequential
 
     visit(model, "")
     return report
+
+
+def _linkable(parent: nn.Module) -> bool:
+    """Whether ``parent`` is a plain ``nn.Sequential`` (its own forward, not a subclass's or an
+    instance's): :func:`convert` makes it a :class:`fusedres.PreActSequential` — the same
+    ``state_dict``, the same call, with its consecutive fused pre-activation blocks linked."""
+    return type(parent) is nn.Sequential and "forward" not in parent.__dict__
 
 
 def inspect(model: nn.Module, name: str | None = None) -> ConversionReport:
@@ -590,7 +619,9 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
     Returns:
         The converted model: the same parameters, buffers and ``state_dict`` keys, the same
-        function in training and eval, fused blocks where recognised. Residual blocks that cannot
+        function in training and eval, fused blocks where recognised, and the plain
+        ``nn.Sequential`` containers of consecutive fused pre-activation blocks made
+        :class:`fusedres.PreActSequential` (linked; see the module's doc). Residual blocks that cannot
         be fused (and the case of nothing to convert) are named, each with its reason, in one
         warning; :func:`inspect` gives the same report without converting.
 

@@ -209,3 +209,67 @@ def test_preact_resnet_state_dict_keys_unchanged():
     plain.layers = nn.ModuleList(nn.Sequential(*layer) for layer in model.layers)
     assert list(model.state_dict()) == list(plain.state_dict())
     assert type(model.layers[0][:1]) is PreActSequential
+
+
+# --------------------------------------------------------------------------------------------
+# convert(): a plain nn.Sequential of consecutive fused pre-activation blocks becomes a
+# PreActSequential (linked), in hand-written pre-activation ResNets and timm's ResNetV2 stages
+
+
+class _HandWritten(nn.Module):
+    """The common hand-written pre-activation basic block (convert makes a PreActBasicBlock)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.bn1(x))
+        s = self.shortcut(a) if hasattr(self, "shortcut") else x
+        return self.conv2(torch.relu(self.bn2(self.conv1(a)))) + s
+
+
+def _hand_written_net() -> nn.Module:
+    torch.manual_seed(0)
+    stage = nn.Sequential(_HandWritten(8, 8), _HandWritten(8, 8), _HandWritten(8, 16, 2))
+    return randomize_bn(nn.Sequential(stage, nn.Sequential(_HandWritten(16, 16)), nn.Flatten()))
+
+
+def _resnetv2() -> nn.Module:
+    resnetv2 = pytest.importorskip("timm.models.resnetv2")
+    from timm.layers import BatchNormAct2d, create_conv2d
+
+    torch.manual_seed(0)
+    return randomize_bn(resnetv2.ResNetV2(layers=[3, 1], channels=(8, 16), num_classes=5, stem_chs=8,
+                                          conv_layer=create_conv2d, norm_layer=BatchNormAct2d))
+
+
+@pytest.mark.parametrize("family", ["hand-written", "resnetv2"])
+def test_converted_network_linked_is_bitwise_unlinked(poison, family):
+    """convert() makes the plain nn.Sequential holding consecutive fused pre-activation blocks a
+    PreActSequential — the stage of three hand-written blocks (into the projection block that
+    closes it), the ResNetV2 stage of three (timm's BatchNormAct2d takes the planned path), not
+    a container with one block — and reports it; a training step then finalizes the first
+    BatchNorm of blocks 2 and 3 in the blocks before them, with the unlinked step's bits."""
+    model = _hand_written_net() if family == "hand-written" else _resnetv2()
+    report = fusedres.inspect(model)
+    converted = fusedres.convert(model).to(memory_format=CL)
+    if family == "hand-written":
+        assert report.linked == ["0"] and type(converted[0]) is PreActSequential
+        assert type(converted) is nn.Sequential and type(converted[1]) is nn.Sequential
+        x, dy = torch.randn(2, 8, 6, 6), torch.randn(2, 16 * 3 * 3)
+    else:
+        assert report.linked == ["stages.0.blocks"] and type(converted.stages[0].blocks) is PreActSequential
+        assert type(converted.stages[1].blocks) is nn.Sequential
+        x, dy = torch.randn(2, 3, 16, 16), torch.randn(2, 5)
+    assert "linked (each block's last convolution finalizes the next block's first BatchNorm)" in str(report)
+    assert list(converted.state_dict()) == list(model.state_dict())
+    x = x.contiguous(memory_format=CL)
+    with _unlinked():
+        ref, n_unlinked = _train_step(copy.deepcopy(converted), x, dy)
+    got, n_linked = _train_step(copy.deepcopy(converted), x, dy)
+    assert n_unlinked - n_linked == 2  # blocks 2 and 3 of the linked stage
+    _assert_equal(got, ref)
