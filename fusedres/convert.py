@@ -79,8 +79,9 @@ class ConversionReport:
 
     model: str
     blocks: list[BlockReport] = field(default_factory=list)
-    #: the ``nn.Sequential`` containers (paths; ``""``: the model itself) whose consecutive fused
-    #: pre-activation blocks run linked: ``convert`` makes them :class:`fusedres.PreActSequential`
+    #: the containers (paths; ``""``: the model itself) whose consecutive fused pre-activation
+    #: blocks run linked: :class:`fusedres.PreActSequential` ones, and the plain ``nn.Sequential``
+    #: ones that ``convert`` makes PreActSequential
     linked: list[str] = field(default_factory=list)
 
     @property
@@ -572,7 +573,7 @@ def _walk(model: nn.Module, replace: bool) -> ConversionReport:
                 setattr(parent, name, plan)
         if _linkable(parent) and any(a and b for a, b in itertools.pairwise(preact)):
             report.linked.append(prefix)
-            if replace:
+            if replace and type(parent) is nn.Sequential:
                 parent.__class__ = PreActSequential
 
     visit(model, "")
@@ -580,10 +581,11 @@ def _walk(model: nn.Module, replace: bool) -> ConversionReport:
 
 
 def _linkable(parent: nn.Module) -> bool:
-    """Whether ``parent`` is a plain ``nn.Sequential`` (its own forward, not a subclass's or an
-    instance's): :func:`convert` makes it a :class:`fusedres.PreActSequential` — the same
-    ``state_dict``, the same call, with its consecutive fused pre-activation blocks linked."""
-    return type(parent) is nn.Sequential and "forward" not in parent.__dict__
+    """Whether ``parent`` runs its consecutive fused pre-activation blocks linked once converted:
+    a :class:`fusedres.PreActSequential` already, or a plain ``nn.Sequential`` (its own forward,
+    not a subclass's or an instance's), which :func:`convert` makes one — the same ``state_dict``,
+    the same call."""
+    return type(parent) in (nn.Sequential, PreActSequential) and "forward" not in parent.__dict__
 
 
 def inspect(model: nn.Module, name: str | None = None) -> ConversionReport:

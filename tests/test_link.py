@@ -273,3 +273,20 @@ def test_converted_network_linked_is_bitwise_unlinked(poison, family):
     got, n_linked = _train_step(copy.deepcopy(converted), x, dy)
     assert n_unlinked - n_linked == 2  # blocks 2 and 3 of the linked stage
     _assert_equal(got, ref)
+
+
+def test_inspect_names_fusedres_networks_linked():
+    """A PreActSequential is reported as linked as it is (no class to swap), a subclass of
+    nn.Sequential with a forward of its own is not linked, nor a container with no two fused
+    pre-activation blocks in a row."""
+
+    class Own(nn.Sequential):
+        def forward(self, x):  # noqa: ANN001, ANN202
+            return super().forward(x)
+
+    assert fusedres.inspect(preact_resnet(20)).linked == ["layers.0", "layers.1", "layers.2"]  # 3 blocks each
+    model = nn.Sequential(PreActSequential(*_blocks(2)), Own(*_blocks(2)),
+                          nn.Sequential(_blocks(1)[0], nn.Identity(), _blocks(1)[0]))
+    assert fusedres.inspect(model).linked == ["0"]
+    converted = fusedres.convert(model)
+    assert [type(m) for m in converted] == [PreActSequential, Own, nn.Sequential]
