@@ -6,8 +6,8 @@
   :class:`~fusedres.PreActBottleneck` at the three CIFAR-164 stage shapes, bf16, fp16 and
   fp32 (TF32), one training step and one eval forward.
 - Networks: a CIFAR pre-activation ResNet-164, an ImageNet pre-activation ResNet-50, and
-  torchvision's ResNet-50 after ``fusedres.convert`` against the original: one training step and
-  one eval forward, bf16.
+  torchvision's ResNet-50 and timm's pre-activation ``resnetv2_50`` after ``fusedres.convert``
+  against the originals: one training step and one eval forward, bf16.
 
 - CUDA graphs: the bf16 block training steps and the ResNet-164 step once more, each captured in
   a CUDA graph (fused and eager) and replayed, so that the CPU's launch overhead is left out;
@@ -113,6 +113,8 @@ def _fusedres_twins(build: Callable[[], nn.Module]) -> Callable[[], tuple[nn.Mod
 
 
 def _torchvision_converted(build: Callable[[], nn.Module]) -> Callable[[], tuple[nn.Module, nn.Module]]:
+    """(``convert`` of ``build()``, the original): torchvision's or timm's."""
+
     def make() -> tuple[nn.Module, nn.Module]:
         original = build()
         return fusedres.convert(original), original  # convert works on a deep copy
@@ -146,6 +148,30 @@ def convert_skip_reason() -> str | None:
     return None
 
 
+def _timm_resnetv2_50() -> nn.Module:
+    import timm
+
+    return timm.create_model("resnetv2_50", pretrained=False)
+
+
+def _timm_tiny_resnetv2() -> nn.Module:
+    """timm's ResNetV2 at 8/16 channels, three blocks in its first stage (linked once converted)."""
+    from timm.layers import BatchNormAct2d, create_conv2d
+    from timm.models.resnetv2 import ResNetV2
+
+    return ResNetV2(layers=[3, 1], channels=(8, 16), num_classes=10, stem_chs=8, conv_layer=create_conv2d,
+                    norm_layer=BatchNormAct2d)
+
+
+def timm_skip_reason() -> str | None:
+    """Why the converted-timm case cannot run here, or None."""
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        return "timm is not installed (pip install -e '.[test]')"
+    return None
+
+
 @dataclass(frozen=True)
 class NetworkCase:
     """A network pair (fused, eager baseline), its input shape and class count."""
@@ -167,6 +193,8 @@ NETWORK_CASES = [
     NetworkCase("torchvision resnet50 converted vs original 224^2 N64",
                 _torchvision_converted(_torchvision_resnet50), (64, 3, 224, 224), 1000,
                 skip_reason=convert_skip_reason),
+    NetworkCase("timm resnetv2_50 converted vs original 224^2 N64", _torchvision_converted(_timm_resnetv2_50),
+                (64, 3, 224, 224), 1000, skip_reason=timm_skip_reason),
 ]
 # The real networks take minutes per step under the interpreter; these keep each code path.
 SMOKE_NETWORK_CASES = [
@@ -180,6 +208,8 @@ SMOKE_NETWORK_CASES = [
     NetworkCase("smoke torchvision BasicBlock+Bottleneck 8ch converted vs original 8^2 N2",
                 _torchvision_converted(_torchvision_tiny_blocks), (2, 3, 8, 8), 10,
                 skip_reason=convert_skip_reason),
+    NetworkCase("smoke timm ResNetV2 [3,1] 8ch converted vs original 16^2 N2",
+                _torchvision_converted(_timm_tiny_resnetv2), (2, 3, 16, 16), 10, skip_reason=timm_skip_reason),
 ]
 
 
