@@ -28,6 +28,8 @@ adds the same measurement with the fused chain's own work taken out: its forward
 what it returns and saves (``Chain.fake_forward``), its backward only the gradients — what is left
 is the block's module call, the autograd Function with its inputs and saved tensors, autograd's
 backward and the allocations, the floor any Python implementation of this structure pays.
+``--proxies`` times stand-ins of two other structures instead (``benchmarks/NOTES.md`` §2): a
+chain replayed from launch templates, and one autograd Function per stage instead of per block.
 """
 
 from __future__ import annotations
@@ -164,6 +166,101 @@ def _measure_block(kind: str, steps: int) -> dict[str, float]:
     return {"step": out["step"] - out["previous block"], "forward": out["forward"] - out["previous block"]}
 
 
+# --------------------------------------------------------------------------------------------
+# Proxies of two other structures (--proxies): what their own host time could be, measured on
+# stand-ins with this step's tensor sizes (no fusedres code runs)
+
+
+def _best_median(fn, steps: int, repeats: int = 5) -> tuple[float, float]:  # noqa: ANN001
+    for _ in range(20):
+        fn()
+    res = []
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        for _ in range(steps):
+            fn()
+        res.append((time.thread_time() - t0) / steps * 1e6)
+    return min(res), statistics.median(res)
+
+
+def replay_proxy(steps: int) -> tuple[float, float]:
+    """µs (best, median) of a replayed bottleneck step's own work: the 14 allocations of its
+    sizes, then 10 stubbed launches of 40 arguments each from prebuilt templates with 8 tensor
+    slots filled per call (a chain whose launches were recorded once per plan key)."""
+    def launch(kernel, grid, *args, **kwargs) -> None:  # noqa: ANN001
+        return None
+
+    cl = torch.channels_last
+    templates = [(object(), (k + 1, 2), [7] * 40, [(5 * i, k + i) for i in range(8)], {"BLOCK_M": 64, "num_warps": 4})
+                 for k in range(10)]
+    inputs = [torch.empty(4) for _ in range(20)]
+    shapes = [((2, 16, 8, 8), True)] * 6 + [((4, 64), False)] * 8
+
+    def step() -> list:
+        fresh = [torch.empty(s, memory_format=cl) if four_d else torch.empty(s) for s, four_d in shapes]
+        ts = inputs + fresh
+        for kernel, grid, args, slots, kwargs in templates:
+            a = list(args)
+            for i, slot in slots:
+                a[i] = ts[slot]
+            launch(kernel, grid, *a, **kwargs)
+        return fresh
+
+    return _best_median(step, steps)
+
+
+def function_proxy(steps: int, blocks: int = 4) -> dict[str, tuple[float, float]]:
+    """µs (best, median) per block of ``blocks`` bottlenecks' autograd floor: one Function per
+    block (18 inputs each, as the chain's) against one Function for all, with the same
+    allocations (outputs, saved statistics, gradients)."""
+
+    class Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, n, *t):  # noqa: ANN001, ANN205
+            x = t[0]
+            saved = [torch.empty_like(x) if i < 3 else torch.empty((4, 64)) for _ in range(n) for i in range(6)]
+            ctx.save_for_backward(*[v for v in t if v is not None], *saved)
+            ctx.inputs = t
+            return torch.empty_like(x)
+
+        @staticmethod
+        def backward(ctx, dy):  # noqa: ANN001, ANN205
+            _ = ctx.saved_tensors  # (unpacked, as a real backward does)
+            return (None, *[torch.empty_like(v) if need else None
+                            for v, need in zip(ctx.inputs, ctx.needs_input_grad[1:])])
+
+    def block_inputs() -> list:
+        t = []
+        for cin, cout, k in ((64, 16, 1), (16, 16, 3), (16, 64, 1)):
+            t += [torch.randn(cout, cin, k, k, requires_grad=True), torch.randn(cin, requires_grad=True),
+                  torch.randn(cin, requires_grad=True), torch.zeros(cin), torch.ones(cin)]
+        return t
+
+    x = torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    per_block = [block_inputs() for _ in range(blocks)]
+    params = [v for b in per_block for v in b if v.requires_grad]
+    dy = torch.randn_like(x)
+
+    def clear() -> None:
+        for p in params:
+            p.grad = None
+        x.grad = None
+
+    def each() -> None:
+        clear()
+        h = x
+        for b in per_block:
+            h = Fn.apply(1, h, None, None, *b)
+        h.backward(dy)
+
+    def one() -> None:
+        clear()
+        Fn.apply(blocks, x, None, None, *[v for b in per_block for v in b]).backward(dy)
+
+    return {name: tuple(v / blocks for v in _best_median(fn, steps))
+            for name, fn in (("one Function per block", each), (f"one Function for {blocks} blocks", one))}
+
+
 def _child(checkout: str, kind: str, steps: int, extra: str = "") -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=checkout)
     env.pop("TRITON_INTERPRET", None)
@@ -213,7 +310,15 @@ def main() -> None:
     parser.add_argument("--network", type=int, default=0, metavar="N",
                         help="per block of a linked PreActSequential of N blocks (needs PreActSequential)")
     parser.add_argument("--floor", action="store_true", help="also the floor: the chain's own work taken out")
+    parser.add_argument("--proxies", action="store_true",
+                        help="only the stand-ins of two other structures: a replayed chain, one Function per stage")
     args = parser.parse_args()
+    if args.proxies:
+        best, median = replay_proxy(args.steps * 10)
+        print(f"replay proxy (14 allocations, 10 templated launches): best {best:.0f} µs, median {median:.0f} µs")
+        for name, (best, median) in function_proxy(args.steps).items():
+            print(f"autograd floor, {name}: per block best {best:.0f} µs, median {median:.0f} µs")
+        return
     extra = f", network={args.network}" if args.network else ""
     what = f"{args.block}" + (f" in a network of {args.network}" if args.network else "")
     here = str(Path(__file__).resolve().parents[1])
