@@ -156,3 +156,20 @@ def assert_low_precision_block(module, input_shape, dtype, device, *, kernels: t
         r = check_module(module, input_shape, dtype=dtype, device=device, steps=steps)
     bad = [f for f in r.failures(dtype) if f.startswith(("out", "eval_out", "buffer"))]
     assert not bad, "; ".join(bad)
+
+
+class HandWrittenPreAct(nn.Module):
+    """The common hand-written pre-activation basic block (bn1, conv1, bn2, conv2, an optional
+    ``shortcut = Sequential(Conv2d 1x1)``): what ``fusedres.convert`` makes a PreActBasicBlock."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.bn1(x))
+        s = self.shortcut(a) if hasattr(self, "shortcut") else x
+        return self.conv2(torch.relu(self.bn2(self.conv1(a)))) + s

@@ -12,7 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from _helpers import CHAIN_KERNELS, POSTACT_KERNELS, assert_low_precision_block, launched, randomize_bn
+from _helpers import (
+    CHAIN_KERNELS,
+    POSTACT_KERNELS,
+    HandWrittenPreAct,
+    assert_low_precision_block,
+    launched,
+    randomize_bn,
+)
 from torch import nn
 from torchvision.models.resnet import BasicBlock as TVBasic
 from torchvision.models.resnet import Bottleneck as TVBottleneck
@@ -173,18 +180,7 @@ def test_resnetv2_identity_blocks_low_precision(poison, device, basic):
 # state_dicts load both ways, strictly
 
 
-class _PreActBlock(nn.Module):
-    def __init__(self, cin, cout, stride=1):
-        super().__init__()
-        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False))
-
-    def forward(self, x):
-        a = F.relu(self.bn1(x))
-        s = self.shortcut(a) if hasattr(self, "shortcut") else x
-        return self.conv2(F.relu(self.bn2(self.conv1(a)))) + s
+_PreActBlock = HandWrittenPreAct
 
 
 FAMILIES = {

@@ -13,7 +13,7 @@ from unittest import mock
 
 import pytest
 import torch
-from _helpers import CHAIN_KERNELS, launched, randomize_bn
+from _helpers import CHAIN_KERNELS, HandWrittenPreAct, launched, randomize_bn
 from torch import nn
 
 import fusedres
@@ -216,26 +216,10 @@ def test_preact_resnet_state_dict_keys_unchanged():
 # PreActSequential (linked), in hand-written pre-activation ResNets and timm's ResNetV2 stages
 
 
-class _HandWritten(nn.Module):
-    """The common hand-written pre-activation basic block (convert makes a PreActBasicBlock)."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = torch.relu(self.bn1(x))
-        s = self.shortcut(a) if hasattr(self, "shortcut") else x
-        return self.conv2(torch.relu(self.bn2(self.conv1(a)))) + s
-
-
 def _hand_written_net() -> nn.Module:
     torch.manual_seed(0)
-    stage = nn.Sequential(_HandWritten(8, 8), _HandWritten(8, 8), _HandWritten(8, 16, 2))
-    return randomize_bn(nn.Sequential(stage, nn.Sequential(_HandWritten(16, 16)), nn.Flatten()))
+    stage = nn.Sequential(HandWrittenPreAct(8, 8), HandWrittenPreAct(8, 8), HandWrittenPreAct(8, 16, 2))
+    return randomize_bn(nn.Sequential(stage, nn.Sequential(HandWrittenPreAct(16, 16)), nn.Flatten()))
 
 
 def _resnetv2() -> nn.Module:
